@@ -1,0 +1,357 @@
+//! io_uring without a runtime of its own (the tokio-epoll-uring shape): any tokio task
+//! submits on a shared ring and reaps what completed inline; completions that arrive later
+//! signal an eventfd that a small tokio task watches, and that task wakes their futures.
+//!
+//! Buffer ownership is the safety argument of this module: every operation owns its buffer
+//! until the kernel posted the completion. If the future is dropped first, the buffer moves
+//! into the slot table ([`Slot::Orphaned`]) and is freed only when its completion arrives;
+//! dropping the ring waits for every operation still in flight.
+
+use std::any::Any;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+const SQ_ENTRIES: u32 = 256;
+const CQ_ENTRIES: u32 = 1024;
+/// The image is registered as fixed file 0: the kernel skips the fd lookup per operation.
+const IMAGE: types::Fixed = types::Fixed(0);
+
+enum Slot {
+    Free,
+    Waiting(Option<Waker>),
+    Done(i32),
+    /// The future went away; keep its buffer alive until the kernel is done with it.
+    Orphaned(#[allow(dead_code)] Box<dyn Any + Send>),
+}
+
+struct Ring {
+    ring: IoUring,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    in_flight: usize,
+}
+
+impl Ring {
+    fn alloc_slot(&mut self, waker: Waker) -> usize {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot::Free);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[idx] = Slot::Waiting(Some(waker));
+        idx
+    }
+
+    fn release(&mut self, idx: usize) {
+        self.slots[idx] = Slot::Free;
+        self.free.push(idx);
+    }
+
+    /// Submits queued entries; transient errors leave them queued for the next attempt.
+    fn submit(&mut self) -> io::Result<()> {
+        for _ in 0..3 {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // CQ overflow or kernel memory pressure: completions will drain it and the
+                // reaper submits again.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves completions into their slots; returns the wakers to call after unlocking.
+    fn reap(&mut self, wake: &mut Vec<Waker>) {
+        let mut done = Vec::new();
+        for cqe in self.ring.completion() {
+            done.push((cqe.user_data() as usize, cqe.result()));
+        }
+        for (idx, result) in done {
+            let Some(slot) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            match std::mem::replace(slot, Slot::Done(result)) {
+                Slot::Waiting(w) => {
+                    self.in_flight -= 1;
+                    if let Some(w) = w {
+                        wake.push(w);
+                    }
+                }
+                Slot::Orphaned(_) => {
+                    self.in_flight -= 1;
+                    self.release(idx);
+                }
+                // Completions are posted once per user_data; anything else is a bug we
+                // tolerate rather than crash on.
+                other => *slot = other,
+            }
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // Closing the ring with operations in flight would let the kernel write into freed
+        // buffers: wait for them (bounded; this only happens at shutdown).
+        let mut wake = Vec::new();
+        for _ in 0..10_000 {
+            if self.in_flight == 0 {
+                break;
+            }
+            let _ = self.ring.submit_and_wait(1);
+            self.reap(&mut wake);
+        }
+    }
+}
+
+struct Shared {
+    ring: Mutex<Ring>,
+    limit: Arc<Semaphore>,
+    _file: Arc<File>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        // A panic while holding the lock cannot leave the ring inconsistent in a way that
+        // matters more than losing the daemon: keep serving.
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct UringEngine {
+    shared: Arc<Shared>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.reaper.abort();
+    }
+}
+
+impl UringEngine {
+    pub fn new(file: Arc<File>) -> io::Result<Self> {
+        let ring = IoUring::builder().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES)?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (op, name) in [
+            (opcode::Read::CODE, "read"),
+            (opcode::Write::CODE, "write"),
+            (opcode::Fsync::CODE, "fsync"),
+            (opcode::Fallocate::CODE, "fallocate"),
+        ] {
+            if !probe.is_supported(op) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("io_uring lacks the {name} operation on this kernel"),
+                ));
+            }
+        }
+        ring.submitter().register_files(&[file.as_raw_fd()])?;
+        let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+        ring.submitter().register_eventfd(eventfd.as_fd().as_raw_fd())?;
+        let shared = Arc::new(Shared {
+            ring: Mutex::new(Ring {
+                ring,
+                slots: Vec::new(),
+                free: Vec::new(),
+                in_flight: 0,
+            }),
+            limit: Arc::new(Semaphore::new(CQ_ENTRIES as usize)),
+            _file: file,
+        });
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other("the io_uring engine needs a tokio runtime"));
+        }
+        // SAFETY: the EventFd owns its descriptor and keeps it open, unchanged, until it is
+        // dropped together with the AsyncFd that owns it.
+        let eventfd = unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
+            .map_err(|e| io::Error::other(format!("cannot watch the io_uring eventfd: {e}")))?;
+        let reaper = tokio::spawn(reap_loop(Arc::downgrade(&shared), eventfd));
+        Ok(UringEngine { shared, reaper })
+    }
+
+    async fn run(&self, entry: squeue::Entry, keep: Option<Vec<u8>>) -> (Option<Vec<u8>>, io::Result<u32>) {
+        let permit = match self.shared.limit.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return (keep, Err(io::Error::other("io_uring engine closed"))),
+        };
+        let op = Op {
+            shared: self.shared.clone(),
+            entry: Some(entry),
+            slot: None,
+            keep: Some((keep, permit)),
+        };
+        let (keep, result) = op.await;
+        let result = if result < 0 {
+            Err(io::Error::from_raw_os_error(-result))
+        } else {
+            Ok(result as u32)
+        };
+        (keep, result)
+    }
+
+    pub async fn read_at(&self, mut buf: Vec<u8>, at: usize, offset: u64) -> (Vec<u8>, io::Result<usize>) {
+        let at = at.min(buf.len());
+        let len = (buf.len() - at).min(u32::MAX as usize) as u32;
+        // The pointer stays valid: the Vec's heap storage does not move when the Vec does,
+        // and the Vec is owned by the operation until its completion.
+        let ptr = buf[at..].as_mut_ptr();
+        let entry = opcode::Read::new(IMAGE, ptr, len).offset(offset).build();
+        let (keep, r) = self.run(entry, Some(buf)).await;
+        (keep.unwrap_or_default(), r.map(|n| n as usize))
+    }
+
+    pub async fn write_at(&self, buf: Vec<u8>, at: usize, offset: u64, dsync: bool) -> (Vec<u8>, io::Result<usize>) {
+        let at = at.min(buf.len());
+        let len = (buf.len() - at).min(u32::MAX as usize) as u32;
+        let ptr = buf[at..].as_ptr();
+        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        let entry = opcode::Write::new(IMAGE, ptr, len).offset(offset).rw_flags(flags).build();
+        let (keep, r) = self.run(entry, Some(buf)).await;
+        (keep.unwrap_or_default(), r.map(|n| n as usize))
+    }
+
+    pub async fn datasync(&self) -> io::Result<()> {
+        let entry = opcode::Fsync::new(IMAGE).flags(types::FsyncFlags::DATASYNC).build();
+        self.run(entry, None).await.1.map(|_| ())
+    }
+
+    pub async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        let entry = opcode::Fallocate::new(IMAGE, len).offset(offset).mode(mode).build();
+        self.run(entry, None).await.1.map(|_| ())
+    }
+}
+
+async fn reap_loop(shared: std::sync::Weak<Shared>, eventfd: AsyncFd<EventFd>) {
+    let mut wake = Vec::new();
+    loop {
+        let Ok(mut guard) = eventfd.readable().await else {
+            return;
+        };
+        // Reset the counter before reaping: a completion posted after this read signals
+        // again, so none is missed. WouldBlock clears tokio's readiness.
+        if guard.try_io(|fd| fd.get_ref().read().map_err(io::Error::from)).is_err() {
+            continue;
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        {
+            let mut ring = shared.lock();
+            if let Err(e) = ring.submit() {
+                tracing::error!(error = %e, "io_uring submit failed");
+            }
+            ring.reap(&mut wake);
+        }
+        for w in wake.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+type Keep = (Option<Vec<u8>>, OwnedSemaphorePermit);
+
+struct Op {
+    shared: Arc<Shared>,
+    entry: Option<squeue::Entry>,
+    slot: Option<usize>,
+    keep: Option<Keep>,
+}
+
+impl Future for Op {
+    type Output = (Option<Vec<u8>>, i32);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let shared = this.shared.clone();
+        let mut wake = Vec::new();
+        let result = {
+            let mut ring = shared.lock();
+            if let Some(entry) = this.entry.take() {
+                let idx = ring.alloc_slot(cx.waker().clone());
+                let entry = entry.user_data(idx as u64);
+                // SAFETY: the entry points at a buffer owned by `this.keep` (or at none),
+                // which is kept alive until the completion for `idx` is reaped: either here,
+                // or in the slot table if this future is dropped first (see Drop).
+                let pushed = unsafe { ring.ring.submission().push(&entry).is_ok() };
+                if !pushed {
+                    // The submission queue is full: flush it and try once more.
+                    let _ = ring.submit();
+                    // SAFETY: as above.
+                    if unsafe { ring.ring.submission().push(&entry).is_err() } {
+                        ring.release(idx);
+                        this.entry = Some(entry);
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                }
+                ring.in_flight += 1;
+                this.slot = Some(idx);
+                if let Err(e) = ring.submit() {
+                    tracing::error!(error = %e, "io_uring submit failed");
+                }
+                // Page-cache hits complete inline: collect them now, no wakeup needed.
+                ring.reap(&mut wake);
+            }
+            match this.slot {
+                Some(idx) => match &mut ring.slots[idx] {
+                    Slot::Done(r) => {
+                        let r = *r;
+                        ring.release(idx);
+                        this.slot = None;
+                        Some(r)
+                    }
+                    Slot::Waiting(w) => {
+                        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *w = Some(cx.waker().clone());
+                        }
+                        None
+                    }
+                    _ => Some(-libc::EIO),
+                },
+                None => Some(-libc::EIO),
+            }
+        };
+        for w in wake {
+            w.wake();
+        }
+        match result {
+            Some(r) => {
+                let keep = this.keep.take().and_then(|(buf, _permit)| buf);
+                Poll::Ready((keep, r))
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        let Some(idx) = self.slot.take() else {
+            return;
+        };
+        let mut ring = self.shared.lock();
+        match ring.slots[idx] {
+            Slot::Done(_) => ring.release(idx),
+            _ => {
+                let keep: Box<dyn Any + Send> = Box::new(self.keep.take());
+                ring.slots[idx] = Slot::Orphaned(keep);
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! A raw image file served as a block device: the [`BlockBackend`] of `nbdmirror export`,
+//! and the local half of a mirrored volume later.
+//!
+//! Durability: writes go through the page cache; FLUSH is fdatasync and FUA is RWF_DSYNC
+//! (the same contract as the fastest peers). Discard punches holes, so trimmed ranges read
+//! back as zeroes on every node.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nbd_server::{BackendError, BackendResult, BlockBackend, Extent, ZeroMode};
+use nix::errno::Errno;
+use nix::unistd::Whence;
+
+use crate::engine::{Engine, EngineKind};
+
+const ZERO_CHUNK: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {path} does not exist (to make a new one, add --create SIZE)")]
+    NotFound { path: PathBuf },
+    #[error("refusing to create {path}: it already exists (drop --create to serve it as it is)")]
+    AlreadyExists { path: PathBuf },
+    #[error("cannot open image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {path} is not a regular file or block device")]
+    NotAFile { path: PathBuf },
+    #[error("cannot create image {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the {engine} I/O engine for {path}: {source}")]
+    Engine {
+        engine: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Creates a new sparse image of `size` bytes; never touches an existing file.
+pub fn create_image(path: &Path, size: u64) -> Result<(), ImageError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::AlreadyExists => ImageError::AlreadyExists {
+                path: path.to_owned(),
+            },
+            _ => ImageError::Create {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+    file.set_len(size)
+        .and_then(|_| file.sync_all())
+        .map_err(|source| ImageError::Create {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+pub struct ImageFile {
+    file: Arc<File>,
+    engine: Engine,
+    size: u64,
+    read_only: bool,
+    path: PathBuf,
+}
+
+impl ImageFile {
+    /// Opens an image. Must run inside a tokio runtime.
+    pub fn open(path: &Path, read_only: bool, kind: EngineKind) -> Result<Self, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => ImageError::NotFound {
+                    path: path.to_owned(),
+                },
+                _ => ImageError::Open {
+                    path: path.to_owned(),
+                    source,
+                },
+            })?;
+        let meta = file.metadata().map_err(|source| ImageError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        use std::os::unix::fs::FileTypeExt;
+        let ft = meta.file_type();
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(ImageError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        let size = if ft.is_block_device() {
+            nix::unistd::lseek(file.as_raw_fd(), 0, Whence::SeekEnd)
+                .map_err(|e| ImageError::Open {
+                    path: path.to_owned(),
+                    source: e.into(),
+                })? as u64
+        } else {
+            meta.len()
+        };
+        let file = Arc::new(file);
+        let engine = Engine::new(kind, file.clone()).map_err(|source| ImageError::Engine {
+            engine: match kind {
+                EngineKind::Sync => "sync",
+                _ => "io_uring",
+            },
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(ImageFile {
+            file,
+            engine,
+            size,
+            read_only,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write_all(&self, mut data: Vec<u8>, offset: u64, dsync: bool) -> BackendResult<()> {
+        let len = data.len();
+        let mut done = 0;
+        while done < len {
+            let (buf, r) = self.engine.write_at(data, done, offset + done as u64, dsync).await;
+            data = buf;
+            match r {
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "short write");
+                    return Err(BackendError::io("write", offset, len as u64, e));
+                }
+                Ok(n) => done += n,
+                Err(e) => return Err(BackendError::io("write", offset, len as u64, e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn zero_by_writing(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {
+        let mut pos = offset;
+        let end = offset + length;
+        while pos < end {
+            let n = ((end - pos) as usize).min(ZERO_CHUNK);
+            self.write_all(vec![0u8; n], pos, false).await?;
+            pos += n as u64;
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn extents_sync(&self, offset: u64, length: u64, max: usize) -> io::Result<Vec<Extent>> {
+        let fd = self.file.as_raw_fd();
+        let end = offset + length;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let hole = nbd_server::proto::STATE_HOLE | nbd_server::proto::STATE_ZERO;
+        while pos < end && out.len() < max {
+            let data_at = match nix::unistd::lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(d) => d as u64,
+                // No data after pos: the rest is a hole.
+                Err(Errno::ENXIO) => end,
+                // No SEEK_DATA support (or a block device): say "all data", never "zero".
+                Err(Errno::EINVAL) | Err(Errno::EOPNOTSUPP) => {
+                    push_extent(&mut out, end - pos, 0);
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let (next, flags) = if data_at > pos {
+                (data_at.min(end), hole)
+            } else {
+                let hole_at = match nix::unistd::lseek(fd, pos as i64, Whence::SeekHole) {
+                    Ok(h) => h as u64,
+                    Err(Errno::ENXIO) => end,
+                    Err(e) => return Err(e.into()),
+                };
+                (hole_at.clamp(pos + 1, end), 0)
+            };
+            push_extent(&mut out, next - pos, flags);
+            pos = next;
+        }
+        Ok(out)
+    }
+}
+
+fn push_extent(out: &mut Vec<Extent>, length: u64, flags: u32) {
+    match out.last_mut() {
+        Some(last) if last.flags == flags => last.length += length,
+        _ => out.push(Extent { length, flags }),
+    }
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL))
+}
+
+impl BlockBackend for ImageFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    async fn read(&self, offset: u64, length: usize) -> BackendResult<Vec<u8>> {
+        let mut buf = vec![0u8; length];
+        let mut done = 0;
+        while done < length {
+            let (b, r) = self.engine.read_at(buf, done, offset + done as u64).await;
+            buf = b;
+            match r {
+                // A file shorter than its advertised size reads as zeroes past its end.
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => return Err(BackendError::io("read", offset, length as u64, e)),
+            }
+        }
+        Ok(buf)
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> BackendResult<()> {
+        self.write_all(data, offset, fua).await
+    }
+
+    async fn flush(&self) -> BackendResult<()> {
+        self.engine
+            .datasync()
+            .await
+            .map_err(|e| BackendError::io("flush", 0, 0, e))
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.engine.fallocate(mode, offset, length).await {
+            Ok(()) => {}
+            // Discard is advisory: a filesystem that cannot punch holes keeps the data.
+            Err(e) if unsupported(&e) => return Ok(()),
+            Err(e) => return Err(BackendError::io("trim", offset, length, e)),
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> BackendResult<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let attempts: &[i32] = if mode.may_trim {
+            &[
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            ]
+        } else {
+            &[libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE]
+        };
+        for &falloc in attempts {
+            match self.engine.fallocate(falloc, offset, length).await {
+                Ok(()) => {
+                    if mode.fua {
+                        self.flush().await?;
+                    }
+                    return Ok(());
+                }
+                Err(e) if unsupported(&e) => continue,
+                Err(e) => return Err(BackendError::io("write-zeroes", offset, length, e)),
+            }
+        }
+        if mode.fast_only {
+            return Err(BackendError::FastZeroUnsupported);
+        }
+        self.zero_by_writing(offset, length, mode.fua).await
+    }
+
+    async fn cache(&self, offset: u64, length: u64) -> BackendResult<()> {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        posix_fadvise(
+            self.file.as_raw_fd(),
+            offset as i64,
+            length as i64,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )
+        .map_err(|e| BackendError::io("cache", offset, length, e.into()))
+    }
+
+    async fn block_status(&self, offset: u64, length: u64, max_extents: usize) -> BackendResult<Vec<Extent>> {
+        // lseek(SEEK_DATA/SEEK_HOLE) only reads extent metadata: cheap enough inline.
+        self.extents_sync(offset, length, max_extents.max(1))
+            .map_err(|e| BackendError::io("block-status", offset, length, e))
+    }
+}

@@ -1,0 +1,540 @@
+//! The server loop: listeners, one task per connection, the handshake over the socket, and
+//! the transmission phase with many requests in flight and replies sent as they complete.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backend::{BlockBackend, ZeroMode};
+use crate::handshake::{self, ExportInfo, Negotiation, Next, Session, MAX_OPTION_LEN};
+use crate::listen::ListenAddr;
+use crate::proto::*;
+use crate::reply::{self, Extent, ReplyMode, ReplyTo};
+use crate::request::{self, Command, RequestHeader};
+
+/// Most extents returned by one BLOCK_STATUS reply (clients ask again for the rest).
+const MAX_EXTENTS: usize = 1024;
+/// Per-connection budget of bytes in flight (payloads and read buffers), so one client
+/// cannot make the server allocate without bound. A 32 MiB request always fits.
+const CONNECTION_BUDGET_KIB: u32 = 96 * 1024;
+/// Fixed cost of a request in the budget, so a flood of zero-length requests is bounded too.
+const REQUEST_COST_KIB: u32 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: ListenAddr, reason: String },
+}
+
+/// One export: what the handshake shows, and the storage behind it.
+pub struct Export<B> {
+    pub info: ExportInfo,
+    pub backend: Arc<B>,
+}
+
+/// Transmission flags for a backend.
+pub fn transmission_flags(read_only: bool) -> u16 {
+    let mut flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if read_only {
+        flags |= TF_READ_ONLY;
+    } else {
+        flags |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
+    }
+    flags
+}
+
+pub enum Listener {
+    Tcp(TcpListener, ListenAddr),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub fn addr(&self) -> ListenAddr {
+        match self {
+            Listener::Tcp(_, a) => a.clone(),
+            Listener::Unix(_, p) => ListenAddr::Unix(p.clone()),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds every address before serving any, so a typo fails the start instead of leaving a
+/// half-listening daemon.
+pub async fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, ServerError> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        out.push(bind(addr).await?);
+    }
+    Ok(out)
+}
+
+fn bind_reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "address already in use (is another NBD server running there?)".into(),
+        io::ErrorKind::AddrNotAvailable => "address not available (not an address of this host)".into(),
+        io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
+    let err = |reason: String| ServerError::Bind {
+        addr: addr.clone(),
+        reason,
+    };
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let l = TcpListener::bind(a.as_str()).await.map_err(|e| err(bind_reason(&e)))?;
+            Ok(Listener::Tcp(l, addr.clone()))
+        }
+        ListenAddr::Unix(path) => {
+            if path.exists() {
+                // A socket file left by a crashed daemon is removed; a live one is not stolen.
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(err("address already in use (a server answers on this socket)".into()));
+                }
+                std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+            }
+            let l = UnixListener::bind(path).map_err(|e| err(bind_reason(&e)))?;
+            Ok(Listener::Unix(l, path.clone()))
+        }
+    }
+}
+
+struct Shared<B> {
+    infos: Vec<ExportInfo>,
+    backends: Vec<Arc<B>>,
+}
+
+/// Serves until `shutdown` turns true, then stops accepting, lets every connection finish
+/// its in-flight requests, and returns.
+pub async fn serve<B: BlockBackend>(
+    listeners: Vec<Listener>,
+    exports: Vec<Export<B>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (infos, backends) = exports.into_iter().map(|e| (e.info, e.backend)).unzip();
+    let shared = Arc::new(Shared { infos, backends });
+    let mut accept_loops = JoinSet::new();
+    for listener in listeners {
+        accept_loops.spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
+    }
+    while accept_loops.join_next().await.is_some() {}
+}
+
+async fn accept_loop<B: BlockBackend>(listener: Listener, shared: Arc<Shared<B>>, mut shutdown: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    let mut next_id: u64 = 0;
+    loop {
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok((rd, wr, peer)) => {
+                next_id += 1;
+                let span = tracing::info_span!("conn", id = next_id, peer = %peer);
+                let shared = shared.clone();
+                let shutdown = shutdown.clone();
+                connections.spawn(
+                    async move {
+                        debug!("connected");
+                        match handle_connection(rd, wr, shared, shutdown).await {
+                            Ok(()) => debug!("closed"),
+                            Err(e) => debug!(error = %e, "connection ended"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(listen = %listener.addr(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+async fn accept(listener: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> {
+    match listener {
+        Listener::Tcp(l, _) => {
+            let (s, peer) = l.accept().await?;
+            // Replies are small and latency-bound: never wait for Nagle.
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w), peer.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (s, _) = l.accept().await?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w), format!("unix:{}", path.display())))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("handshake: {0}")]
+    Handshake(#[from] handshake::HandshakeError),
+    #[error("protocol: {0}")]
+    Request(#[from] request::RequestError),
+}
+
+async fn handle_connection<B: BlockBackend>(
+    rd: BoxRead,
+    wr: BoxWrite,
+    shared: Arc<Shared<B>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let mut rd = BufReader::with_capacity(128 * 1024, rd);
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let negotiated = tokio::select! {
+        r = negotiate(&mut rd, &mut wr, &shared.infos) => r?,
+        _ = shutdown.wait_for(|s| *s) => None,
+    };
+    let Some(session) = negotiated else {
+        return Ok(());
+    };
+    let info = &shared.infos[session.export];
+    debug!(export = %info.name, structured = session.structured_replies,
+           extended = session.extended_headers, "transmission");
+    let backend = shared.backends[session.export].clone();
+    let result = transmission(rd, &mut wr, session, info.size, backend, shutdown).await;
+    let _ = wr.shutdown().await;
+    result
+}
+
+async fn negotiate(
+    rd: &mut BufReader<BoxRead>,
+    wr: &mut BufWriter<BoxWrite>,
+    infos: &[ExportInfo],
+) -> Result<Option<Session>, ConnError> {
+    wr.write_all(&handshake::greeting()).await?;
+    wr.flush().await?;
+    let client_flags = rd.read_u32().await?;
+    let mut negotiation = Negotiation::new(infos, client_flags)?;
+    loop {
+        let mut header = [0u8; 16];
+        rd.read_exact(&mut header).await?;
+        let (option, len) = handshake::parse_option_header(&header)?;
+        let outcome = if len > MAX_OPTION_LEN {
+            discard(rd, len as u64).await?;
+            negotiation.handle_oversized(option)
+        } else {
+            let mut data = vec![0u8; len as usize];
+            rd.read_exact(&mut data).await?;
+            negotiation.handle_option(option, &data)
+        };
+        wr.write_all(&outcome.reply).await?;
+        wr.flush().await?;
+        match outcome.next {
+            Next::Continue => {}
+            Next::Transmit(session) => return Ok(Some(session)),
+            Next::Close => return Ok(None),
+        }
+    }
+}
+
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut len: u64) -> io::Result<()> {
+    let mut sink = [0u8; 64 * 1024];
+    while len > 0 {
+        let n = (len as usize).min(sink.len());
+        rd.read_exact(&mut sink[..n]).await?;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// A decoded request on its way from the reader to the executor.
+struct Incoming {
+    to: ReplyTo,
+    command: Result<Command, request::Rejection>,
+    payload: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Outcome {
+    Done,
+    Data(Vec<u8>),
+    Extents(Vec<Extent>),
+    Failed(NbdErrno, String),
+}
+
+struct Completed {
+    to: ReplyTo,
+    outcome: Outcome,
+    _permit: OwnedSemaphorePermit,
+}
+
+fn request_cost(length: u64) -> u32 {
+    let kib = length.min(MAX_PAYLOAD as u64).div_ceil(1024) as u32;
+    REQUEST_COST_KIB + kib
+}
+
+async fn transmission<B: BlockBackend>(
+    rd: BufReader<BoxRead>,
+    wr: &mut BufWriter<BoxWrite>,
+    session: Session,
+    size: u64,
+    backend: Arc<B>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let (tx, rx) = mpsc::channel::<Incoming>(256);
+    let writer_gone = Notify::new();
+    let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET_KIB as usize));
+    let mode = ReplyMode::for_session(session.structured_replies, session.extended_headers);
+    // Reader and executor run in this one task: no cross-thread hop between receiving a
+    // request and starting its I/O.
+    let reader = read_requests(rd, tx, session, size, budget, shutdown, &writer_gone);
+    let executor = async {
+        let r = execute_requests(rx, wr, mode, backend).await;
+        writer_gone.notify_one();
+        r
+    };
+    let (read_result, write_result) = tokio::join!(reader, executor);
+    write_result?;
+    read_result
+}
+
+async fn read_requests(
+    mut rd: BufReader<BoxRead>,
+    tx: mpsc::Sender<Incoming>,
+    session: Session,
+    size: u64,
+    budget: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    writer_gone: &Notify,
+) -> Result<(), ConnError> {
+    let extended = session.extended_headers;
+    let header_len = request::header_len(extended);
+    let mut header = [0u8; request::EXTENDED_HEADER_LEN];
+    loop {
+        let read = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = writer_gone.notified() => return Ok(()),
+            r = rd.read_exact(&mut header[..header_len]) => r,
+        };
+        match read {
+            Ok(_) => {}
+            // A client that hangs up between requests is normal.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let h: RequestHeader = request::decode_header(&header[..header_len], extended)?;
+        let payload_len = request::payload_len(&h, extended)?;
+        let cost = request_cost(payload_len.max(if h.kind == CMD_READ { h.length } else { 0 }));
+        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+            return Ok(());
+        };
+        let mut command = request::validate(&h, &session, size);
+        let payload = if payload_len > MAX_PAYLOAD as u64 {
+            // Refused, but the bytes must still be consumed to stay in step with the client.
+            discard(&mut rd, payload_len).await?;
+            Vec::new()
+        } else if payload_len > 0 {
+            let mut buf = vec![0u8; payload_len as usize];
+            rd.read_exact(&mut buf).await?;
+            if command.is_err() {
+                Vec::new()
+            } else {
+                buf
+            }
+        } else {
+            Vec::new()
+        };
+        if let Ok(Command::Write { length, .. }) = command {
+            debug_assert_eq!(length as usize, payload.len());
+        }
+        if let Err(r) = &command {
+            debug!(cookie = h.cookie, kind = h.kind, offset = h.offset, length = h.length,
+                   errno = ?r.errno, reason = r.message, "request refused");
+        }
+        if command == Ok(Command::Disconnect) {
+            return Ok(());
+        }
+        if let Err(r) = command {
+            command = Err(r);
+        }
+        let incoming = Incoming {
+            to: ReplyTo {
+                cookie: h.cookie,
+                offset: h.offset,
+            },
+            command,
+            payload,
+            _permit: permit,
+        };
+        if tx.send(incoming).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn execute<B: BlockBackend>(backend: Arc<B>, req: Incoming) -> Completed {
+    let outcome = match req.command {
+        Err(r) => Outcome::Failed(r.errno, r.message.to_string()),
+        Ok(cmd) => run_command(&*backend, cmd, req.payload).await,
+    };
+    Completed {
+        to: req.to,
+        outcome,
+        _permit: req._permit,
+    }
+}
+
+async fn run_command<B: BlockBackend>(backend: &B, cmd: Command, payload: Vec<u8>) -> Outcome {
+    let result = match cmd {
+        Command::Read { offset, length } => {
+            return match backend.read(offset, length as usize).await {
+                Ok(data) => Outcome::Data(data),
+                Err(e) => failed(e),
+            }
+        }
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+        } => {
+            let max = if req_one { 1 } else { MAX_EXTENTS };
+            return match backend.block_status(offset, length, max).await {
+                Ok(extents) if !extents.is_empty() => Outcome::Extents(extents),
+                Ok(_) => Outcome::Failed(NbdErrno::Io, "backend returned no extents".into()),
+                Err(e) => failed(e),
+            };
+        }
+        Command::Write { offset, fua, .. } => backend.write(offset, payload, fua).await,
+        Command::Flush => backend.flush().await,
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => backend.trim(offset, length, fua).await,
+        Command::Cache { offset, length } => backend.cache(offset, length).await,
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            may_trim,
+            fast_only,
+        } => {
+            let mode = ZeroMode {
+                may_trim,
+                fast_only,
+                fua,
+            };
+            backend.write_zeroes(offset, length, mode).await
+        }
+        Command::Disconnect => Ok(()),
+    };
+    match result {
+        Ok(()) => Outcome::Done,
+        Err(e) => failed(e),
+    }
+}
+
+fn failed(e: crate::backend::BackendError) -> Outcome {
+    let errno = e.errno();
+    if errno != NbdErrno::NotSup {
+        warn!(error = %e, "I/O failed");
+    }
+    Outcome::Failed(errno, e.to_string())
+}
+
+async fn execute_requests<B: BlockBackend>(
+    mut rx: mpsc::Receiver<Incoming>,
+    wr: &mut BufWriter<BoxWrite>,
+    mode: ReplyMode,
+    backend: Arc<B>,
+) -> Result<(), ConnError> {
+    let mut inflight = FuturesUnordered::new();
+    let mut reader_done = false;
+    let mut header = Vec::with_capacity(64);
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                send_reply(wr, mode, done, &mut header).await?;
+            }
+            msg = rx.recv(), if !reader_done => match msg {
+                Some(req) => inflight.push(execute(backend.clone(), req)),
+                None => reader_done = true,
+            },
+            else => break,
+        }
+        // Start everything already received and send every reply already done, then flush
+        // once: one socket write for a burst of replies.
+        loop {
+            let mut progressed = false;
+            while let Ok(req) = rx.try_recv() {
+                inflight.push(execute(backend.clone(), req));
+                progressed = true;
+            }
+            while let Some(Some(done)) = inflight.next().now_or_never() {
+                send_reply(wr, mode, done, &mut header).await?;
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        wr.flush().await?;
+    }
+    wr.flush().await?;
+    Ok(())
+}
+
+async fn send_reply(
+    wr: &mut BufWriter<BoxWrite>,
+    mode: ReplyMode,
+    done: Completed,
+    header: &mut Vec<u8>,
+) -> io::Result<()> {
+    header.clear();
+    match done.outcome {
+        Outcome::Done => reply::ok(header, mode, done.to),
+        Outcome::Failed(errno, message) => reply::error(header, mode, done.to, errno, &message),
+        Outcome::Extents(extents) => {
+            reply::block_status(header, mode, done.to, BASE_ALLOCATION_ID, &extents)
+        }
+        Outcome::Data(data) => {
+            reply::read_data_header(header, mode, done.to, data.len() as u64);
+            wr.write_all(header).await?;
+            return wr.write_all(&data).await;
+        }
+    }
+    wr.write_all(header).await
+}
+
+/// Logs where the server listens (one line per address, for operators and tests).
+pub fn log_listening(listeners: &[Listener], exports: &[ExportInfo]) {
+    for l in listeners {
+        for e in exports {
+            info!(listen = %l.addr(), export = %e.name, size = e.size, "serving");
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! `nbdmirror`: the daemon and the operator's tools in one binary.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod export;
+mod size;
+
+#[derive(Parser)]
+#[command(
+    name = "nbdmirror",
+    version,
+    about = "Highly available VM disks on two servers: NBD exports mirrored synchronously",
+    long_about = "nbdmirror serves raw disk images over the Network Block Device protocol \
+                  (QEMU, libvirt, nbd-client, libnbd tools attach them like local disks).\n\n\
+                  Start with `nbdmirror export --image disk.img --create 10G` to serve one image."
+)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive such as
+    /// `nbd_server=debug`). RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Export(export::ExportArgs),
+}
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let result = match cli.command {
+        Command::Export(args) => export::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
