@@ -107,11 +107,12 @@ impl ImageFile {
             });
         }
         let size = if ft.is_block_device() {
-            nix::unistd::lseek(file.as_raw_fd(), 0, Whence::SeekEnd)
-                .map_err(|e| ImageError::Open {
+            nix::unistd::lseek(file.as_raw_fd(), 0, Whence::SeekEnd).map_err(|e| {
+                ImageError::Open {
                     path: path.to_owned(),
                     source: e.into(),
-                })? as u64
+                }
+            })? as u64
         } else {
             meta.len()
         };
@@ -145,7 +146,10 @@ impl ImageFile {
         let len = data.len();
         let mut done = 0;
         while done < len {
-            let (buf, r) = self.engine.write_at(data, done, offset + done as u64, dsync).await;
+            let (buf, r) = self
+                .engine
+                .write_at(data, done, offset + done as u64, dsync)
+                .await;
             data = buf;
             match r {
                 Ok(0) => {
@@ -216,7 +220,10 @@ fn push_extent(out: &mut Vec<Extent>, length: u64, flags: u32) {
 }
 
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
 }
 
 impl BlockBackend for ImageFile {
@@ -313,7 +320,12 @@ impl BlockBackend for ImageFile {
         .map_err(|e| BackendError::io("cache", offset, length, e.into()))
     }
 
-    async fn block_status(&self, offset: u64, length: u64, max_extents: usize) -> BackendResult<Vec<Extent>> {
+    async fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> BackendResult<Vec<Extent>> {
         // lseek(SEEK_DATA/SEEK_HOLE) only reads extent metadata: cheap enough inline.
         self.extents_sync(offset, length, max_extents.max(1))
             .map_err(|e| BackendError::io("block-status", offset, length, e))

@@ -36,7 +36,10 @@ fn bench(c: &mut Criterion) {
             })
         });
         let mode = ReplyMode::for_session(true, extended);
-        let to = ReplyTo { cookie: 42, offset: 0 };
+        let to = ReplyTo {
+            cookie: 42,
+            offset: 0,
+        };
         let mut out = Vec::with_capacity(256);
         c.bench_function(&format!("encode {label} read header"), |b| {
             b.iter(|| {
@@ -44,7 +47,16 @@ fn bench(c: &mut Criterion) {
                 reply::read_data_header(&mut out, mode, black_box(to), 4096);
             })
         });
-        let extents = [Extent { length: 4096, flags: 0 }, Extent { length: 8192, flags: 3 }];
+        let extents = [
+            Extent {
+                length: 4096,
+                flags: 0,
+            },
+            Extent {
+                length: 8192,
+                flags: 3,
+            },
+        ];
         c.bench_function(&format!("encode {label} block status"), |b| {
             b.iter(|| {
                 out.clear();

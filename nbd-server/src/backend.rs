@@ -65,13 +65,32 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn size(&self) -> u64;
     fn read_only(&self) -> bool;
 
-    fn read(&self, offset: u64, length: usize) -> impl Future<Output = BackendResult<Vec<u8>>> + Send;
-    fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> impl Future<Output = BackendResult<()>> + Send;
+    fn read(
+        &self,
+        offset: u64,
+        length: usize,
+    ) -> impl Future<Output = BackendResult<Vec<u8>>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
     /// Makes every completed write durable (on every connection: CAN_MULTI_CONN relies on it).
     fn flush(&self) -> impl Future<Output = BackendResult<()>> + Send;
     /// Advisory discard; the range reads back as zeroes afterwards in our implementations.
-    fn trim(&self, offset: u64, length: u64, fua: bool) -> impl Future<Output = BackendResult<()>> + Send;
-    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> impl Future<Output = BackendResult<()>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        mode: ZeroMode,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
     /// Prefetch hint.
     fn cache(&self, offset: u64, length: u64) -> impl Future<Output = BackendResult<()>> + Send;
     /// `base:allocation` extents covering at most `length` bytes from `offset`, at most

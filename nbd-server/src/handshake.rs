@@ -113,7 +113,11 @@ impl<'a> Negotiation<'a> {
     fn find_export(&self, name: &str) -> Option<usize> {
         if name.is_empty() {
             // The empty name is the default export: the first one.
-            return if self.exports.is_empty() { None } else { Some(0) };
+            return if self.exports.is_empty() {
+                None
+            } else {
+                Some(0)
+            };
         }
         self.exports.iter().position(|e| e.name == name)
     }
@@ -239,7 +243,11 @@ impl<'a> Negotiation<'a> {
             return error_reply(option, REP_ERR_INVALID, "missing information request count");
         };
         if r.remaining() != count as usize * 2 {
-            return error_reply(option, REP_ERR_INVALID, "information request list length mismatch");
+            return error_reply(
+                option,
+                REP_ERR_INVALID,
+                "information request list length mismatch",
+            );
         }
         let mut requests = Vec::with_capacity(count as usize);
         for _ in 0..count {

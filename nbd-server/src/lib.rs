@@ -11,6 +11,7 @@
 //!   nothing of files, io_uring or mirroring.
 
 pub mod backend;
+pub mod fuzzing;
 pub mod handshake;
 pub mod listen;
 pub mod proto;

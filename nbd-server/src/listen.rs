@@ -16,7 +16,9 @@ impl FromStr for ListenAddr {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err("unix: needs a socket path, e.g. unix:/run/nbdmirror/disk0.sock".into());
+                return Err(
+                    "unix: needs a socket path, e.g. unix:/run/nbdmirror/disk0.sock".into(),
+                );
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
@@ -26,7 +28,9 @@ impl FromStr for ListenAddr {
             ));
         };
         if host.is_empty() {
-            return Err(format!("'{s}' has no host (use 0.0.0.0:{port} for all IPv4 addresses)"));
+            return Err(format!(
+                "'{s}' has no host (use 0.0.0.0:{port} for all IPv4 addresses)"
+            ));
         }
         port.parse::<u16>()
             .map_err(|_| format!("'{port}' in '{s}' is not a port number (0-65535)"))?;
@@ -49,9 +53,18 @@ mod tests {
 
     #[test]
     fn parses_tcp_unix_and_ipv6() {
-        assert_eq!("127.0.0.1:10809".parse(), Ok(ListenAddr::Tcp("127.0.0.1:10809".into())));
-        assert_eq!("[::1]:10809".parse(), Ok(ListenAddr::Tcp("[::1]:10809".into())));
-        assert_eq!("unix:/tmp/x.sock".parse(), Ok(ListenAddr::Unix("/tmp/x.sock".into())));
+        assert_eq!(
+            "127.0.0.1:10809".parse(),
+            Ok(ListenAddr::Tcp("127.0.0.1:10809".into()))
+        );
+        assert_eq!(
+            "[::1]:10809".parse(),
+            Ok(ListenAddr::Tcp("[::1]:10809".into()))
+        );
+        assert_eq!(
+            "unix:/tmp/x.sock".parse(),
+            Ok(ListenAddr::Unix("/tmp/x.sock".into()))
+        );
     }
 
     #[test]

@@ -119,11 +119,24 @@ pub fn read_data_header(out: &mut Vec<u8>, mode: ReplyMode, to: ReplyTo, len: u6
 
 /// A block-status reply for one context. `extents` must not be empty; in compact modes each
 /// length must fit in 32 bits (the request length does, and we never exceed it).
-pub fn block_status(out: &mut Vec<u8>, mode: ReplyMode, to: ReplyTo, context: u32, extents: &[Extent]) {
+pub fn block_status(
+    out: &mut Vec<u8>,
+    mode: ReplyMode,
+    to: ReplyTo,
+    context: u32,
+    extents: &[Extent],
+) {
     match mode {
         ReplyMode::Extended => {
             let len = 8 + 16 * extents.len() as u64;
-            chunk(out, mode, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS_EXT, to, len);
+            chunk(
+                out,
+                mode,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS_EXT,
+                to,
+                len,
+            );
             put_u32(out, context);
             put_u32(out, extents.len() as u32);
             for e in extents {

@@ -122,12 +122,26 @@ pub fn payload_len(h: &RequestHeader, extended: bool) -> Result<u64, RequestErro
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, length: u64 },
-    Write { offset: u64, length: u64, fua: bool },
+    Read {
+        offset: u64,
+        length: u64,
+    },
+    Write {
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
     Disconnect,
     Flush,
-    Trim { offset: u64, length: u64, fua: bool },
-    Cache { offset: u64, length: u64 },
+    Trim {
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u64,
+    },
     WriteZeroes {
         offset: u64,
         length: u64,
@@ -137,7 +151,11 @@ pub enum Command {
         /// FAST_ZERO: fail with ENOTSUP rather than write zeroes slowly.
         fast_only: bool,
     },
-    BlockStatus { offset: u64, length: u64, req_one: bool },
+    BlockStatus {
+        offset: u64,
+        length: u64,
+        req_one: bool,
+    },
 }
 
 /// A refused request: the error for the reply and a message for the client and logs.
@@ -165,7 +183,10 @@ pub fn validate(h: &RequestHeader, session: &Session, size: u64) -> Result<Comma
         return Err(reject(Inval, "DF flag without structured replies"));
     }
     if flags & CMD_FLAG_FAST_ZERO != 0 && h.kind != CMD_WRITE_ZEROES {
-        return Err(reject(Inval, "FAST_ZERO flag on a command other than WRITE_ZEROES"));
+        return Err(reject(
+            Inval,
+            "FAST_ZERO flag on a command other than WRITE_ZEROES",
+        ));
     }
     let read_only = session.transmission_flags & TF_READ_ONLY != 0;
     let fua = flags & CMD_FLAG_FUA != 0;

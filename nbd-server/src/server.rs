@@ -86,8 +86,12 @@ pub async fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, ServerError
 
 fn bind_reason(e: &io::Error) -> String {
     match e.kind() {
-        io::ErrorKind::AddrInUse => "address already in use (is another NBD server running there?)".into(),
-        io::ErrorKind::AddrNotAvailable => "address not available (not an address of this host)".into(),
+        io::ErrorKind::AddrInUse => {
+            "address already in use (is another NBD server running there?)".into()
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            "address not available (not an address of this host)".into()
+        }
         io::ErrorKind::PermissionDenied => "permission denied".into(),
         _ => e.to_string(),
     }
@@ -100,16 +104,21 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
     };
     match addr {
         ListenAddr::Tcp(a) => {
-            let l = TcpListener::bind(a.as_str()).await.map_err(|e| err(bind_reason(&e)))?;
+            let l = TcpListener::bind(a.as_str())
+                .await
+                .map_err(|e| err(bind_reason(&e)))?;
             Ok(Listener::Tcp(l, addr.clone()))
         }
         ListenAddr::Unix(path) => {
             if path.exists() {
                 // A socket file left by a crashed daemon is removed; a live one is not stolen.
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(err("address already in use (a server answers on this socket)".into()));
+                    return Err(err(
+                        "address already in use (a server answers on this socket)".into(),
+                    ));
                 }
-                std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+                std::fs::remove_file(path)
+                    .map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
             }
             let l = UnixListener::bind(path).map_err(|e| err(bind_reason(&e)))?;
             Ok(Listener::Unix(l, path.clone()))
@@ -138,7 +147,11 @@ pub async fn serve<B: BlockBackend>(
     while accept_loops.join_next().await.is_some() {}
 }
 
-async fn accept_loop<B: BlockBackend>(listener: Listener, shared: Arc<Shared<B>>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop<B: BlockBackend>(
+    listener: Listener,
+    shared: Arc<Shared<B>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     let mut next_id: u64 = 0;
     loop {

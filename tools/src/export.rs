@@ -32,7 +32,11 @@ pub struct ExportArgs {
     #[arg(long)]
     name: Option<String>,
     /// Where to listen: HOST:PORT or unix:PATH; repeat for several.
-    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:10809")]
+    #[arg(
+        long = "listen",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:10809"
+    )]
     listen: Vec<ListenAddr>,
     /// Refuse writes, trims and write-zeroes (EPERM).
     #[arg(long)]
@@ -111,7 +115,10 @@ async fn serve(args: ExportArgs, engine: EngineKind, name: String) -> anyhow::Re
 
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers we can only run until killed.
         std::future::pending::<()>().await;
         return "none";

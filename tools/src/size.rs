@@ -31,8 +31,12 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         "T" | "TB" | "TIB" => 40,
         _ => return Err(SizeError::Malformed(text.into())),
     };
-    let n: u64 = digits.parse().map_err(|_| SizeError::TooLarge(text.into()))?;
-    let bytes = n.checked_mul(1u64 << shift).ok_or_else(|| SizeError::TooLarge(text.into()))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| SizeError::TooLarge(text.into()))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| SizeError::TooLarge(text.into()))?;
     if bytes > i64::MAX as u64 {
         return Err(SizeError::TooLarge(text.into()));
     }
@@ -66,7 +70,10 @@ mod tests {
         assert!(matches!(parse_size("12Q"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size("-1"), Err(SizeError::Malformed(_))));
         assert_eq!(parse_size("0"), Err(SizeError::Zero));
-        assert!(matches!(parse_size("99999999999T"), Err(SizeError::TooLarge(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(SizeError::TooLarge(_))
+        ));
     }
 
     proptest! {

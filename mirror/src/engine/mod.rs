@@ -30,7 +30,9 @@ impl std::str::FromStr for EngineKind {
             "auto" => Ok(EngineKind::Auto),
             "uring" | "io_uring" => Ok(EngineKind::Uring),
             "sync" => Ok(EngineKind::Sync),
-            _ => Err(format!("unknown I/O engine '{s}' (expected auto, uring or sync)")),
+            _ => Err(format!(
+                "unknown I/O engine '{s}' (expected auto, uring or sync)"
+            )),
         }
     }
 }
@@ -65,7 +67,12 @@ impl Engine {
     }
 
     /// Reads into `buf[at..]` from `offset`; returns the buffer and the bytes read.
-    pub async fn read_at(&self, buf: Vec<u8>, at: usize, offset: u64) -> (Vec<u8>, io::Result<usize>) {
+    pub async fn read_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, io::Result<usize>) {
         match self {
             Engine::Sync(e) => e.read_at(buf, at, offset).await,
             Engine::Uring(e) => e.read_at(buf, at, offset).await,
@@ -73,7 +80,13 @@ impl Engine {
     }
 
     /// Writes `buf[at..]` at `offset`; `dsync` makes this write durable before it completes.
-    pub async fn write_at(&self, buf: Vec<u8>, at: usize, offset: u64, dsync: bool) -> (Vec<u8>, io::Result<usize>) {
+    pub async fn write_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+        dsync: bool,
+    ) -> (Vec<u8>, io::Result<usize>) {
         match self {
             Engine::Sync(e) => e.write_at(buf, at, offset, dsync).await,
             Engine::Uring(e) => e.write_at(buf, at, offset, dsync).await,

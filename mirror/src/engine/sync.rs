@@ -22,7 +22,12 @@ impl SyncEngine {
         SyncEngine { file }
     }
 
-    pub async fn read_at(&self, mut buf: Vec<u8>, at: usize, offset: u64) -> (Vec<u8>, io::Result<usize>) {
+    pub async fn read_at(
+        &self,
+        mut buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, io::Result<usize>) {
         let file = self.file.clone();
         let len = buf.len();
         match blocking(move || {
@@ -36,7 +41,13 @@ impl SyncEngine {
         }
     }
 
-    pub async fn write_at(&self, buf: Vec<u8>, at: usize, offset: u64, dsync: bool) -> (Vec<u8>, io::Result<usize>) {
+    pub async fn write_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+        dsync: bool,
+    ) -> (Vec<u8>, io::Result<usize>) {
         let file = self.file.clone();
         match blocking(move || {
             let r = file.write_at(&buf[at..], offset);

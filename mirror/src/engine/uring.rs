@@ -67,7 +67,9 @@ impl Ring {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // CQ overflow or kernel memory pressure: completions will drain it and the
                 // reaper submits again.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
+                    return Ok(())
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -145,7 +147,9 @@ impl Drop for UringEngine {
 
 impl UringEngine {
     pub fn new(file: Arc<File>) -> io::Result<Self> {
-        let ring = IoUring::builder().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES)?;
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES)?;
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for (op, name) in [
@@ -163,7 +167,8 @@ impl UringEngine {
         }
         ring.submitter().register_files(&[file.as_raw_fd()])?;
         let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
-        ring.submitter().register_eventfd(eventfd.as_fd().as_raw_fd())?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_fd().as_raw_fd())?;
         let shared = Arc::new(Shared {
             ring: Mutex::new(Ring {
                 ring,
@@ -175,17 +180,24 @@ impl UringEngine {
             _file: file,
         });
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(io::Error::other("the io_uring engine needs a tokio runtime"));
+            return Err(io::Error::other(
+                "the io_uring engine needs a tokio runtime",
+            ));
         }
         // SAFETY: the EventFd owns its descriptor and keeps it open, unchanged, until it is
         // dropped together with the AsyncFd that owns it.
-        let eventfd = unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
-            .map_err(|e| io::Error::other(format!("cannot watch the io_uring eventfd: {e}")))?;
+        let eventfd =
+            unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
+                .map_err(|e| io::Error::other(format!("cannot watch the io_uring eventfd: {e}")))?;
         let reaper = tokio::spawn(reap_loop(Arc::downgrade(&shared), eventfd));
         Ok(UringEngine { shared, reaper })
     }
 
-    async fn run(&self, entry: squeue::Entry, keep: Option<Vec<u8>>) -> (Option<Vec<u8>>, io::Result<u32>) {
+    async fn run(
+        &self,
+        entry: squeue::Entry,
+        keep: Option<Vec<u8>>,
+    ) -> (Option<Vec<u8>>, io::Result<u32>) {
         let permit = match self.shared.limit.clone().acquire_owned().await {
             Ok(p) => p,
             Err(_) => return (keep, Err(io::Error::other("io_uring engine closed"))),
@@ -205,7 +217,12 @@ impl UringEngine {
         (keep, result)
     }
 
-    pub async fn read_at(&self, mut buf: Vec<u8>, at: usize, offset: u64) -> (Vec<u8>, io::Result<usize>) {
+    pub async fn read_at(
+        &self,
+        mut buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, io::Result<usize>) {
         let at = at.min(buf.len());
         let len = (buf.len() - at).min(u32::MAX as usize) as u32;
         // The pointer stays valid: the Vec's heap storage does not move when the Vec does,
@@ -216,23 +233,37 @@ impl UringEngine {
         (keep.unwrap_or_default(), r.map(|n| n as usize))
     }
 
-    pub async fn write_at(&self, buf: Vec<u8>, at: usize, offset: u64, dsync: bool) -> (Vec<u8>, io::Result<usize>) {
+    pub async fn write_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+        dsync: bool,
+    ) -> (Vec<u8>, io::Result<usize>) {
         let at = at.min(buf.len());
         let len = (buf.len() - at).min(u32::MAX as usize) as u32;
         let ptr = buf[at..].as_ptr();
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-        let entry = opcode::Write::new(IMAGE, ptr, len).offset(offset).rw_flags(flags).build();
+        let entry = opcode::Write::new(IMAGE, ptr, len)
+            .offset(offset)
+            .rw_flags(flags)
+            .build();
         let (keep, r) = self.run(entry, Some(buf)).await;
         (keep.unwrap_or_default(), r.map(|n| n as usize))
     }
 
     pub async fn datasync(&self) -> io::Result<()> {
-        let entry = opcode::Fsync::new(IMAGE).flags(types::FsyncFlags::DATASYNC).build();
+        let entry = opcode::Fsync::new(IMAGE)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
         self.run(entry, None).await.1.map(|_| ())
     }
 
     pub async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        let entry = opcode::Fallocate::new(IMAGE, len).offset(offset).mode(mode).build();
+        let entry = opcode::Fallocate::new(IMAGE, len)
+            .offset(offset)
+            .mode(mode)
+            .build();
         self.run(entry, None).await.1.map(|_| ())
     }
 }
@@ -245,7 +276,10 @@ async fn reap_loop(shared: std::sync::Weak<Shared>, eventfd: AsyncFd<EventFd>) {
         };
         // Reset the counter before reaping: a completion posted after this read signals
         // again, so none is missed. WouldBlock clears tokio's readiness.
-        if guard.try_io(|fd| fd.get_ref().read().map_err(io::Error::from)).is_err() {
+        if guard
+            .try_io(|fd| fd.get_ref().read().map_err(io::Error::from))
+            .is_err()
+        {
             continue;
         }
         let Some(shared) = shared.upgrade() else {
