@@ -597,3 +597,18 @@ pub fn qemu_io(env: &TestEnv, uri: &str, cmds: &[&str]) -> CmdOutput {
     args.push(uri);
     env.run(&args)
 }
+
+/// Debian's nbdsh (libnbd's Python shell) running `script` against `uri`. nbdsh runs
+/// `python3 -m nbd`, and the `python3` first on PATH here may lack the libnbd bindings, so
+/// PATH is pinned to the system directories.
+/// `opts` go before `-u` (e.g. `--base-allocation`).
+pub fn nbdsh(env: &TestEnv, opts: &[&str], uri: &str, script: &str) -> CmdOutput {
+    let mut args = vec![
+        "env",
+        "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
+        "/usr/bin/nbdsh",
+    ];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&["-u", uri, "-c", script]);
+    env.run(&args)
+}
