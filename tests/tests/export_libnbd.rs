@@ -231,8 +231,8 @@ except nbd.Error as e:
 seen = []
 def f(meta, off, ents, err):
     seen.append((meta, off, list(ents)))
-h.block_status(20 * 1024 * 1024, 4096, f, nbd.CMD_FLAG_REQ_ONE)
-assert len(seen) == 1 and seen[0][0] == 'base:allocation', seen
+h.block_status(4096, 20 * 1024 * 1024, f, nbd.CMD_FLAG_REQ_ONE)
+assert len(seen) == 1 and seen[0][0] == "base:allocation" and seen[0][1] == 20 * 1024 * 1024, seen
 assert len(seen[0][2]) == 2 and 0 < seen[0][2][0] <= 4096 and seen[0][2][1] == 3, seen
 # 128 asynchronous requests in flight, completed in any order.
 N = 128
