@@ -612,3 +612,21 @@ pub fn nbdsh(env: &TestEnv, opts: &[&str], uri: &str, script: &str) -> CmdOutput
     args.extend_from_slice(&["-u", uri, "-c", script]);
     env.run(&args)
 }
+
+impl TestEnv {
+    /// A raw client connected over TCP from inside the namespace (handshake not started).
+    pub fn raw_tcp(&self) -> raw::RawClient {
+        let s = self
+            .ns
+            .connect_tcp(TCP_ADDR)
+            .unwrap_or_else(|e| panic!("TCP connect to {TCP_ADDR} in the namespace: {e}"));
+        raw::RawClient::from_tcp(s)
+    }
+}
+
+impl Server {
+    /// A raw client connected to the unix socket (handshake not started).
+    pub fn raw_unix(&self) -> raw::RawClient {
+        raw::RawClient::connect_unix(self.unix_path())
+    }
+}
