@@ -326,6 +326,15 @@ impl TestEnv {
         }
     }
 
+    /// Starts `nbdmirror ARGS` in the namespace in the background, without waiting for
+    /// readiness (for commands expected to fail).
+    pub fn spawn_nbdmirror(&self, args: &[&str]) -> Background {
+        let bin = bin_path();
+        let mut full = vec![bin.to_str().expect("binary path is not UTF-8")];
+        full.extend_from_slice(args);
+        self.spawn(&full)
+    }
+
     /// Runs `nbdmirror ARGS` in the namespace to completion (for commands expected to fail).
     pub fn run_nbdmirror(&self, args: &[&str]) -> CmdOutput {
         let bin = bin_path();
@@ -525,7 +534,19 @@ pub struct Background {
 
 impl Background {
     /// Waits up to `timeout`; panics on timeout.
-    pub fn wait(mut self, timeout: Duration) -> CmdOutput {
+    pub fn wait(self, timeout: Duration) -> CmdOutput {
+        let cmdline = self.cmdline.clone();
+        let (out, finished) = self.wait_or_kill(timeout);
+        assert!(
+            finished,
+            "`{cmdline}` did not finish within {timeout:?}\n{out}"
+        );
+        out
+    }
+
+    /// Waits up to `timeout`, then kills. Returns the output and whether it exited by
+    /// itself.
+    pub fn wait_or_kill(mut self, timeout: Duration) -> (CmdOutput, bool) {
         let mut child = self.child.take().unwrap();
         // Drain the pipes in threads so a chatty child cannot block on a full pipe.
         let mut so = child.stdout.take().unwrap();
@@ -543,18 +564,13 @@ impl Background {
         let status = wait_with_deadline(&mut child, timeout);
         let stdout = String::from_utf8_lossy(&t1.join().unwrap()).into_owned();
         let stderr = String::from_utf8_lossy(&t2.join().unwrap()).into_owned();
-        let Some(status) = status else {
-            panic!(
-                "`{}` did not finish within {timeout:?}\n{stdout}\n{stderr}",
-                self.cmdline
-            );
-        };
-        CmdOutput {
+        let out = CmdOutput {
             cmdline: self.cmdline.clone(),
-            code: status.code(),
+            code: status.and_then(|s| s.code()),
             stdout,
             stderr,
-        }
+        };
+        (out, status.is_some())
     }
 
     pub fn is_running(&mut self) -> bool {
