@@ -131,51 +131,148 @@ struct Shared<B> {
     backends: Vec<Arc<B>>,
 }
 
+/// A socket accepted by a listener, on its way to a shard. It travels as a std socket
+/// because a tokio socket belongs to the reactor of the runtime that made it.
+enum Accepted {
+    Tcp(std::net::TcpStream, String),
+    Unix(std::os::unix::net::UnixStream, String),
+}
+
+impl Accepted {
+    fn into_halves(self) -> io::Result<(BoxRead, BoxWrite, String)> {
+        match self {
+            Accepted::Tcp(s, peer) => {
+                let s = tokio::net::TcpStream::from_std(s)?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), peer))
+            }
+            Accepted::Unix(s, peer) => {
+                let s = tokio::net::UnixStream::from_std(s)?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), peer))
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` turns true, then stops accepting, lets every connection finish
 /// its in-flight requests, and returns.
+///
+/// Connections are spread over `threads` shards, each a single-threaded runtime on its own
+/// OS thread: a connection lives on one thread from accept to close, so a request never
+/// waits for a wake-up from another thread (measured: a multi-threaded runtime added
+/// about 10 us to every queue-depth-1 request on this 2-core machine).
 pub async fn serve<B: BlockBackend>(
     listeners: Vec<Listener>,
     exports: Vec<Export<B>>,
     shutdown: watch::Receiver<bool>,
+    threads: usize,
 ) {
     let (infos, backends) = exports.into_iter().map(|e| (e.info, e.backend)).unzip();
     let shared = Arc::new(Shared { infos, backends });
+    let mut shards = Vec::new();
+    let mut finished = Vec::new();
+    for index in 0..threads.max(1) {
+        let (tx, rx) = mpsc::unbounded_channel::<Accepted>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-shard-{index}"))
+            .spawn(move || {
+                run_shard(rx, shared, shutdown);
+                let _ = done_tx.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                shards.push(tx);
+                finished.push(done_rx);
+            }
+            Err(e) => warn!(error = %e, "cannot start a data-plane thread; continuing with fewer"),
+        }
+    }
+    if shards.is_empty() {
+        warn!("no data-plane thread could start; not serving");
+        return;
+    }
+    let shards = Arc::new(shards);
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
-        accept_loops.spawn(accept_loop(listener, shared.clone(), shutdown.clone()));
+        accept_loops.spawn(accept_loop(listener, shards.clone(), shutdown.clone()));
     }
     while accept_loops.join_next().await.is_some() {}
+    // Closing the channels tells each shard no connection will come; it then finishes
+    // the ones it has.
+    drop(shards);
+    for done in finished {
+        let _ = done.await;
+    }
 }
 
-async fn accept_loop<B: BlockBackend>(
-    listener: Listener,
+fn run_shard<B: BlockBackend>(
+    mut incoming: mpsc::UnboundedReceiver<Accepted>,
     shared: Arc<Shared<B>>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(error = %e, "cannot start a data-plane runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut connections = JoinSet::new();
+        while let Some(accepted) = incoming.recv().await {
+            while connections.try_join_next().is_some() {}
+            let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (rd, wr, peer) = match accepted.into_halves() {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!(error = %e, "cannot adopt an accepted socket");
+                    continue;
+                }
+            };
+            let span = tracing::info_span!("conn", id, peer = %peer);
+            let shared = shared.clone();
+            let shutdown = shutdown.clone();
+            connections.spawn(
+                async move {
+                    debug!("connected");
+                    match handle_connection(rd, wr, shared, shutdown).await {
+                        Ok(()) => debug!("closed"),
+                        Err(e) => debug!(error = %e, "connection ended"),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        while connections.join_next().await.is_some() {}
+    });
+}
+
+static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+async fn accept_loop(
+    listener: Listener,
+    shards: Arc<Vec<mpsc::UnboundedSender<Accepted>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut connections = JoinSet::new();
-    let mut next_id: u64 = 0;
+    let mut next = 0usize;
     loop {
-        while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
             a = accept(&listener) => a,
         };
         match accepted {
-            Ok((rd, wr, peer)) => {
-                next_id += 1;
-                let span = tracing::info_span!("conn", id = next_id, peer = %peer);
-                let shared = shared.clone();
-                let shutdown = shutdown.clone();
-                connections.spawn(
-                    async move {
-                        debug!("connected");
-                        match handle_connection(rd, wr, shared, shutdown).await {
-                            Ok(()) => debug!("closed"),
-                            Err(e) => debug!(error = %e, "connection ended"),
-                        }
-                    }
-                    .instrument(span),
-                );
+            Ok(conn) => {
+                next = next.wrapping_add(1);
+                if shards[next % shards.len()].send(conn).is_err() {
+                    warn!("data-plane thread gone; dropping connection");
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -184,25 +281,25 @@ async fn accept_loop<B: BlockBackend>(
             }
         }
     }
-    while connections.join_next().await.is_some() {}
 }
 
 type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-async fn accept(listener: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> {
+async fn accept(listener: &Listener) -> io::Result<Accepted> {
     match listener {
         Listener::Tcp(l, _) => {
             let (s, peer) = l.accept().await?;
             // Replies are small and latency-bound: never wait for Nagle.
             s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), peer.to_string()))
+            Ok(Accepted::Tcp(s.into_std()?, peer.to_string()))
         }
         Listener::Unix(l, path) => {
             let (s, _) = l.accept().await?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), format!("unix:{}", path.display())))
+            Ok(Accepted::Unix(
+                s.into_std()?,
+                format!("unix:{}", path.display()),
+            ))
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct ExportArgs {
     /// Disk I/O engine: io_uring, pread/pwrite (sync), or io_uring when available (auto).
     #[arg(long, value_name = "ENGINE", default_value = "auto", value_parser = ["auto", "uring", "sync"])]
     io_engine: String,
+    /// Data-plane threads; each connection runs on one of them [default: number of CPUs].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -71,9 +74,10 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "disk".into()),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The control runtime (accept, signals) is single-threaded; connections run on the
+    // data-plane shards that `serve` starts.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("nbdmirror")
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(args, engine, name))
@@ -104,7 +108,13 @@ async fn serve(args: ExportArgs, engine: EngineKind, name: String) -> anyhow::Re
         info,
         backend: image.clone(),
     }];
-    nbd_server::serve(listeners, exports, stop_rx).await;
+    let threads = args.threads.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    info!(threads, "data-plane threads");
+    nbd_server::serve(listeners, exports, stop_rx, threads).await;
     image
         .flush()
         .await

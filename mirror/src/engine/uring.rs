@@ -8,12 +8,14 @@
 //! dropping the ring waits for every operation still in flight.
 
 use std::any::Any;
+use std::cell::RefCell;
 use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -134,63 +136,61 @@ impl Shared {
     }
 }
 
+/// One ring per (image, data-plane thread): a connection's operations are submitted,
+/// completed and woken on the thread that runs it, with no cross-thread wake-up.
 pub struct UringEngine {
-    shared: Arc<Shared>,
-    reaper: tokio::task::JoinHandle<()>,
+    id: u64,
+    file: Arc<File>,
+    rings: Mutex<Vec<(Arc<Shared>, tokio::task::JoinHandle<()>)>>,
+}
+
+static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's rings, by engine id. Weak: the engine owns them.
+    static LOCAL_RINGS: RefCell<Vec<(u64, Weak<Shared>)>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
-        self.reaper.abort();
+        let rings = self.rings.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, reaper) in rings.drain(..) {
+            reaper.abort();
+        }
     }
 }
 
 impl UringEngine {
+    /// Checks that io_uring works here (the first ring is made now, on this thread).
     pub fn new(file: Arc<File>) -> io::Result<Self> {
-        let ring = IoUring::builder()
-            .setup_cqsize(CQ_ENTRIES)
-            .build(SQ_ENTRIES)?;
-        let mut probe = io_uring::Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for (op, name) in [
-            (opcode::Read::CODE, "read"),
-            (opcode::Write::CODE, "write"),
-            (opcode::Fsync::CODE, "fsync"),
-            (opcode::Fallocate::CODE, "fallocate"),
-        ] {
-            if !probe.is_supported(op) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("io_uring lacks the {name} operation on this kernel"),
-                ));
-            }
-        }
-        ring.submitter().register_files(&[file.as_raw_fd()])?;
-        let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
-        ring.submitter()
-            .register_eventfd(eventfd.as_fd().as_raw_fd())?;
-        let shared = Arc::new(Shared {
-            ring: Mutex::new(Ring {
-                ring,
-                slots: Vec::new(),
-                free: Vec::new(),
-                in_flight: 0,
-            }),
-            limit: Arc::new(Semaphore::new(CQ_ENTRIES as usize)),
-            _file: file,
+        let engine = UringEngine {
+            id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
+            file,
+            rings: Mutex::new(Vec::new()),
+        };
+        engine.local_ring()?;
+        Ok(engine)
+    }
+
+    fn local_ring(&self) -> io::Result<Arc<Shared>> {
+        let found = LOCAL_RINGS.with(|rings| {
+            let mut rings = rings.borrow_mut();
+            rings.retain(|(_, weak)| weak.strong_count() > 0);
+            rings
+                .iter()
+                .find(|(id, _)| *id == self.id)
+                .and_then(|(_, weak)| weak.upgrade())
         });
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(io::Error::other(
-                "the io_uring engine needs a tokio runtime",
-            ));
+        if let Some(shared) = found {
+            return Ok(shared);
         }
-        // SAFETY: the EventFd owns its descriptor and keeps it open, unchanged, until it is
-        // dropped together with the AsyncFd that owns it.
-        let eventfd =
-            unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
-                .map_err(|e| io::Error::other(format!("cannot watch the io_uring eventfd: {e}")))?;
-        let reaper = tokio::spawn(reap_loop(Arc::downgrade(&shared), eventfd));
-        Ok(UringEngine { shared, reaper })
+        let (shared, reaper) = new_ring(self.file.clone())?;
+        LOCAL_RINGS.with(|rings| rings.borrow_mut().push((self.id, Arc::downgrade(&shared))));
+        self.rings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((shared.clone(), reaper));
+        Ok(shared)
     }
 
     async fn run(
@@ -198,12 +198,16 @@ impl UringEngine {
         entry: squeue::Entry,
         keep: Option<Vec<u8>>,
     ) -> (Option<Vec<u8>>, io::Result<u32>) {
-        let permit = match self.shared.limit.clone().acquire_owned().await {
+        let shared = match self.local_ring() {
+            Ok(s) => s,
+            Err(e) => return (keep, Err(e)),
+        };
+        let permit = match shared.limit.clone().acquire_owned().await {
             Ok(p) => p,
             Err(_) => return (keep, Err(io::Error::other("io_uring engine closed"))),
         };
         let op = Op {
-            shared: self.shared.clone(),
+            shared,
             entry: Some(entry),
             slot: None,
             keep: Some((keep, permit)),
@@ -268,30 +272,87 @@ impl UringEngine {
     }
 }
 
-async fn reap_loop(shared: std::sync::Weak<Shared>, eventfd: AsyncFd<EventFd>) {
+/// Makes a ring for `file` on this thread, and its reaper task on this thread's runtime.
+fn new_ring(file: Arc<File>) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle<()>)> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(io::Error::other(
+            "the io_uring engine needs a tokio runtime",
+        ));
+    }
+    let ring = IoUring::builder()
+        .setup_cqsize(CQ_ENTRIES)
+        .build(SQ_ENTRIES)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (op, name) in [
+        (opcode::Read::CODE, "read"),
+        (opcode::Write::CODE, "write"),
+        (opcode::Fsync::CODE, "fsync"),
+        (opcode::Fallocate::CODE, "fallocate"),
+    ] {
+        if !probe.is_supported(op) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring lacks the {name} operation on this kernel"),
+            ));
+        }
+    }
+    ring.submitter().register_files(&[file.as_raw_fd()])?;
+    let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+    ring.submitter()
+        .register_eventfd(eventfd.as_fd().as_raw_fd())?;
+    let shared = Arc::new(Shared {
+        ring: Mutex::new(Ring {
+            ring,
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+        }),
+        limit: Arc::new(Semaphore::new(CQ_ENTRIES as usize)),
+        _file: file,
+    });
+    // SAFETY: the EventFd owns its descriptor and keeps it open, unchanged, until it is
+    // dropped together with the AsyncFd that owns it.
+    let eventfd =
+        unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
+            .map_err(|e| io::Error::other(format!("cannot watch the io_uring eventfd: {e}")))?;
+    let reaper = tokio::spawn(reap_loop(Arc::downgrade(&shared), eventfd));
+    Ok((shared, reaper))
+}
+
+async fn reap_loop(shared: Weak<Shared>, eventfd: AsyncFd<EventFd>) {
     let mut wake = Vec::new();
     loop {
         let Ok(mut guard) = eventfd.readable().await else {
             return;
         };
-        // Reset the counter before reaping: a completion posted after this read signals
-        // again, so none is missed. WouldBlock clears tokio's readiness.
-        if guard
-            .try_io(|fd| fd.get_ref().read().map_err(io::Error::from))
-            .is_err()
-        {
-            continue;
+        // Reset the counter before reaping, then clear readiness: a completion posted after
+        // this read writes the eventfd again, a new edge that epoll reports, so none is missed.
+        match guard.get_inner().read() {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EAGAIN) => {
+                guard.clear_ready();
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "io_uring eventfd read failed");
+                guard.clear_ready();
+                continue;
+            }
         }
         let Some(shared) = shared.upgrade() else {
             return;
         };
         {
             let mut ring = shared.lock();
-            if let Err(e) = ring.submit() {
-                tracing::error!(error = %e, "io_uring submit failed");
+            if !ring.ring.submission().is_empty() {
+                if let Err(e) = ring.submit() {
+                    tracing::error!(error = %e, "io_uring submit failed");
+                }
             }
             ring.reap(&mut wake);
         }
+        guard.clear_ready();
         for w in wake.drain(..) {
             w.wake();
         }
