@@ -400,6 +400,7 @@ impl RawClient {
 
     /// Encodes a request (extended or compact, per the negotiated mode) into `out` and
     /// remembers it so its reply can be decoded.
+    #[allow(clippy::too_many_arguments)] // one argument per header field, as in the spec
     pub fn encode_request(
         &mut self,
         out: &mut Vec<u8>,
@@ -615,7 +616,7 @@ fn decode_chunk(r: &mut Reply, p: Pending, kind: u16, payload: &[u8]) {
         }
         REPLY_TYPE_BLOCK_STATUS => {
             assert!(
-                payload.len() >= 12 && (payload.len() - 4) % 8 == 0,
+                payload.len() >= 12 && (payload.len() - 4) & 7 == 0,
                 "BLOCK_STATUS payload of {} bytes",
                 payload.len()
             );
@@ -628,7 +629,7 @@ fn decode_chunk(r: &mut Reply, p: Pending, kind: u16, payload: &[u8]) {
         }
         REPLY_TYPE_BLOCK_STATUS_EXT => {
             assert!(
-                payload.len() >= 24 && (payload.len() - 8) % 16 == 0,
+                payload.len() >= 24 && (payload.len() - 8) & 15 == 0,
                 "BLOCK_STATUS_EXT payload of {} bytes",
                 payload.len()
             );

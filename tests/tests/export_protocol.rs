@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nbd_server::proto::*;
 use nbdmirror_tests::data::{assert_bytes_eq, pattern};
-use nbdmirror_tests::raw::{Mode, RawClient, Reply};
+use nbdmirror_tests::raw::{Mode, Reply};
 use nbdmirror_tests::TestEnv;
 
 const MIB: u64 = 1 << 20;
@@ -451,5 +451,63 @@ fn pipelined_requests_get_one_reply_each_matched_by_cookie() {
             assert_bytes_eq(&got, &pattern(seed + 1, off, len), "pipelined write");
         }
         c.disconnect();
+    }
+}
+
+/// NBD_CMD_DISC after pipelined requests: the server finishes and answers all of them, then
+/// closes.
+#[test]
+fn disconnect_finishes_requests_in_flight_first() {
+    let env = TestEnv::new();
+    let server = env.start_export("32M", &[]);
+    for mode in [Mode::Simple, Mode::Extended] {
+        let mut c = server.raw_unix();
+        c.negotiate(mode, false, "");
+        let pl = if mode == Mode::Extended {
+            CMD_FLAG_PAYLOAD_LEN
+        } else {
+            0
+        };
+        let mut batch = Vec::new();
+        let seed = 300 + mode as u64;
+        for i in 0..30u64 {
+            let cookie = c.next_cookie();
+            let d = pattern(seed, i * MIB, 200_000);
+            c.encode_request(
+                &mut batch,
+                pl,
+                CMD_WRITE,
+                cookie,
+                i * MIB,
+                d.len() as u64,
+                &d,
+            );
+        }
+        let cookie = c.next_cookie();
+        let h = nbd_server::request::RequestHeader {
+            flags: 0,
+            kind: CMD_DISC,
+            cookie,
+            offset: 0,
+            length: 0,
+        };
+        nbd_server::request::encode_header(&h, mode == Mode::Extended, &mut batch);
+        c.send(&batch).unwrap();
+        for _ in 0..30 {
+            let r = c
+                .read_reply()
+                .expect("every request before DISC gets its reply");
+            assert_eq!(r.error, 0, "{r:?}");
+        }
+        assert!(
+            c.server_closed_within(Duration::from_secs(10)),
+            "server closes after DISC"
+        );
+        let mut v = server.raw_unix();
+        v.negotiate(Mode::Structured, false, "");
+        for i in 0..30u64 {
+            let got = v.read(i * MIB, 200_000).unwrap();
+            assert_bytes_eq(&got, &pattern(seed, i * MIB, 200_000), "write before DISC");
+        }
     }
 }
