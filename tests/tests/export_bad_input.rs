@@ -485,3 +485,51 @@ fn bad_request_magic_closes_the_connection() {
     );
     s.assert_healthy();
 }
+
+/// Zero-length requests have unspecified results, but the server must answer them and must
+/// not disconnect. Misused FAST_ZERO is refused.
+#[test]
+fn zero_length_requests_and_misused_flags_are_answered() {
+    let mut s = Scene::new();
+    for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
+        let mut c = s.client(mode);
+        let pl = if mode == Mode::Extended {
+            CMD_FLAG_PAYLOAD_LEN
+        } else {
+            0
+        };
+        for (flags, kind) in [
+            (0, CMD_READ),
+            (pl, CMD_WRITE),
+            (0, CMD_TRIM),
+            (0, CMD_WRITE_ZEROES),
+            (0, CMD_CACHE),
+            (0, CMD_FLUSH),
+        ] {
+            let r = c.request(flags, kind, 4096, 0, &[]);
+            if kind == CMD_READ && r.error == 0 {
+                assert!(r.data.is_empty(), "{mode:?} zero-length read data: {r:?}");
+            }
+        }
+        let r = c.request(pl | CMD_FLAG_FAST_ZERO, CMD_WRITE, 0, 512, &[0u8; 512]);
+        assert_eq!(r.error, 22, "{mode:?} FAST_ZERO on WRITE: {r:?}");
+        let r = c.request(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 2 * MIB, MIB, &[]);
+        assert!(
+            r.error == 0 || r.error == 95,
+            "{mode:?} FAST_ZERO write-zeroes: success or ENOTSUP: {r:?}"
+        );
+        if r.error == 0 {
+            assert_eq!(c.read(2 * MIB, MIB).unwrap(), vec![0u8; MIB as usize]);
+        }
+        let r = c.request(0, CMD_TRIM, SIZE - 10, 4096, &[]);
+        assert_eq!(r.error, 22, "{mode:?} trim past the end: {r:?}");
+        let r = c.request(0, CMD_WRITE_ZEROES, SIZE - 10, 4096, &[]);
+        assert!(
+            r.error == 22 || r.error == 28,
+            "{mode:?} zeroes past the end: {r:?}"
+        );
+        assert_eq!(c.read(0, 65536).unwrap(), pattern(1, 0, 65536));
+        c.disconnect();
+    }
+    s.assert_healthy();
+}

@@ -426,3 +426,104 @@ fn export_name_selects_the_export() {
     );
     let _ = RawClient::open_unix(server.unix_path(), Mode::Simple);
 }
+
+/// SIGTERM while a batch of writes is in flight: every write the server acknowledged is in
+/// the image after the exit (finished, flushed), and no reply is an error other than
+/// ESHUTDOWN.
+#[test]
+fn sigterm_with_requests_in_flight_keeps_every_acknowledged_write() {
+    let env = TestEnv::new();
+    let mut server = env.start_export("64M", &[]);
+    let mut c = server.raw_unix();
+    c.negotiate(Mode::Extended, false, "");
+    let mut batch = Vec::new();
+    let mut offsets = std::collections::HashMap::new();
+    for i in 0..100u64 {
+        let cookie = c.next_cookie();
+        let off = i * 600 * 1024 + 123;
+        let d = pattern(21, off, 512 * 1024);
+        c.encode_request(
+            &mut batch,
+            CMD_FLAG_PAYLOAD_LEN,
+            CMD_WRITE,
+            cookie,
+            off,
+            d.len() as u64,
+            &d,
+        );
+        offsets.insert(cookie, off);
+    }
+    let mut ws = c.s.try_clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = ws.write_all(&batch);
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    nix::sys::signal::kill(server.pid(), Signal::SIGTERM).unwrap();
+    let mut acked = Vec::new();
+    loop {
+        match c.read_reply() {
+            Ok(r) => {
+                assert!(
+                    r.error == 0 || r.error == 108,
+                    "a write in flight at shutdown failed: {r:?}"
+                );
+                if r.error == 0 {
+                    acked.push(offsets[&r.cookie]);
+                }
+            }
+            Err(e) => {
+                assert!(nbdmirror_tests::raw::is_disconnect(&e), "{e}");
+                break;
+            }
+        }
+        assert!(acked.len() <= 100);
+    }
+    writer.join().unwrap();
+    let (status, _) = server
+        .stop(Signal::SIGTERM, STOP_TIMEOUT)
+        .expect("server exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    let img = env.path("disk.img");
+    for off in &acked {
+        assert_eq!(
+            read_file_range(&img, *off, 512 * 1024),
+            pattern(21, *off, 512 * 1024),
+            "acknowledged write at {off} is missing after shutdown"
+        );
+    }
+    eprintln!(
+        "{} of 100 writes were acknowledged before the shutdown",
+        acked.len()
+    );
+}
+
+/// Idle clients (in the handshake, and in transmission) do not delay the shutdown.
+#[test]
+fn sigterm_with_idle_clients_exits_promptly() {
+    let env = TestEnv::new();
+    let mut server = env.start_export("8M", &[]);
+    let mut idle = Vec::new();
+    for i in 0..3 {
+        let mut c = server.raw_unix();
+        if i > 0 {
+            c.read_greeting().unwrap();
+        }
+        if i > 1 {
+            c.send_client_flags(FLAG_C_FIXED_NEWSTYLE).unwrap();
+        }
+        idle.push(c);
+    }
+    let mut t1 = server.raw_unix();
+    t1.negotiate(Mode::Simple, false, "");
+    let mut t2 = env.raw_tcp();
+    t2.negotiate(Mode::Extended, false, "");
+    assert_eq!(t2.write(0, &[1, 2, 3], 0), 0);
+    let (status, took) = server
+        .stop(Signal::SIGTERM, STOP_TIMEOUT)
+        .expect("server exits after SIGTERM with idle clients");
+    assert_eq!(status.code(), Some(0));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(t1.server_closed_within(Duration::from_secs(5)));
+    assert!(t2.server_closed_within(Duration::from_secs(5)));
+}

@@ -511,3 +511,135 @@ fn disconnect_finishes_requests_in_flight_first() {
         }
     }
 }
+
+/// 64-bit offsets and extent lengths on a sparse 6 GiB export (only a few blocks are
+/// allocated on disk).
+#[test]
+fn offsets_beyond_4_gib_on_a_sparse_export() {
+    const GIB: u64 = 1 << 30;
+    let env = TestEnv::new();
+    let server = env.start_export("6G", &[]);
+    let out = env.run(&["nbdinfo", "--size", &server.uri()]);
+    assert_eq!(out.stdout.trim(), (6 * GIB).to_string(), "{out}");
+    let near = 5 * GIB + 4097;
+    let w1 = format!("write -P 0x5e {near} 3000");
+    let r1 = format!("read -P 0x5e {near} 3000");
+    let w2 = format!("write -P 0x6f {} 1", 6 * GIB - 1);
+    nbdmirror_tests::assert_qemu_io_ok(&nbdmirror_tests::qemu_io(
+        &env,
+        &server.uri(),
+        &[&w1, &r1, &w2],
+    ));
+
+    // Compact headers: 64-bit offsets, 32-bit lengths.
+    let mut c = server.raw_unix();
+    let ctx = c.negotiate(Mode::Structured, true, "").unwrap();
+    assert_eq!(c.read(near, 3000).unwrap(), vec![0x5e; 3000]);
+    assert_eq!(c.read(6 * GIB - 1, 1).unwrap(), vec![0x6f]);
+    let d = pattern(8, 4 * GIB + 17, 5000);
+    assert_eq!(c.write(4 * GIB + 17, &d, 0), 0);
+    assert_bytes_eq(
+        &c.read(4 * GIB + 17, 5000).unwrap(),
+        &d,
+        "write above 4 GiB",
+    );
+    // It did not wrap around to a low offset.
+    assert_eq!(
+        c.read(17, 5000).unwrap(),
+        vec![0u8; 5000],
+        "no 32-bit wrap-around"
+    );
+    let r = c.request(0, CMD_BLOCK_STATUS, 0, 0xFFFF_F000, &[]);
+    assert_eq!(r.error, 0, "{r:?}");
+    assert_eq!(
+        r.extents[0],
+        (ctx, vec![(0xFFFF_F000, 3)]),
+        "low 4 GiB are a hole"
+    );
+    let r = c.request(0, CMD_BLOCK_STATUS, 5 * GIB, 2 * GIB as u64 / 2, &[]);
+    assert_eq!(r.error, 0, "{r:?}");
+    assert_eq!(
+        r.extents[0].1,
+        vec![(4096, 3), (4096, 0), (GIB - 12288, 3), (4096, 0)],
+        "{r:?}"
+    );
+    let r = c.request(0, CMD_READ, 6 * GIB, 1, &[]);
+    assert_eq!(r.error, 22);
+
+    // Extended headers: an extent longer than 4 GiB in one descriptor.
+    let mut e = env.raw_tcp();
+    let ctx = e.negotiate(Mode::Extended, true, "").unwrap();
+    let r = e.request(0, CMD_BLOCK_STATUS, 0, 6 * GIB, &[]);
+    assert_eq!(r.error, 0, "{r:?}");
+    assert_eq!(r.chunk_types, vec![REPLY_TYPE_BLOCK_STATUS_EXT]);
+    assert_eq!(
+        r.extents[0],
+        (
+            ctx,
+            vec![
+                (4 * GIB, 3),
+                (8192, 0),
+                (GIB + 4096 - 8192, 3),
+                (4096, 0),
+                (GIB - 12288, 3),
+                (4096, 0)
+            ]
+        ),
+        "{r:?}"
+    );
+    e.disconnect();
+}
+
+/// Pipelined 32 MiB requests adding up to more than the server's per-connection memory
+/// budget: the server must apply back-pressure, not deadlock or drop requests.
+#[test]
+fn large_pipelined_requests_beyond_the_connection_budget() {
+    let env = TestEnv::new();
+    let server = env.start_export("128M", &[]);
+    const CHUNK: u64 = 32 * MIB;
+    for mode in [Mode::Simple, Mode::Extended] {
+        let mut c = server.raw_unix();
+        c.negotiate(mode, false, "");
+        let seed = 500 + mode as u64;
+        let pl = if mode == Mode::Extended {
+            CMD_FLAG_PAYLOAD_LEN
+        } else {
+            0
+        };
+        let mut batch = Vec::new();
+        for i in 0..4u64 {
+            let cookie = c.next_cookie();
+            let d = pattern(seed, i * CHUNK, CHUNK as usize);
+            c.encode_request(&mut batch, pl, CMD_WRITE, cookie, i * CHUNK, CHUNK, &d);
+        }
+        let mut ws = c.s.try_clone();
+        let writer = std::thread::spawn(move || ws.write_all(&batch));
+        for _ in 0..4 {
+            let r = c.read_reply().expect("write reply");
+            assert_eq!(r.error, 0, "{mode:?} 32 MiB write: {r:?}");
+        }
+        writer.join().unwrap().expect("send writes");
+        let mut batch = Vec::new();
+        let mut want = HashMap::new();
+        for i in 0..12u64 {
+            let cookie = c.next_cookie();
+            let off = (i % 4) * CHUNK;
+            c.encode_request(&mut batch, 0, CMD_READ, cookie, off, CHUNK, &[]);
+            want.insert(cookie, off);
+        }
+        let mut ws = c.s.try_clone();
+        let writer = std::thread::spawn(move || ws.write_all(&batch));
+        for _ in 0..12 {
+            let r = c.read_reply().expect("read reply");
+            assert_eq!(r.error, 0, "{mode:?} 32 MiB read: {r:?}");
+            let off = want.remove(&r.cookie).expect("known cookie");
+            assert_bytes_eq(
+                &r.data,
+                &pattern(seed, off, CHUNK as usize),
+                &format!("{mode:?} 32 MiB read at {off}"),
+            );
+        }
+        writer.join().unwrap().expect("send reads");
+        c.disconnect();
+    }
+}

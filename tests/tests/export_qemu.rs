@@ -169,3 +169,60 @@ fn qemu_io_odd_offsets_fua_discard_zeroes_and_fresh_connection() {
         "qemu-io should detect a wrong pattern: {bad}"
     );
 }
+
+/// qemu 10 negotiates extended headers and base:allocation with this server, so the qemu
+/// tests above exercise the extended-header paths; `qemu-img map` reads block status.
+#[test]
+fn qemu_uses_extended_headers_and_maps_allocation() {
+    let env = TestEnv::new();
+    let server = env.start_export("32M", &[]);
+    let uri = server.uri();
+    let out = env.run(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "--trace",
+        "nbd_receive_option_reply",
+        "--trace",
+        "nbd_opt_meta_reply",
+        "-c",
+        "write -P 0x31 8M 1M",
+        &uri,
+    ]);
+    assert_qemu_io_ok(&out);
+    assert!(
+        out.all()
+            .contains("option reply 11 (extended headers), type 1 (ack)"),
+        "qemu should negotiate extended headers: {out}"
+    );
+    assert!(out.all().contains("base:allocation"), "{out}");
+    let map = env.run(&["qemu-img", "map", "--output=json", "-f", "raw", &uri]);
+    map.ok();
+    let lines: Vec<String> = map
+        .stdout
+        .lines()
+        .filter(|l| l.contains("\"start\""))
+        .map(|l| {
+            let f = |k: &str| {
+                let i = l.find(k).unwrap() + k.len();
+                l[i..].split([',', '}']).next().unwrap().trim().to_string()
+            };
+            format!(
+                "{}+{} data={} zero={}",
+                f("\"start\":"),
+                f("\"length\":"),
+                f("\"data\":"),
+                f("\"zero\":")
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            "0+8388608 data=false zero=true",
+            "8388608+1048576 data=true zero=false",
+            "9437184+24117248 data=false zero=true",
+        ],
+        "{map}"
+    );
+}
