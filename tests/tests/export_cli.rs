@@ -527,3 +527,68 @@ fn sigterm_with_idle_clients_exits_promptly() {
     assert!(t1.server_closed_within(Duration::from_secs(5)));
     assert!(t2.server_closed_within(Duration::from_secs(5)));
 }
+
+/// Several listeners at once, IPv6 included.
+#[test]
+fn several_listen_addresses_including_ipv6() {
+    let env = TestEnv::new();
+    let img = env.path("multi.img");
+    let sock = env.path("m.sock");
+    let unix = format!("unix:{}", sock.display());
+    let server = env.start_server(&[
+        "--image",
+        img.to_str().unwrap(),
+        "--create",
+        "8M",
+        "--listen",
+        "127.0.0.1:10809",
+        "--listen",
+        "[::1]:10810",
+        "--listen",
+        &unix,
+    ]);
+    let unix_uri = format!("nbd+unix:///?socket={}", sock.display());
+    let uris = [
+        "nbd://127.0.0.1:10809/".to_string(),
+        "nbd://[::1]:10810/".to_string(),
+        unix_uri,
+    ];
+    for (i, uri) in uris.iter().enumerate() {
+        let w = format!("write -P {} {} 4096", 0x10 + i, i as u64 * MIB);
+        assert_qemu_io_ok(&qemu_io(&env, uri, &[&w]));
+    }
+    for uri in &uris {
+        let cmds: Vec<String> = (0..3)
+            .map(|i| format!("read -P {} {} 4096", 0x10 + i, i as u64 * MIB))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        assert_qemu_io_ok(&qemu_io(&env, uri, &cmds));
+    }
+    drop(server);
+}
+
+/// An existing image whose size is not a multiple of 512 is served at its exact size.
+#[test]
+fn existing_image_with_an_odd_size_is_served_exactly() {
+    let env = TestEnv::new();
+    let img = env.path("odd.img");
+    let size = 3 * MIB + 17;
+    write_pattern_file(&img, size, 6, &[]);
+    let server = env.start_server(&["--image", img.to_str().unwrap()]);
+    let out = env.run(&["nbdinfo", "--size", &server.uri()]);
+    assert_eq!(out.stdout.trim(), size.to_string(), "{out}");
+    let mut c = server.raw_unix();
+    c.negotiate(Mode::Structured, false, "");
+    assert_eq!(c.size, size);
+    assert_eq!(c.read(size - 17, 17).unwrap(), pattern(6, size - 17, 17));
+    assert_eq!(c.request(0, CMD_READ, size - 16, 17, &[]).error, 22);
+    assert_eq!(c.write(size - 1, &[0xfe], 0), 0);
+    assert_eq!(c.request(0, CMD_WRITE, size, 1, &[0xfe]).error, 28);
+    c.disconnect();
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().len(),
+        size,
+        "the image did not grow"
+    );
+    assert_eq!(read_file_range(&img, size - 1, 1), vec![0xfe]);
+}

@@ -31,8 +31,14 @@ fn fio(env: &TestEnv, uri: &str, args: &[&str]) -> CmdOutput {
 
 #[test]
 fn fio_random_writes_iodepth_32_verify() {
+    for engine in ["auto", "sync"] {
+        random_writes_verify(engine);
+    }
+}
+
+fn random_writes_verify(engine: &str) {
     let env = TestEnv::new();
-    let server = env.start_export("64M", &[]);
+    let server = env.start_export("64M", &["--io-engine", engine]);
     let job = [
         "--name=v",
         "--rw=randwrite",

@@ -643,3 +643,25 @@ fn large_pipelined_requests_beyond_the_connection_budget() {
         c.disconnect();
     }
 }
+
+/// A client without FIXED_NEWSTYLE may only use EXPORT_NAME; anything else ends the
+/// connection (the server cannot send an error it would understand).
+#[test]
+fn non_fixed_newstyle_client() {
+    let env = TestEnv::new();
+    let server = env.start_export("4M", &[]);
+    let mut c = server.raw_unix();
+    c.read_greeting().unwrap();
+    c.send_client_flags(0).unwrap();
+    c.send_option(OPT_EXPORT_NAME, b"").unwrap();
+    let r = c.recv(10 + 124).unwrap();
+    assert_eq!(r[..8], (4 * MIB).to_be_bytes());
+    assert_eq!(r[10..], [0u8; 124]);
+    assert_eq!(c.write(0, b"abc", 0), 0);
+    assert_eq!(c.read(0, 3).unwrap(), b"abc");
+    let mut c = server.raw_unix();
+    c.read_greeting().unwrap();
+    c.send_client_flags(0).unwrap();
+    c.send_option(0x99, b"").unwrap();
+    assert!(c.server_closed_within(Duration::from_secs(10)));
+}
