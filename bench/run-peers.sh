@@ -29,7 +29,9 @@
 #   CACHE=cold      before each server's turn, write back and evict its image from the page
 #                   cache (dd ... nocache, only that file), so every page-cache server starts
 #                   every turn in the same state; CACHE=keep leaves the page cache alone
-#   NBDMIRROR=      binary (default: target/release/nbdmirror in this repo; never built here)
+#   NBDMIRROR=      binary (default: target/release/nbdmirror in this repo; never built here).
+#                   It is copied next to the images at start and the copy is what runs, so a
+#                   rebuild during the run cannot mix two binaries in one result set
 #   NBDMIRROR_ARGS= extra arguments for `nbdmirror export`, e.g. "--io-engine sync"
 #
 # Network isolation: the script re-executes itself under `unshare --net` (a private network
@@ -119,6 +121,14 @@ else
   mkdir -p "$IMGDIR"; OWN_IMGDIR=0
 fi
 
+# Run a private copy of the binary: target/release/nbdmirror may be rebuilt while we run (other
+# work in the same tree), and one run must measure one binary.
+NBDMIRROR_SRC=$NBDMIRROR
+if [[ " $SERVERS " == *" nbdmirror "* ]]; then
+  NBDMIRROR="$IMGDIR/nbdmirror.bin"
+  cp "$NBDMIRROR_SRC" "$NBDMIRROR"
+fi
+
 port_of() {
   case "$1" in nbdmirror) echo 10809 ;; qemu-nbd) echo 10901 ;; nbdkit-file) echo 10903 ;; nbdkit-null) echo 10906 ;; esac
 }
@@ -165,6 +175,7 @@ cleanup() {
   if [ -n "$SPID" ]; then stop_server "(interrupted)" ""; fi
   if [ "$KEEP_IMAGES" != 1 ]; then
     for s in $ALL_SERVERS; do [ -z "$(img_of "$s")" ] || rm -f "$(img_of "$s")"; done
+    rm -f "$IMGDIR/nbdmirror.bin"
     [ "$OWN_IMGDIR" != 1 ] || rmdir "$IMGDIR" 2>/dev/null || true
   fi
   exit "$rc"
@@ -184,7 +195,7 @@ trap 'exit 143' TERM
   echo "- network: private namespace (unshare --net), loopback only"
   echo "- repo: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD 2>/dev/null || echo ' (dirty tree)')"
   if [[ " $SERVERS " == *" nbdmirror "* ]]; then
-    echo "- nbdmirror binary: $NBDMIRROR, built $(date -u -r "$NBDMIRROR" '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$NBDMIRROR" | cut -c1-16)"
+    echo "- nbdmirror binary: $NBDMIRROR_SRC, built $(date -u -r "$NBDMIRROR_SRC" '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$NBDMIRROR" | cut -c1-16), copied to $NBDMIRROR at start; every round runs that copy"
   fi
   echo "- tools: $(fio --version), $(qemu-nbd --version | head -1), $(nbdkit --version | head -1), $(qemu-img --version | head -1 | cut -d' ' -f1-3), python $(python3 -c 'import platform; print(platform.python_version())')"
   echo "- images: $IMG_SIZE raw, \`qemu-img create -f raw -o preallocation=full\`, in $IMGDIR; page cache before each turn: $CACHE"
