@@ -15,9 +15,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// A server plus a well-behaved client connected before anything bad happens.
 struct Scene {
-    env: TestEnv,
-    server: Server,
+    // Dropped in declaration order: the client, then the server, then the namespace.
     bystander: RawClient,
+    server: Server,
+    env: TestEnv,
     round: u64,
 }
 

@@ -236,6 +236,7 @@ fn sigterm_while_a_client_is_writing_exits_zero_and_keeps_acknowledged_data() {
     // A busy writer.
     let fio = env.spawn(&[
         "fio",
+        "--thread",
         "--name=busy",
         "--ioengine=nbd",
         &format!("--uri={}", server.uri()),

@@ -24,7 +24,14 @@ fn assert_fio_ok(out: &CmdOutput) {
 
 fn fio(env: &TestEnv, uri: &str, args: &[&str]) -> CmdOutput {
     let uri_arg = format!("--uri={uri}");
-    let mut full = vec!["fio", "--ioengine=nbd", &uri_arg, "--output-format=normal"];
+    // --thread: jobs are threads of one process, so a timeout or kill leaves no orphan.
+    let mut full = vec![
+        "fio",
+        "--thread",
+        "--ioengine=nbd",
+        &uri_arg,
+        "--output-format=normal",
+    ];
     full.extend_from_slice(args);
     env.run(&full)
 }
