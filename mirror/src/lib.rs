@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod image;
+pub mod metadata;
 
 pub use engine::{Engine, EngineKind};
 pub use image::{create_image, ImageError, ImageFile};
