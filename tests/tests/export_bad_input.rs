@@ -364,7 +364,8 @@ fn extended_write_over_the_maximum_payload_disconnects() {
     let cookie = c.next_cookie();
     c.send_request(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, cookie, 0, 1 << 40, &[])
         .unwrap();
-    c.send(&[0u8; 4096]).unwrap();
+    // The server may already have hung up: the send may fail.
+    let _ = c.send(&[0u8; 4096]);
     assert!(
         c.server_closed_within(CLOSE_WAIT),
         "a 1 TiB payload announcement must end the connection"
