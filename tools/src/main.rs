@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bitmap;
 mod export;
 mod size;
 
@@ -28,6 +29,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Export(export::ExportArgs),
+    /// Inspect a volume's metadata file (dirty map, activity map, generations).
+    Bitmap(bitmap::BitmapArgs),
 }
 
 fn init_logging(level: &str) {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log_level);
     let result = match cli.command {
         Command::Export(args) => export::run(args),
+        Command::Bitmap(args) => bitmap::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
