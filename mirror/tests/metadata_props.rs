@@ -168,6 +168,9 @@ proptest! {
     #[test]
     fn parse_never_panics_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..20000)) {
         let _ = fuzz_parse(&data);
+        let mut over_template = vec![3u8];
+        over_template.extend(data.iter().take(300));
+        let _ = fuzz_parse(&over_template);
     }
 
     #[test]
@@ -182,7 +185,12 @@ proptest! {
         if let Some(cut) = cut {
             file.truncate(cut);
         }
-        let _ = fuzz_parse(&file);
+        // Mode byte 1: checksums fixed up, so the edits reach field validation.
+        let mut input = vec![1u8];
+        input.extend_from_slice(&file);
+        let _ = fuzz_parse(&input);
+        input[0] = 0;
+        let _ = fuzz_parse(&input);
     }
 }
 
@@ -208,6 +216,23 @@ fn sample_file() -> Vec<u8> {
     file[layout.dirty_offset as usize] = 0b0110;
     file[layout.activity_offset as usize] = 1;
     file
+}
+
+#[test]
+fn fuzz_parse_reaches_the_maps() {
+    let mut input = vec![1u8];
+    input.extend_from_slice(&sample_file());
+    assert_eq!(fuzz_parse(&input), Some(1));
+    // Corrupt a field with the checksum fixed up: rejected by validation, not by the CRC.
+    input[1 + SLOT_SIZE + 33] = 0x03; // the newest slot's granularity: not a power of two
+    assert_eq!(fuzz_parse(&input), None);
+    // Mode 2: edits over the built-in valid file.
+    assert_eq!(fuzz_parse(&[2]), Some(1));
+    assert_eq!(
+        fuzz_parse(&[2, 0xff]),
+        Some(1),
+        "slot 0 torn: slot 1 takes over"
+    );
 }
 
 #[test]

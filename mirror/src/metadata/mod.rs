@@ -289,12 +289,66 @@ pub fn parse(bytes: &[u8]) -> Result<Snapshot, FormatError> {
 }
 
 /// Exercises everything a reader does with a parsed file; the fuzz target and the property
-/// test call this with arbitrary bytes. Returns the number of dirty runs, or None if invalid.
-pub fn fuzz_parse(bytes: &[u8]) -> Option<usize> {
-    let snap = parse(bytes).ok()?;
+/// test call this with arbitrary bytes. The first byte selects a mode: when its low bit is
+/// set, the CRC of each header slot present is recomputed first, so the fuzzer gets past the
+/// checksum and explores field validation and the maps; when bit 1 is set, the rest of the
+/// input is XORed over a valid 16 KiB file instead of standing alone, so the fuzzer starts
+/// from the magic and a consistent length. Returns the number of dirty runs, or None if the
+/// file is invalid.
+pub fn fuzz_parse(data: &[u8]) -> Option<usize> {
+    let (&mode, rest) = data.split_first()?;
+    let mut bytes = if mode & 2 == 2 {
+        let mut file = template_file();
+        let len = file.len();
+        for (i, b) in rest.iter().enumerate() {
+            file[i % len] ^= b;
+        }
+        file
+    } else {
+        rest.to_vec()
+    };
+    if mode & 1 == 1 {
+        for slot in bytes
+            .chunks_exact_mut(header::SLOT_SIZE)
+            .take(header::SLOTS)
+        {
+            let crc = crc32fast::hash(&slot[..header::SLOT_SIZE - 4]);
+            slot[header::SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+    let snap = parse(&bytes).ok()?;
     let runs = snap.dirty_ranges().count();
     let _ = snap.dirty_bytes();
     let _ = snap.activity.bits().count();
     let _ = snap.header.encode();
     Some(runs)
+}
+
+/// A valid file for a 256 MiB volume with both header slots, one dirty run, one hot extent.
+fn template_file() -> Vec<u8> {
+    let mut h = Header {
+        sequence: 0,
+        volume_size: 256 << 20,
+        dirty_granularity: 64 << 10,
+        activity_extent_size: 4 << 20,
+        activity_capacity: 64,
+        flags: Flags::CONSISTENT,
+        generations: Generations::default(),
+        counters: Counters::default(),
+        node_name: "fuzz".into(),
+        peer_name: String::new(),
+    };
+    let Ok(layout) = h.layout() else {
+        return Vec::new();
+    };
+    let mut file = vec![0u8; layout.file_len as usize];
+    for slot in 0..header::SLOTS {
+        h.sequence = slot as u64;
+        if let Ok(b) = h.encode() {
+            file[slot * header::SLOT_SIZE..(slot + 1) * header::SLOT_SIZE].copy_from_slice(&b);
+        }
+    }
+    file[layout.dirty_offset as usize] = 0b0110;
+    file[layout.activity_offset as usize] = 1;
+    file
 }
