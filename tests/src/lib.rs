@@ -34,17 +34,24 @@ pub const TCP_ADDR: &str = "127.0.0.1:10809";
 
 /// The `nbdmirror` binary under test: `$NBDMIRROR_BIN`, or the one next to the test binary
 /// (`target/<profile>/deps/X` -> `target/<profile>/nbdmirror`), or the other profile's.
+/// Panics with instructions when there is none.
 pub fn bin_path() -> PathBuf {
+    find_bin().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn find_bin() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("NBDMIRROR_BIN") {
         let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "NBDMIRROR_BIN={} does not name an existing file",
-            p.display()
-        );
-        return p;
+        if !p.is_file() {
+            return Err(format!(
+                "NBDMIRROR_BIN={} does not name an existing file",
+                p.display()
+            ));
+        }
+        return Ok(p);
     }
-    let exe = std::env::current_exe().expect("cannot find the test executable's path");
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the test executable: {e}"))?;
     let mut candidates = Vec::new();
     // target/<profile>/deps/<test> -> target/<profile>
     if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
@@ -55,15 +62,16 @@ pub fn bin_path() -> PathBuf {
             }
         }
     }
-    for c in &candidates {
-        if c.is_file() {
-            return c.clone();
-        }
-    }
-    panic!(
-        "the nbdmirror binary was not found (looked at {candidates:?}); build it first with \
-         `cargo build --release -p nbdmirror`, or set NBDMIRROR_BIN=/path/to/nbdmirror"
-    );
+    candidates
+        .iter()
+        .find(|c| c.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+            "the nbdmirror binary was not found (looked at {candidates:?}); build it first with \
+             `cargo build --release -p nbdmirror`, or set NBDMIRROR_BIN=/path/to/nbdmirror"
+        )
+        })
 }
 
 /// Waits for a child with a deadline; kills it when the deadline passes.
@@ -85,7 +93,7 @@ pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitSt
     }
 }
 
-/// Runs `f` until it returns `Some`, at most `tries` times and for at most `timeout`.
+/// Runs `f` every 20 ms until it returns `Some`, for at most `timeout` (and 100 000 tries).
 pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     for _ in 0..100_000 {
@@ -275,6 +283,33 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 pub struct TestEnv {
     pub dir: TempDir,
     pub ns: NetNs,
+    bin: std::sync::OnceLock<PathBuf>,
+}
+
+/// Gives the test its own name for the binary: a hard link (or a copy) in its scratch
+/// directory. `cargo build` replaces `target/release/nbdmirror` by unlinking and relinking
+/// it, so a concurrent rebuild could otherwise make a spawn fail (file briefly absent) or
+/// mix two builds within one test.
+fn private_binary(dir: &Path) -> PathBuf {
+    let dest = dir.join("nbdmirror");
+    let mut last_err = None;
+    for _ in 0..100 {
+        if let Ok(src) = find_bin() {
+            let _ = fs::remove_file(&dest);
+            match fs::hard_link(&src, &dest).or_else(|_| fs::copy(&src, &dest).map(|_| ())) {
+                Ok(()) => return dest,
+                Err(e) => last_err = Some(e),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Not there for 10 s: report it the usual way.
+    let src = bin_path();
+    panic!(
+        "cannot link {} into {}: {last_err:?}",
+        src.display(),
+        dest.display()
+    );
 }
 
 impl TestEnv {
@@ -287,7 +322,15 @@ impl TestEnv {
         TestEnv {
             dir,
             ns: NetNs::new(),
+            bin: std::sync::OnceLock::new(),
         }
+    }
+
+    /// This test's private name for the `nbdmirror` binary (see [`bin_path`]).
+    pub fn bin(&self) -> PathBuf {
+        self.bin
+            .get_or_init(|| private_binary(self.dir.path()))
+            .clone()
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -329,7 +372,7 @@ impl TestEnv {
     /// Starts `nbdmirror ARGS` in the namespace in the background, without waiting for
     /// readiness (for commands expected to fail).
     pub fn spawn_nbdmirror(&self, args: &[&str]) -> Background {
-        let bin = bin_path();
+        let bin = self.bin();
         let mut full = vec![bin.to_str().expect("binary path is not UTF-8")];
         full.extend_from_slice(args);
         self.spawn(&full)
@@ -337,7 +380,7 @@ impl TestEnv {
 
     /// Runs `nbdmirror ARGS` in the namespace to completion (for commands expected to fail).
     pub fn run_nbdmirror(&self, args: &[&str]) -> CmdOutput {
-        let bin = bin_path();
+        let bin = self.bin();
         let bin = bin.to_str().expect("binary path is not UTF-8");
         let mut full = vec![bin];
         full.extend_from_slice(args);
@@ -388,7 +431,7 @@ impl TestEnv {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.ns_path().display()))
             .arg("--")
-            .arg(bin_path())
+            .arg(self.bin())
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
