@@ -110,7 +110,13 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
             Ok(Listener::Tcp(l, addr.clone()))
         }
         ListenAddr::Unix(path) => {
-            if path.exists() {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    return Err(err(
+                        "the path exists and is not a socket (refusing to replace it)".into(),
+                    ));
+                }
                 // A socket file left by a crashed daemon is removed; a live one is not stolen.
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
                     return Err(err(
@@ -250,9 +256,26 @@ fn run_shard<B: BlockBackend>(
                 .instrument(span),
             );
         }
-        while connections.join_next().await.is_some() {}
+        // Requests in flight normally finish in milliseconds; only a client that stopped
+        // reading its replies can hold a connection open, and it must not hold the daemon.
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                connections = connections.len(),
+                grace_seconds = SHUTDOWN_GRACE.as_secs(),
+                "closing connections whose clients do not read their replies"
+            );
+            connections.abort_all();
+            while connections.join_next().await.is_some() {}
+        }
     });
 }
+
+/// How long a shutdown waits for connections to finish before closing them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -461,14 +484,20 @@ async fn read_requests(
         let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
             return Ok(());
         };
-        let mut command = request::validate(&h, &session, size);
+        let command = request::validate(&h, &session, size);
         let payload = if payload_len > MAX_PAYLOAD as u64 {
             // Refused, but the bytes must still be consumed to stay in step with the client.
             discard(&mut rd, payload_len).await?;
             Vec::new()
         } else if payload_len > 0 {
             let mut buf = vec![0u8; payload_len as usize];
-            rd.read_exact(&mut buf).await?;
+            // A client stalled mid-payload must not hold up a shutdown; the request was
+            // not acknowledged, so dropping it loses nothing.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                r = rd.read_exact(&mut buf) => { r?; }
+            }
             if command.is_err() {
                 Vec::new()
             } else {
@@ -477,18 +506,12 @@ async fn read_requests(
         } else {
             Vec::new()
         };
-        if let Ok(Command::Write { length, .. }) = command {
-            debug_assert_eq!(length as usize, payload.len());
-        }
         if let Err(r) = &command {
             debug!(cookie = h.cookie, kind = h.kind, offset = h.offset, length = h.length,
                    errno = ?r.errno, reason = r.message, "request refused");
         }
         if command == Ok(Command::Disconnect) {
             return Ok(());
-        }
-        if let Err(r) = command {
-            command = Err(r);
         }
         let incoming = Incoming {
             to: ReplyTo {

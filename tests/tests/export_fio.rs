@@ -31,6 +31,8 @@ fn fio(env: &TestEnv, uri: &str, args: &[&str]) -> CmdOutput {
         "--ioengine=nbd",
         &uri_arg,
         "--output-format=normal",
+        // No verify-state file in the working directory (the source tree under cargo test).
+        "--verify_state_save=0",
     ];
     full.extend_from_slice(args);
     env.run(&full)
