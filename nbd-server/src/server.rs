@@ -10,7 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
@@ -24,10 +24,10 @@ use crate::request::{self, Command, RequestHeader};
 /// Most extents returned by one BLOCK_STATUS reply (clients ask again for the rest).
 const MAX_EXTENTS: usize = 1024;
 /// Per-connection budget of bytes in flight (payloads and read buffers), so one client
-/// cannot make the server allocate without bound. A 32 MiB request always fits.
-const CONNECTION_BUDGET_KIB: u32 = 96 * 1024;
+/// cannot make the server allocate without bound: reading pauses once it is spent.
+const CONNECTION_BUDGET: u64 = 96 * 1024 * 1024;
 /// Fixed cost of a request in the budget, so a flood of zero-length requests is bounded too.
-const REQUEST_COST_KIB: u32 = 16;
+const REQUEST_COST: u64 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -402,12 +402,17 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut len: u64) -> io::Result<(
     Ok(())
 }
 
-/// A decoded request on its way from the reader to the executor.
+/// Resolves once shutdown was requested (without holding the watch's lock afterwards).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// A decoded request, ready to run.
 struct Incoming {
     to: ReplyTo,
     command: Result<Command, request::Rejection>,
     payload: Vec<u8>,
-    _permit: OwnedSemaphorePermit,
+    cost: u64,
 }
 
 enum Outcome {
@@ -420,112 +425,156 @@ enum Outcome {
 struct Completed {
     to: ReplyTo,
     outcome: Outcome,
-    _permit: OwnedSemaphorePermit,
+    cost: u64,
 }
 
-fn request_cost(length: u64) -> u32 {
-    let kib = length.min(MAX_PAYLOAD as u64).div_ceil(1024) as u32;
-    REQUEST_COST_KIB + kib
+/// What a request counts against the connection's in-flight budget.
+fn request_cost(length: u64) -> u64 {
+    REQUEST_COST + length.min(MAX_PAYLOAD as u64)
 }
 
+/// What the transmission loop does after a request header.
+enum AfterRequest {
+    Run(Incoming),
+    /// NBD_CMD_DISC, or a shutdown while the payload was arriving: stop reading.
+    StopReading,
+}
+
+/// The transmission phase in one loop: read requests, start each at once, send replies as
+/// they complete. One task, no channel: a request starts its I/O in the same poll that
+/// read it. Reading pauses while the in-flight budget is spent, so memory stays bounded.
 async fn transmission<B: BlockBackend>(
-    rd: BufReader<BoxRead>,
+    mut rd: BufReader<BoxRead>,
     wr: &mut BufWriter<BoxWrite>,
     session: Session,
     size: u64,
     backend: Arc<B>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let (tx, rx) = mpsc::channel::<Incoming>(256);
-    let writer_gone = Notify::new();
-    let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET_KIB as usize));
     let mode = ReplyMode::for_session(session.structured_replies, session.extended_headers);
-    // Reader and executor run in this one task: no cross-thread hop between receiving a
-    // request and starting its I/O.
-    let reader = read_requests(rd, tx, session, size, budget, shutdown, &writer_gone);
-    let executor = async {
-        let r = execute_requests(rx, wr, mode, backend).await;
-        writer_gone.notify_one();
-        r
-    };
-    let (read_result, write_result) = tokio::join!(reader, executor);
-    write_result?;
-    read_result
+    let header_len = request::header_len(session.extended_headers);
+    let mut header = [0u8; request::EXTENDED_HEADER_LEN];
+    let mut filled = 0usize;
+    let mut inflight = FuturesUnordered::new();
+    let mut cost_in_flight = 0u64;
+    let mut reading = true;
+    let mut scratch = Vec::with_capacity(64);
+    let payload_stop = shutdown.clone();
+    loop {
+        let can_read = reading && cost_in_flight < CONNECTION_BUDGET;
+        if !can_read && inflight.is_empty() {
+            if reading {
+                // Budget spent with nothing in flight cannot happen; guard the loop anyway.
+                cost_in_flight = 0;
+                continue;
+            }
+            break;
+        }
+        tokio::select! {
+            biased;
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                let done: Completed = done;
+                cost_in_flight -= done.cost;
+                send_reply(wr, mode, done, &mut scratch).await?;
+            }
+            _ = stopping(&mut shutdown), if reading => reading = false,
+            // read() is cancel-safe: a header arrives in pieces across iterations.
+            r = rd.read(&mut header[filled..header_len]), if can_read => {
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 0,
+                    Err(e) => return Err(e.into()),
+                };
+                if n == 0 {
+                    // The client hung up; finish what it asked for, then close.
+                    reading = false;
+                    continue;
+                }
+                filled += n;
+                if filled < header_len {
+                    continue;
+                }
+                filled = 0;
+                match next_request(&mut rd, &header[..header_len], &session, size, &payload_stop).await? {
+                    AfterRequest::Run(req) => {
+                        cost_in_flight += req.cost;
+                        inflight.push(execute(backend.clone(), req));
+                    }
+                    AfterRequest::StopReading => reading = false,
+                }
+                // More requests already buffered: take them before flushing replies, so a
+                // pipelined burst is answered with few socket writes.
+                if reading && rd.buffer().len() >= header_len && cost_in_flight < CONNECTION_BUDGET {
+                    continue;
+                }
+            }
+        }
+        while let Some(Some(done)) = inflight.next().now_or_never() {
+            cost_in_flight -= done.cost;
+            send_reply(wr, mode, done, &mut scratch).await?;
+        }
+        wr.flush().await?;
+    }
+    wr.flush().await?;
+    Ok(())
 }
 
-async fn read_requests(
-    mut rd: BufReader<BoxRead>,
-    tx: mpsc::Sender<Incoming>,
-    session: Session,
+/// Decodes one request whose header was read, reads its payload, and validates it.
+async fn next_request(
+    rd: &mut BufReader<BoxRead>,
+    header: &[u8],
+    session: &Session,
     size: u64,
-    budget: Arc<Semaphore>,
-    mut shutdown: watch::Receiver<bool>,
-    writer_gone: &Notify,
-) -> Result<(), ConnError> {
+    shutdown: &watch::Receiver<bool>,
+) -> Result<AfterRequest, ConnError> {
     let extended = session.extended_headers;
-    let header_len = request::header_len(extended);
-    let mut header = [0u8; request::EXTENDED_HEADER_LEN];
-    loop {
+    let h: RequestHeader = request::decode_header(header, extended)?;
+    let payload_len = request::payload_len(&h, extended)?;
+    let command = request::validate(&h, session, size);
+    let payload = if payload_len > MAX_PAYLOAD as u64 {
+        // Refused, but the bytes must still be consumed to stay in step with the client.
+        discard(rd, payload_len).await?;
+        Vec::new()
+    } else if payload_len > 0 {
+        // Read into spare capacity: no need to zero a buffer the socket overwrites.
+        let mut buf = Vec::with_capacity(payload_len as usize);
+        // A client stalled mid-payload must not hold up a shutdown; the request was not
+        // acknowledged, so dropping it loses nothing.
+        let mut stop = shutdown.clone();
+        let mut limited = (&mut *rd).take(payload_len);
         let read = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-            _ = writer_gone.notified() => return Ok(()),
-            r = rd.read_exact(&mut header[..header_len]) => r,
+            _ = stopping(&mut stop) => return Ok(AfterRequest::StopReading),
+            r = limited.read_to_end(&mut buf) => r?,
         };
-        match read {
-            Ok(_) => {}
-            // A client that hangs up between requests is normal.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        if read as u64 != payload_len {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
         }
-        let h: RequestHeader = request::decode_header(&header[..header_len], extended)?;
-        let payload_len = request::payload_len(&h, extended)?;
-        let cost = request_cost(payload_len.max(if h.kind == CMD_READ { h.length } else { 0 }));
-        let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
-            return Ok(());
-        };
-        let command = request::validate(&h, &session, size);
-        let payload = if payload_len > MAX_PAYLOAD as u64 {
-            // Refused, but the bytes must still be consumed to stay in step with the client.
-            discard(&mut rd, payload_len).await?;
+        if command.is_err() {
             Vec::new()
-        } else if payload_len > 0 {
-            let mut buf = vec![0u8; payload_len as usize];
-            // A client stalled mid-payload must not hold up a shutdown; the request was
-            // not acknowledged, so dropping it loses nothing.
-            tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                r = rd.read_exact(&mut buf) => { r?; }
-            }
-            if command.is_err() {
-                Vec::new()
-            } else {
-                buf
-            }
         } else {
-            Vec::new()
-        };
-        if let Err(r) = &command {
-            debug!(cookie = h.cookie, kind = h.kind, offset = h.offset, length = h.length,
-                   errno = ?r.errno, reason = r.message, "request refused");
+            buf
         }
-        if command == Ok(Command::Disconnect) {
-            return Ok(());
-        }
-        let incoming = Incoming {
-            to: ReplyTo {
-                cookie: h.cookie,
-                offset: h.offset,
-            },
-            command,
-            payload,
-            _permit: permit,
-        };
-        if tx.send(incoming).await.is_err() {
-            return Ok(());
-        }
+    } else {
+        Vec::new()
+    };
+    if let Err(r) = &command {
+        debug!(cookie = h.cookie, kind = h.kind, offset = h.offset, length = h.length,
+               errno = ?r.errno, reason = r.message, "request refused");
     }
+    if command == Ok(Command::Disconnect) {
+        return Ok(AfterRequest::StopReading);
+    }
+    let reply_len = if h.kind == CMD_READ { h.length } else { 0 };
+    Ok(AfterRequest::Run(Incoming {
+        to: ReplyTo {
+            cookie: h.cookie,
+            offset: h.offset,
+        },
+        command,
+        payload,
+        cost: request_cost(payload_len.max(reply_len)),
+    }))
 }
 
 async fn execute<B: BlockBackend>(backend: Arc<B>, req: Incoming) -> Completed {
@@ -536,7 +585,7 @@ async fn execute<B: BlockBackend>(backend: Arc<B>, req: Incoming) -> Completed {
     Completed {
         to: req.to,
         outcome,
-        _permit: req._permit,
+        cost: req.cost,
     }
 }
 
@@ -596,49 +645,6 @@ fn failed(e: crate::backend::BackendError) -> Outcome {
         warn!(error = %e, "I/O failed");
     }
     Outcome::Failed(errno, e.to_string())
-}
-
-async fn execute_requests<B: BlockBackend>(
-    mut rx: mpsc::Receiver<Incoming>,
-    wr: &mut BufWriter<BoxWrite>,
-    mode: ReplyMode,
-    backend: Arc<B>,
-) -> Result<(), ConnError> {
-    let mut inflight = FuturesUnordered::new();
-    let mut reader_done = false;
-    let mut header = Vec::with_capacity(64);
-    loop {
-        tokio::select! {
-            biased;
-            Some(done) = inflight.next(), if !inflight.is_empty() => {
-                send_reply(wr, mode, done, &mut header).await?;
-            }
-            msg = rx.recv(), if !reader_done => match msg {
-                Some(req) => inflight.push(execute(backend.clone(), req)),
-                None => reader_done = true,
-            },
-            else => break,
-        }
-        // Start everything already received and send every reply already done, then flush
-        // once: one socket write for a burst of replies.
-        loop {
-            let mut progressed = false;
-            while let Ok(req) = rx.try_recv() {
-                inflight.push(execute(backend.clone(), req));
-                progressed = true;
-            }
-            while let Some(Some(done)) = inflight.next().now_or_never() {
-                send_reply(wr, mode, done, &mut header).await?;
-                progressed = true;
-            }
-            if !progressed {
-                break;
-            }
-        }
-        wr.flush().await?;
-    }
-    wr.flush().await?;
-    Ok(())
 }
 
 async fn send_reply(
