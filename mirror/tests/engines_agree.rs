@@ -168,3 +168,47 @@ fn dropped_operations_do_not_corrupt_or_hang() {
     });
     // Dropping the runtime and the engine with operations possibly in flight must not crash.
 }
+
+/// Reads that miss the page cache complete asynchronously (the kernel finishes them from a
+/// page-unlock callback, not inline): they must still wake their request, on the
+/// single-threaded runtimes the daemon's shards use. A lost wake-up here hangs a client.
+#[test]
+fn cold_cache_reads_complete_on_a_shard_runtime() {
+    use std::os::fd::AsRawFd;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cold.img");
+        let size = 16u64 << 20;
+        create_image(&path, size).unwrap();
+        let img = ImageFile::open(&path, false, EngineKind::Uring).unwrap();
+        for chunk in 0..(size >> 20) {
+            img.write(chunk << 20, vec![(chunk % 251) as u8 + 1; 1 << 20], false)
+                .await
+                .unwrap();
+        }
+        img.flush().await.unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        for round in 0..4u64 {
+            nix::fcntl::posix_fadvise(
+                file.as_raw_fd(),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .unwrap();
+            for i in 0..500u64 {
+                let off = ((i * 7919 + round * 104_729) % (size / 4096)) * 4096;
+                let read =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), img.read(off, 4096))
+                        .await
+                        .expect("a cold read never completed (lost wake-up)")
+                        .unwrap();
+                assert_eq!(read, vec![((off >> 20) % 251) as u8 + 1; 4096]);
+            }
+        }
+    });
+}

@@ -541,14 +541,10 @@ async fn next_request(
         // A client stalled mid-payload must not hold up a shutdown; the request was not
         // acknowledged, so dropping it loses nothing.
         let mut stop = shutdown.clone();
-        let mut limited = (&mut *rd).take(payload_len);
-        let read = tokio::select! {
+        tokio::select! {
             biased;
             _ = stopping(&mut stop) => return Ok(AfterRequest::StopReading),
-            r = limited.read_to_end(&mut buf) => r?,
-        };
-        if read as u64 != payload_len {
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            r = read_payload(rd, &mut buf, payload_len as usize) => r?,
         }
         if command.is_err() {
             Vec::new()
@@ -575,6 +571,22 @@ async fn next_request(
         payload,
         cost: request_cost(payload_len.max(reply_len)),
     }))
+}
+
+/// Fills `buf` (empty, with capacity `len`) with exactly `len` bytes. Unlike
+/// `read_to_end`, it never grows the buffer, so a full payload is never copied again.
+async fn read_payload(
+    rd: &mut BufReader<BoxRead>,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> io::Result<()> {
+    while buf.len() < len {
+        let want = (len - buf.len()) as u64;
+        if (&mut *rd).take(want).read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 async fn execute<B: BlockBackend>(backend: Arc<B>, req: Incoming) -> Completed {

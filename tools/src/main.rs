@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bitmap;
+mod config;
 mod export;
 mod size;
 

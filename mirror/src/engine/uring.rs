@@ -320,24 +320,48 @@ fn new_ring(file: Arc<File>) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle
     Ok((shared, reaper))
 }
 
+/// How often the reaper looks at the completion queue without being signalled, while
+/// operations are in flight (and, much more slowly, while none are).
+const SAFETY_POLL_BUSY: std::time::Duration = std::time::Duration::from_millis(10);
+const SAFETY_POLL_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn reap_loop(shared: Weak<Shared>, eventfd: AsyncFd<EventFd>) {
     let mut wake = Vec::new();
     loop {
-        let Ok(mut guard) = eventfd.readable().await else {
-            return;
+        let busy = match shared.upgrade() {
+            Some(s) => s.lock().in_flight > 0,
+            None => return,
         };
-        // Reset the counter before reaping, then clear readiness: a completion posted after
-        // this read writes the eventfd again, a new edge that epoll reports, so none is missed.
-        match guard.get_inner().read() {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EAGAIN) => {
-                guard.clear_ready();
-                continue;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "io_uring eventfd read failed");
-                guard.clear_ready();
-                continue;
+        let period = if busy {
+            SAFETY_POLL_BUSY
+        } else {
+            SAFETY_POLL_IDLE
+        };
+        // The eventfd is the normal path. The timer is a safety net: a completion whose
+        // signal went missing (seen once under a cold page cache, not yet explained) is
+        // still reaped within milliseconds instead of leaving its request hanging forever.
+        let signalled = tokio::select! {
+            r = eventfd.readable() => match r {
+                Ok(guard) => Some(guard),
+                Err(_) => return,
+            },
+            _ = tokio::time::sleep(period) => None,
+        };
+        let mut guard = signalled;
+        if let Some(g) = guard.as_mut() {
+            // Reset the counter before reaping, then clear readiness: a completion posted
+            // after this read writes the eventfd again, a new edge that epoll reports.
+            match g.get_inner().read() {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EAGAIN) => {
+                    g.clear_ready();
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring eventfd read failed");
+                    g.clear_ready();
+                    continue;
+                }
             }
         }
         let Some(shared) = shared.upgrade() else {
@@ -352,7 +376,16 @@ async fn reap_loop(shared: Weak<Shared>, eventfd: AsyncFd<EventFd>) {
             }
             ring.reap(&mut wake);
         }
-        guard.clear_ready();
+        match guard {
+            Some(mut g) => g.clear_ready(),
+            None if !wake.is_empty() => {
+                tracing::debug!(
+                    completions = wake.len(),
+                    "io_uring completions found without an eventfd signal"
+                );
+            }
+            None => {}
+        }
         for w in wake.drain(..) {
             w.wake();
         }

@@ -1,0 +1,433 @@
+//! The node configuration file (`nbdmirror serve --config FILE`): one TOML file per node.
+//!
+//! Parsing and validation are pure (text in, [`NodeConfig`] or a [`ConfigError`] out), so
+//! every mistake an operator can make gets a tested, specific message. Relative paths are
+//! resolved against the folder of the config file, so a config and its data can move
+//! together.
+//!
+//! ```toml
+//! node = "node-a"
+//! data_dir = "state/node-a"              # metadata files; default control socket here
+//! secret = "a long random string"        # or: secret_file = "/etc/nbdmirror/secret"
+//! replication_listen = "127.0.0.1:7801"
+//! peer = "127.0.0.1:7802"
+//! # control_socket = "state/node-a/control.sock"
+//!
+//! [[volume]]
+//! name = "disk0"
+//! image = "state/node-a/disk0.img"
+//! size = "256M"                          # or a number of bytes
+//! listen = "127.0.0.1:10809"             # or a list of addresses
+//! ```
+
+// Consumed by `nbdmirror serve`, which lands with the mirror (issue 3).
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use nbd_server::ListenAddr;
+use serde::Deserialize;
+
+use crate::size::parse_size;
+
+/// Shorter secrets are refused: they are the only thing standing between the replication
+/// port and anyone who can reach it.
+pub const MIN_SECRET_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config {path}: {reason}")]
+    Syntax { path: PathBuf, reason: String },
+    #[error("config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The file this came from (for messages).
+    pub path: PathBuf,
+    pub node: String,
+    pub data_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub secret: Secret,
+    pub replication_listen: String,
+    pub peer: String,
+    pub volumes: Vec<VolumeConfig>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never in logs.
+        write!(f, "Secret(..{} bytes)", self.0.len())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub image: PathBuf,
+    pub size: u64,
+    pub listen: Vec<ListenAddr>,
+    /// `<data_dir>/<name>.meta`.
+    pub metadata: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: String,
+    data_dir: PathBuf,
+    control_socket: Option<PathBuf>,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    replication_listen: String,
+    peer: String,
+    #[serde(default, rename = "volume")]
+    volumes: Vec<RawVolume>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: String,
+    image: PathBuf,
+    size: RawSize,
+    listen: OneOrMany,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let read_secret = |p: &Path| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    parse(path, &text, &read_secret)
+}
+
+/// Names usable in file names, URIs and logs without quoting.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+}
+
+fn check_tcp_addr(field: &str, value: &str) -> Result<(), String> {
+    match value.parse::<ListenAddr>() {
+        Ok(ListenAddr::Tcp(_)) => Ok(()),
+        Ok(ListenAddr::Unix(_)) => Err(format!("{field} must be HOST:PORT, not a unix socket")),
+        Err(e) => Err(format!("{field}: {e}")),
+    }
+}
+
+/// Parses config `text` that was read from `path`. `read_secret` reads a `secret_file`.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    read_secret: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> Result<NodeConfig, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        reason: e.to_string().trim_end().replace('\n', " "),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
+    };
+    if !valid_name(&raw.node) {
+        return Err(invalid(format!(
+            "node name '{}' must be 1-63 letters, digits, '-', '_' or '.'",
+            raw.node
+        )));
+    }
+    let secret = match (raw.secret, raw.secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("set either secret or secret_file, not both".into()))
+        }
+        (None, None) => {
+            return Err(invalid(
+                "no shared secret: set secret_file (or secret) to the same long random string on both nodes".into(),
+            ))
+        }
+        (Some(s), None) => s,
+        (None, Some(file)) => {
+            let file = resolve(&file);
+            read_secret(&file)
+                .map_err(|e| invalid(format!("cannot read secret_file {}: {e}", file.display())))?
+        }
+    };
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(invalid(format!(
+            "the shared secret is {} characters; use at least {MIN_SECRET_LEN}",
+            secret.len()
+        )));
+    }
+    check_tcp_addr("replication_listen", &raw.replication_listen).map_err(invalid)?;
+    check_tcp_addr("peer", &raw.peer).map_err(invalid)?;
+    if raw.replication_listen == raw.peer {
+        return Err(invalid(
+            "peer is this node's own replication_listen address".into(),
+        ));
+    }
+    let data_dir = resolve(&raw.data_dir);
+    let control_socket = raw
+        .control_socket
+        .map(|p| resolve(&p))
+        .unwrap_or_else(|| data_dir.join("control.sock"));
+
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    let mut volumes = Vec::new();
+    for v in raw.volumes {
+        if !valid_name(&v.name) {
+            return Err(invalid(format!(
+                "volume name '{}' must be 1-63 letters, digits, '-', '_' or '.'",
+                v.name
+            )));
+        }
+        if !names.insert(v.name.clone()) {
+            return Err(invalid(format!("volume '{}' is defined twice", v.name)));
+        }
+        let size = match v.size {
+            RawSize::Bytes(0) => {
+                return Err(invalid(format!("volume '{}': size must be > 0", v.name)))
+            }
+            RawSize::Bytes(n) => n,
+            RawSize::Text(t) => {
+                parse_size(&t).map_err(|e| invalid(format!("volume '{}': {e}", v.name)))?
+            }
+        };
+        let texts = match v.listen {
+            OneOrMany::One(a) => vec![a],
+            OneOrMany::Many(list) => list,
+        };
+        if texts.is_empty() {
+            return Err(invalid(format!(
+                "volume '{}': listen needs at least one address",
+                v.name
+            )));
+        }
+        let mut listen = Vec::new();
+        for t in texts {
+            let addr: ListenAddr = t
+                .parse()
+                .map_err(|e| invalid(format!("volume '{}': listen: {e}", v.name)))?;
+            let addr = match addr {
+                ListenAddr::Unix(p) => ListenAddr::Unix(resolve(&p)),
+                tcp => tcp,
+            };
+            if !addresses.insert(addr.to_string()) {
+                return Err(invalid(format!(
+                    "volume '{}': listen address {addr} is used twice",
+                    v.name
+                )));
+            }
+            listen.push(addr);
+        }
+        volumes.push(VolumeConfig {
+            metadata: data_dir.join(format!("{}.meta", v.name)),
+            name: v.name,
+            image: resolve(&v.image),
+            size,
+            listen,
+        });
+    }
+    if volumes.is_empty() {
+        return Err(invalid("no [[volume]] defined".into()));
+    }
+    Ok(NodeConfig {
+        path: path.to_owned(),
+        node: raw.node,
+        data_dir,
+        control_socket,
+        secret: Secret(secret),
+        replication_listen: raw.replication_listen,
+        peer: raw.peer,
+        volumes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node = "node-a"
+data_dir = "state/node-a"
+secret = "0123456789abcdef-example"
+replication_listen = "127.0.0.1:7801"
+peer = "127.0.0.1:7802"
+
+[[volume]]
+name = "disk0"
+image = "state/node-a/disk0.img"
+size = "256M"
+listen = "127.0.0.1:10809"
+
+[[volume]]
+name = "disk1"
+image = "/srv/disk1.img"
+size = 1048576
+listen = ["127.0.0.1:10811", "unix:run/disk1.sock"]
+"#;
+
+    fn no_file(_: &Path) -> std::io::Result<String> {
+        Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+
+    fn parse_ok(text: &str) -> NodeConfig {
+        parse(Path::new("/etc/nbdmirror/node-a.toml"), text, &no_file).unwrap()
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(Path::new("/etc/nbdmirror/node-a.toml"), text, &no_file)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let c = parse_ok(GOOD);
+        assert_eq!(c.data_dir, PathBuf::from("/etc/nbdmirror/state/node-a"));
+        assert_eq!(
+            c.control_socket,
+            PathBuf::from("/etc/nbdmirror/state/node-a/control.sock")
+        );
+        assert_eq!(
+            c.volumes[0].image,
+            PathBuf::from("/etc/nbdmirror/state/node-a/disk0.img")
+        );
+        assert_eq!(c.volumes[1].image, PathBuf::from("/srv/disk1.img"));
+        assert_eq!(
+            c.volumes[0].metadata,
+            PathBuf::from("/etc/nbdmirror/state/node-a/disk0.meta")
+        );
+        assert_eq!(
+            c.volumes[1].listen[1],
+            ListenAddr::Unix("/etc/nbdmirror/run/disk1.sock".into())
+        );
+    }
+
+    #[test]
+    fn sizes_take_numbers_and_suffixes() {
+        let c = parse_ok(GOOD);
+        assert_eq!(c.volumes[0].size, 256 << 20);
+        assert_eq!(c.volumes[1].size, 1 << 20);
+    }
+
+    #[test]
+    fn secret_never_shows_in_debug_output() {
+        let c = parse_ok(GOOD);
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn secret_file_is_read_and_trimmed() {
+        let text = GOOD.replace(
+            "secret = \"0123456789abcdef-example\"",
+            "secret_file = \"secret\"",
+        );
+        let read = |p: &Path| {
+            assert_eq!(p, Path::new("/etc/nbdmirror/secret"));
+            Ok("from-a-file-0123456789\n".trim().to_string())
+        };
+        let c = parse(Path::new("/etc/nbdmirror/node-a.toml"), &text, &read).unwrap();
+        assert_eq!(c.secret.0, "from-a-file-0123456789");
+    }
+
+    #[test]
+    fn mistakes_get_specific_messages() {
+        let cases = [
+            (
+                GOOD.replace("node-a\"\ndata", "node a\"\ndata"),
+                "node name",
+            ),
+            (
+                GOOD.replace("0123456789abcdef-example", "short"),
+                "at least 16",
+            ),
+            (
+                GOOD.replace("secret = \"0123456789abcdef-example\"", ""),
+                "no shared secret",
+            ),
+            (GOOD.replace("\"256M\"", "\"12Q\""), "volume 'disk0'"),
+            (GOOD.replace("\"256M\"", "0"), "size must be > 0"),
+            (GOOD.replace("disk1\"", "disk0\""), "defined twice"),
+            (
+                GOOD.replace("127.0.0.1:10811", "127.0.0.1:10809"),
+                "used twice",
+            ),
+            (
+                GOOD.replace("127.0.0.1:7802", "127.0.0.1:7801"),
+                "own replication_listen",
+            ),
+            (GOOD.replace("127.0.0.1:7802", "nowhere"), "peer"),
+            (
+                GOOD.replace("size = 1048576", "size = 1048576\ncolour = 1"),
+                "colour",
+            ),
+            (
+                GOOD.replace("listen = \"127.0.0.1:10809\"", "listen = []"),
+                "at least one",
+            ),
+            ("node = \"x\"".to_string(), "missing field"),
+        ];
+        for (text, expected) in cases {
+            let err = parse_err(&text);
+            assert!(err.contains(expected), "expected '{expected}' in: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn a_config_without_volumes_is_refused() {
+        let text = GOOD.split("[[volume]]").next().unwrap_or_default();
+        assert!(parse_err(text).contains("no [[volume]]"));
+    }
+
+    #[test]
+    fn the_shipped_local_pair_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local-pair");
+        for (file, listen) in [
+            ("node-a.toml", "127.0.0.1:10809"),
+            ("node-b.toml", "127.0.0.1:10810"),
+        ] {
+            let c = load(&dir.join(file)).unwrap();
+            assert_eq!(c.volumes.len(), 1);
+            assert_eq!(c.volumes[0].name, "disk0");
+            assert_eq!(c.volumes[0].size, 256 << 20);
+            assert_eq!(c.volumes[0].listen, vec![ListenAddr::Tcp(listen.into())]);
+        }
+    }
+}
