@@ -1,6 +1,6 @@
 //! io_uring without a runtime of its own (the tokio-epoll-uring shape): any tokio task
 //! submits on a shared ring and reaps what completed inline; completions that arrive later
-//! signal an eventfd that a small tokio task watches, and that task wakes their futures.
+//! make the ring's descriptor readable; a small tokio task watches it and wakes their futures.
 //!
 //! Buffer ownership is the safety argument of this module: every operation owns its buffer
 //! until the kernel posted the completion. If the future is dropped first, the buffer moves
@@ -12,14 +12,13 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -64,13 +63,20 @@ impl Ring {
     /// Submits queued entries; transient errors leave them queued for the next attempt.
     fn submit(&mut self) -> io::Result<()> {
         for _ in 0..3 {
+            let queued = self.ring.submission().len();
             match self.ring.submit() {
-                Ok(_) => return Ok(()),
+                Ok(n) => {
+                    if n < queued {
+                        tracing::debug!(queued, submitted = n, "io_uring partial submit");
+                    }
+                    return Ok(());
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // CQ overflow or kernel memory pressure: completions will drain it and the
                 // reaper submits again.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
-                    return Ok(())
+                    tracing::debug!(error = %e, queued, "io_uring submit deferred");
+                    return Ok(());
                 }
                 Err(e) => return Err(e),
             }
@@ -298,9 +304,6 @@ fn new_ring(file: Arc<File>) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle
         }
     }
     ring.submitter().register_files(&[file.as_raw_fd()])?;
-    let eventfd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
-    ring.submitter()
-        .register_eventfd(eventfd.as_fd().as_raw_fd())?;
     let shared = Arc::new(Shared {
         ring: Mutex::new(Ring {
             ring,
@@ -311,21 +314,29 @@ fn new_ring(file: Arc<File>) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle
         limit: Arc::new(Semaphore::new(CQ_ENTRIES as usize)),
         _file: file,
     });
-    // SAFETY: the EventFd owns its descriptor and keeps it open, unchanged, until it is
+    // The ring's own descriptor polls readable while completions wait in its queue. A
+    // duplicate is watched, so the reaper never holds a descriptor the ring closed.
+    let ring_fd = {
+        let ring = shared.lock();
+        // SAFETY: the ring is alive (we hold it), so its descriptor is open for this call.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(ring.ring.as_raw_fd()) }
+            .try_clone_to_owned()?
+    };
+    // SAFETY: the OwnedFd owns its descriptor and keeps it open, unchanged, until it is
     // dropped together with the AsyncFd that owns it.
-    let eventfd =
-        unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
-            .map_err(|e| io::Error::other(format!("cannot watch the io_uring eventfd: {e}")))?;
-    let reaper = tokio::spawn(reap_loop(Arc::downgrade(&shared), eventfd));
+    let ring_fd =
+        unsafe { AsyncFd::register_with_interest(ring_fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| io::Error::other(format!("cannot watch the io_uring descriptor: {e}")))?;
+    let reaper = tokio::spawn(reap_loop(Arc::downgrade(&shared), ring_fd));
     Ok((shared, reaper))
 }
 
 /// How often the reaper looks at the completion queue without being signalled, while
 /// operations are in flight (and, much more slowly, while none are).
-const SAFETY_POLL_BUSY: std::time::Duration = std::time::Duration::from_millis(10);
+const SAFETY_POLL_BUSY: std::time::Duration = std::time::Duration::from_millis(2);
 const SAFETY_POLL_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn reap_loop(shared: Weak<Shared>, eventfd: AsyncFd<EventFd>) {
+async fn reap_loop(shared: Weak<Shared>, ring_fd: AsyncFd<std::os::fd::OwnedFd>) {
     let mut wake = Vec::new();
     loop {
         let busy = match shared.upgrade() {
@@ -337,33 +348,18 @@ async fn reap_loop(shared: Weak<Shared>, eventfd: AsyncFd<EventFd>) {
         } else {
             SAFETY_POLL_IDLE
         };
-        // The eventfd is the normal path. The timer is a safety net: a completion whose
-        // signal went missing (seen once under a cold page cache, not yet explained) is
-        // still reaped within milliseconds instead of leaving its request hanging forever.
-        let signalled = tokio::select! {
-            r = eventfd.readable() => match r {
+        // Readiness of the ring's descriptor is the normal path. The timer is a safety net:
+        // under load (QD32, 1 MiB writes) a few completions a second sit in the queue with no
+        // wake-up, with an eventfd as with the ring's own descriptor (open question, see
+        // ARCHITECTURE.md); once, before this net existed, a benchmark hung on one. Now such a
+        // completion is reaped within 2 ms.
+        let guard = tokio::select! {
+            r = ring_fd.readable() => match r {
                 Ok(guard) => Some(guard),
                 Err(_) => return,
             },
             _ = tokio::time::sleep(period) => None,
         };
-        let mut guard = signalled;
-        if let Some(g) = guard.as_mut() {
-            // Reset the counter before reaping, then clear readiness: a completion posted
-            // after this read writes the eventfd again, a new edge that epoll reports.
-            match g.get_inner().read() {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EAGAIN) => {
-                    g.clear_ready();
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "io_uring eventfd read failed");
-                    g.clear_ready();
-                    continue;
-                }
-            }
-        }
         let Some(shared) = shared.upgrade() else {
             return;
         };
@@ -375,16 +371,18 @@ async fn reap_loop(shared: Weak<Shared>, eventfd: AsyncFd<EventFd>) {
                 }
             }
             ring.reap(&mut wake);
-        }
-        match guard {
-            Some(mut g) => g.clear_ready(),
-            None if !wake.is_empty() => {
-                tracing::debug!(
-                    completions = wake.len(),
-                    "io_uring completions found without an eventfd signal"
-                );
+            // Clear readiness while holding the ring: a completion posted after the reap
+            // is a new edge that epoll reports.
+            match guard {
+                Some(mut g) => g.clear_ready(),
+                None if !wake.is_empty() => {
+                    tracing::debug!(
+                        completions = wake.len(),
+                        "io_uring completions found by the safety poll"
+                    );
+                }
+                None => {}
             }
-            None => {}
         }
         for w in wake.drain(..) {
             w.wake();
