@@ -25,6 +25,6 @@ SRC
   apt-get "${OPT[@]}" update -q
   apt-get "${OPT[@]}" install -y -q --no-install-recommends -t bookworm-backports qemu-utils
 fi
-qemu-img --version | head -1
-nbdinfo --version | head -1
+qemu-img --version | sed -n 1p
+nbdinfo --version | sed -n 1p
 fio --version
