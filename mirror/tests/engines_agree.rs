@@ -45,6 +45,15 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The shape of tokio runtime the tests run the engines on: two workers, like this machine.
+fn two_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn open(dir: &tempfile::TempDir, name: &str, kind: EngineKind) -> ImageFile {
     let path = dir.path().join(name);
     create_image(&path, SIZE).unwrap();
@@ -92,7 +101,7 @@ proptest! {
 
     #[test]
     fn uring_and_sync_engines_agree(ops in proptest::collection::vec(op(), 1..40)) {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = two_worker_runtime();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let uring = open(&dir, "uring.img", EngineKind::Uring);
@@ -114,11 +123,7 @@ proptest! {
 
 #[test]
 fn many_concurrent_uring_operations_complete() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_worker_runtime();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let img = Arc::new(open(&dir, "c.img", EngineKind::Uring));
@@ -142,11 +147,7 @@ fn many_concurrent_uring_operations_complete() {
 
 #[test]
 fn dropped_operations_do_not_corrupt_or_hang() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = two_worker_runtime();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let img = Arc::new(open(&dir, "d.img", EngineKind::Uring));
