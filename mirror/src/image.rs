@@ -177,7 +177,7 @@ impl ImageFile {
         Ok(())
     }
 
-    fn extents_sync(&self, offset: u64, length: u64, max: usize) -> io::Result<Vec<Extent>> {
+    pub fn extents_sync(&self, offset: u64, length: u64, max: usize) -> io::Result<Vec<Extent>> {
         let fd = self.file.as_raw_fd();
         let end = offset + length;
         let mut out: Vec<Extent> = Vec::new();

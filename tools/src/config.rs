@@ -19,9 +19,11 @@
 //! size = "256M"                          # or a number of bytes
 //! listen = "127.0.0.1:10809"             # or a list of addresses
 //! ```
-
-// Consumed by `nbdmirror serve`, which lands with the mirror (issue 3).
-#![allow(dead_code)]
+//!
+//! Optional tuning keys (top level): `peer_timeout` (default "5s": link silence that declares
+//! the peer gone), `resync_rate` (bytes per second with K/M/G suffix, default 0 = no limit;
+//! resync always yields to application I/O), `resync_checksum` (default false: hash-compare
+//! chunks first and send only those that differ), `io_engine` ("auto", "uring", "sync").
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,10 @@ pub struct NodeConfig {
     pub secret: Secret,
     pub replication_listen: String,
     pub peer: String,
+    pub peer_timeout: std::time::Duration,
+    pub resync_rate: u64,
+    pub resync_checksum: bool,
+    pub io_engine: String,
     pub volumes: Vec<VolumeConfig>,
 }
 
@@ -88,6 +94,11 @@ struct RawConfig {
     secret_file: Option<PathBuf>,
     replication_listen: String,
     peer: String,
+    peer_timeout: Option<RawSize>,
+    resync_rate: Option<RawSize>,
+    #[serde(default)]
+    resync_checksum: bool,
+    io_engine: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<RawVolume>,
 }
@@ -266,6 +277,31 @@ pub fn parse(
     if volumes.is_empty() {
         return Err(invalid("no [[volume]] defined".into()));
     }
+    let peer_timeout = match raw.peer_timeout {
+        None => std::time::Duration::from_secs(5),
+        Some(t) => parse_duration(&t).map_err(|e| invalid(format!("peer_timeout: {e}")))?,
+    };
+    if peer_timeout < std::time::Duration::from_millis(200)
+        || peer_timeout > std::time::Duration::from_secs(600)
+    {
+        return Err(invalid(
+            "peer_timeout must be between 200ms and 600s".into(),
+        ));
+    }
+    let resync_rate = match raw.resync_rate {
+        None | Some(RawSize::Bytes(0)) => 0,
+        Some(RawSize::Bytes(n)) => n,
+        Some(RawSize::Text(t)) if t.trim() == "0" => 0,
+        Some(RawSize::Text(t)) => {
+            parse_size(&t).map_err(|e| invalid(format!("resync_rate: {e}")))?
+        }
+    };
+    let io_engine = raw.io_engine.unwrap_or_else(|| "auto".into());
+    if !matches!(io_engine.as_str(), "auto" | "uring" | "sync") {
+        return Err(invalid(format!(
+            "io_engine '{io_engine}' must be auto, uring or sync"
+        )));
+    }
     Ok(NodeConfig {
         path: path.to_owned(),
         node: raw.node,
@@ -274,8 +310,36 @@ pub fn parse(
         secret: Secret(secret),
         replication_listen: raw.replication_listen,
         peer: raw.peer,
+        peer_timeout,
+        resync_rate,
+        resync_checksum: raw.resync_checksum,
+        io_engine,
         volumes,
     })
+}
+
+/// A duration: a number of seconds, or a string such as "5s", "500ms", "2m".
+fn parse_duration(raw: &RawSize) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    match raw {
+        RawSize::Bytes(n) => Ok(Duration::from_secs(*n)),
+        RawSize::Text(t) => {
+            let t = t.trim();
+            let (num, unit) = t
+                .find(|c: char| !c.is_ascii_digit())
+                .map(|i| t.split_at(i))
+                .unwrap_or((t, "s"));
+            let n: u64 = num
+                .parse()
+                .map_err(|_| format!("'{t}' is not a duration such as \"5s\" or \"500ms\""))?;
+            match unit.trim() {
+                "ms" => Ok(Duration::from_millis(n)),
+                "s" | "" => Ok(Duration::from_secs(n)),
+                "m" => Ok(Duration::from_secs(n * 60)),
+                other => Err(format!("unknown unit '{other}' in '{t}' (use ms, s or m)")),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -408,6 +472,22 @@ listen = ["127.0.0.1:10811", "unix:run/disk1.sock"]
             assert!(err.contains(expected), "expected '{expected}' in: {err}");
             assert!(!err.contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn tuning_keys_have_defaults_and_are_checked() {
+        let c = parse_ok(GOOD);
+        assert_eq!(c.peer_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.resync_rate, 0);
+        assert!(!c.resync_checksum);
+        let c = parse_ok(&format!(
+            "peer_timeout = \"1500ms\"\nresync_rate = \"50M\"\nresync_checksum = true\n{GOOD}"
+        ));
+        assert_eq!(c.peer_timeout, std::time::Duration::from_millis(1500));
+        assert_eq!(c.resync_rate, 50 << 20);
+        assert!(c.resync_checksum);
+        assert!(parse_err(&format!("peer_timeout = \"5h\"\n{GOOD}")).contains("unknown unit"));
+        assert!(parse_err(&format!("peer_timeout = 0\n{GOOD}")).contains("between"));
     }
 
     #[test]

@@ -123,7 +123,7 @@ async fn serve(args: ExportArgs, engine: EngineKind, name: String) -> anyhow::Re
     Ok(())
 }
 
-async fn wait_for_signal() -> &'static str {
+pub async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 
 mod bitmap;
 mod config;
+mod control;
 mod export;
+mod serve;
 mod size;
 
 #[derive(Parser)]
@@ -16,7 +18,9 @@ mod size;
     about = "Highly available VM disks on two servers: NBD exports mirrored synchronously",
     long_about = "nbdmirror serves raw disk images over the Network Block Device protocol \
                   (QEMU, libvirt, nbd-client, libnbd tools attach them like local disks).\n\n\
-                  Start with `nbdmirror export --image disk.img --create 10G` to serve one image."
+                  A node runs `nbdmirror serve --config node.toml`; the other commands talk to it \
+                  (status, promote, demote, resolve, verify). `nbdmirror export` serves one image \
+                  without mirroring; `nbdmirror bitmap inspect` reads a metadata file offline."
 )]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive such as
@@ -29,6 +33,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Serve(serve::ServeArgs),
+    Status(control::StatusArgs),
+    Promote(control::PromoteArgs),
+    Demote(control::DemoteArgs),
+    Resolve(control::ResolveArgs),
+    Verify(control::VerifyArgs),
     Export(export::ExportArgs),
     /// Inspect a volume's metadata file (dirty map, activity map, generations).
     Bitmap(bitmap::BitmapArgs),
@@ -51,6 +61,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Status(args) => control::status(args),
+        Command::Promote(args) => control::promote(args),
+        Command::Demote(args) => control::demote(args),
+        Command::Resolve(args) => control::resolve(args),
+        Command::Verify(args) => match control::verify(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Export(args) => export::run(args),
         Command::Bitmap(args) => bitmap::run(args),
     };

@@ -66,6 +66,15 @@ impl<'a> Bits<'a> {
         }
     }
 
+    /// The on-disk bytes of the words (little-endian), e.g. to send the map to the peer.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        let n = self.nbits.div_ceil(64) as usize;
+        self.words[..n]
+            .iter()
+            .flat_map(|w| w.load(Ordering::Relaxed).to_ne_bytes())
+            .collect()
+    }
+
     /// Number of bits.
     pub fn len(&self) -> u64 {
         self.nbits

@@ -1,0 +1,465 @@
+//! Pure decisions of the mirror: which way a resync goes when two nodes meet, and whether a
+//! promotion is allowed. No I/O, so every case is unit- and property-tested.
+//!
+//! Generations (see [`crate::metadata::Generations`]): a node starts a new random generation
+//! when it starts writing without its peer (a promotion while alone, or the first write after
+//! losing the peer). The resync target adopts the source's generations when the resync ends.
+//! So when the two meet:
+//! - equal current generations: nobody wrote alone; at most the dirty maps differ (a crashed
+//!   primary's hot extents, writes the peer failed), and the primary is the source;
+//! - one side's current generation is in the other's history: the other is newer, and the
+//!   source;
+//! - neither: both wrote alone: split brain, never resolved silently. An operator's `resolve`
+//!   marks the losing side inconsistent, which makes it the target.
+
+use crate::metadata::Generations;
+use crate::repl::frame::Role;
+
+/// One side's view, as exchanged in `State` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Side {
+    pub role: Role,
+    pub generations: Generations,
+    pub consistent: bool,
+    pub has_data: bool,
+    /// Whether the dirty map has any bit set.
+    pub dirty: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    Local,
+    Peer,
+}
+
+/// What the pair does now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Identical copies; writes are mirrored.
+    InSync,
+    /// Copy from `source` to the other: the union of both dirty maps, or everything.
+    Resync { source: Who, full: bool },
+    /// Both wrote alone (or two primaries): report, copy nothing, mirror nothing.
+    SplitBrain { why: &'static str },
+    /// Nothing to do until an operator acts (e.g. promotes one side).
+    Wait { why: &'static str },
+}
+
+fn knows(g: &Generations, id: u64) -> bool {
+    id != 0 && (g.sync == id || g.history.contains(&id))
+}
+
+fn source_is(s: Who) -> Plan {
+    Plan::Resync {
+        source: s,
+        full: false,
+    }
+}
+
+/// The plan for two nodes that just exchanged their states. Symmetric: the peer computes the
+/// mirror image, so both agree without another round trip.
+pub fn decide(local: &Side, peer: &Side) -> Plan {
+    let plan = decide_unguarded(local, peer);
+    if let Plan::Resync { source, .. } = plan {
+        let (src, dst) = match source {
+            Who::Local => (local, peer),
+            Who::Peer => (peer, local),
+        };
+        // The two rules no path may break, whatever the generations say.
+        if dst.role == Role::Primary {
+            return Plan::SplitBrain {
+                why: "the primary's copy would be overwritten",
+            };
+        }
+        if !src.consistent {
+            return Plan::Wait {
+                why: "the only possible source is inconsistent",
+            };
+        }
+    }
+    plan
+}
+
+fn decide_unguarded(local: &Side, peer: &Side) -> Plan {
+    use Role::*;
+    if local.role == Primary && peer.role == Primary {
+        return Plan::SplitBrain {
+            why: "both nodes are primary",
+        };
+    }
+    let (lg, pg) = (local.generations.current, peer.generations.current);
+    if lg == 0 && pg == 0 {
+        return Plan::Wait {
+            why: "no data generation yet: promote one node to start the mirror",
+        };
+    }
+    if lg == 0 || pg == 0 {
+        // A node that never joined the mirror: it receives everything, unless the only
+        // node with a generation is an unfinished resync target itself.
+        let (src, src_side) = if lg != 0 {
+            (Who::Local, local)
+        } else {
+            (Who::Peer, peer)
+        };
+        if !src_side.consistent {
+            return Plan::Wait {
+                why: "the only node with data is an unfinished resync target",
+            };
+        }
+        let dst_side = if lg != 0 { peer } else { local };
+        if dst_side.role == Primary {
+            return Plan::SplitBrain {
+                why: "a primary that never joined the mirror meets one that holds data",
+            };
+        }
+        return Plan::Resync {
+            source: src,
+            full: true,
+        };
+    }
+    if lg == pg {
+        return match (local.consistent, peer.consistent) {
+            (false, false) => Plan::Wait {
+                why: "both copies are inconsistent: promote one with --force",
+            },
+            (true, false) => source_is(Who::Local),
+            (false, true) => source_is(Who::Peer),
+            (true, true) if !local.dirty && !peer.dirty => Plan::InSync,
+            (true, true) => match (local.role, peer.role) {
+                (Primary, _) => source_is(Who::Local),
+                (_, Primary) => source_is(Who::Peer),
+                _ => Plan::Wait {
+                    why: "the copies may differ in the dirty regions: promote one node to resync",
+                },
+            },
+        };
+    }
+    let local_newer = knows(&local.generations, pg);
+    let peer_newer = knows(&peer.generations, lg);
+    let (newer, newer_side, older_side) = match (local_newer, peer_newer) {
+        (true, false) => (Who::Local, local, peer),
+        (false, true) => (Who::Peer, peer, local),
+        _ => {
+            // Diverged. An operator's resolve (or an interrupted resync) marked exactly one
+            // side inconsistent: that side is the target.
+            return match (local.consistent, peer.consistent) {
+                (true, false) if peer.role == Secondary => source_is(Who::Local),
+                (false, true) if local.role == Secondary => source_is(Who::Peer),
+                _ => Plan::SplitBrain {
+                    why: "both nodes wrote without the other",
+                },
+            };
+        }
+    };
+    if older_side.role == Primary {
+        // Never overwrite a primary's data under its running VM.
+        return Plan::SplitBrain {
+            why: "the primary holds older data than its peer",
+        };
+    }
+    if !newer_side.consistent {
+        return Plan::Wait {
+            why: "the newer copy is an unfinished resync target",
+        };
+    }
+    source_is(newer)
+}
+
+/// Why a promotion is refused without `--force`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromoteRefusal {
+    #[error("this node's copy is inconsistent (an unfinished resync target); use --force only if the peer's copy is lost")]
+    Inconsistent,
+    #[error("the peer holds newer data (this copy is stale); promote the peer instead, or use --force to discard its newer writes")]
+    Stale,
+    #[error("the peer is primary; demote it first (two primaries would be a split brain)")]
+    PeerPrimary,
+    #[error("the pair is in split brain; resolve it first (nbdmirror resolve), or use --force")]
+    SplitBrain,
+    #[error("this node's image is empty but the peer's holds data; promoting here would overwrite it (use --force if that is intended)")]
+    WouldOverwriteData,
+    #[error("a resync from the peer is running; wait for it to finish")]
+    ResyncTarget,
+}
+
+/// What a promotion does to this node's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromoteEffect {
+    /// Start a new generation (promotion while alone, or the first promotion of a pair).
+    pub new_generation: bool,
+    /// Mark the whole volume dirty: the peer's copy is unknown (first promotion alone) or
+    /// must be overwritten (first promotion with an existing image).
+    pub all_dirty: bool,
+    /// Tell the connected peer to adopt the new generation without a copy (two new images).
+    pub peer_adopts: bool,
+    /// The operator must be sure the peer is down (promotion while alone).
+    pub warn_alone: bool,
+}
+
+/// Whether this node may become primary, given its state and the peer's (if connected).
+pub fn check_promote(
+    local: &Side,
+    peer: Option<&Side>,
+    force: bool,
+) -> Result<PromoteEffect, PromoteRefusal> {
+    let refuse = |r: PromoteRefusal| if force { Ok(()) } else { Err(r) };
+    let first = local.generations.current == 0;
+    let Some(peer) = peer else {
+        if !local.consistent {
+            refuse(PromoteRefusal::Inconsistent)?;
+        }
+        return Ok(PromoteEffect {
+            new_generation: true,
+            all_dirty: first,
+            peer_adopts: false,
+            warn_alone: true,
+        });
+    };
+    if peer.role == Role::Primary {
+        refuse(PromoteRefusal::PeerPrimary)?;
+    }
+    if first && peer.generations.current == 0 {
+        if !local.has_data && peer.has_data {
+            refuse(PromoteRefusal::WouldOverwriteData)?;
+        }
+        let copy = local.has_data || peer.has_data;
+        return Ok(PromoteEffect {
+            new_generation: true,
+            all_dirty: copy,
+            peer_adopts: !copy,
+            warn_alone: false,
+        });
+    }
+    // The plan as things stand (this node still secondary).
+    let plan = decide(local, peer);
+    let mut diverges = false;
+    match plan {
+        Plan::InSync
+        | Plan::Resync {
+            source: Who::Local, ..
+        } => {}
+        Plan::Resync {
+            source: Who::Peer, ..
+        } => {
+            diverges = true;
+            if !local.consistent {
+                refuse(PromoteRefusal::ResyncTarget)?;
+            } else {
+                refuse(PromoteRefusal::Stale)?;
+            }
+        }
+        // Nobody is primary and the copies may differ: promoting picks this one as the source.
+        Plan::Wait { .. } if local.consistent => {}
+        Plan::Wait { .. } => {
+            diverges = true;
+            refuse(PromoteRefusal::Inconsistent)?;
+        }
+        Plan::SplitBrain { .. } => {
+            diverges = true;
+            refuse(PromoteRefusal::SplitBrain)?;
+        }
+    }
+    Ok(PromoteEffect {
+        // Forcing over the peer's objection makes this node's history diverge on purpose:
+        // the peer will see a split brain instead of being overwritten silently.
+        new_generation: force
+            && !matches!(
+                plan,
+                Plan::InSync
+                    | Plan::Resync {
+                        source: Who::Local,
+                        ..
+                    }
+            ),
+        all_dirty: false,
+        peer_adopts: false,
+        warn_alone: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn g(current: u64, history: &[u64]) -> Generations {
+        let mut out = Generations {
+            current,
+            ..Default::default()
+        };
+        for (i, h) in history.iter().enumerate() {
+            out.history[i] = *h;
+        }
+        out
+    }
+
+    fn side(role: Role, gens: Generations) -> Side {
+        Side {
+            role,
+            generations: gens,
+            consistent: true,
+            has_data: true,
+            dirty: false,
+        }
+    }
+
+    use Role::*;
+
+    #[test]
+    fn equal_generations_without_dirty_bits_are_in_sync() {
+        let a = side(Primary, g(7, &[]));
+        let b = side(Secondary, g(7, &[]));
+        assert_eq!(decide(&a, &b), Plan::InSync);
+    }
+
+    #[test]
+    fn crashed_primary_hot_extents_resync_from_the_new_primary() {
+        let mut a = side(Secondary, g(7, &[]));
+        a.dirty = true;
+        let b = side(Secondary, g(7, &[]));
+        assert!(matches!(decide(&a, &b), Plan::Wait { .. }));
+        let b = side(Primary, g(7, &[]));
+        assert_eq!(decide(&a, &b), source_is(Who::Peer));
+    }
+
+    #[test]
+    fn newer_side_is_the_source() {
+        let a = side(Primary, g(9, &[7]));
+        let b = side(Secondary, g(7, &[]));
+        assert_eq!(decide(&a, &b), source_is(Who::Local));
+        assert_eq!(decide(&b, &a), source_is(Who::Peer));
+    }
+
+    #[test]
+    fn both_wrote_alone_is_split_brain_and_resolve_picks_the_target() {
+        let a = side(Primary, g(9, &[7]));
+        let mut b = side(Secondary, g(8, &[7]));
+        assert!(matches!(decide(&a, &b), Plan::SplitBrain { .. }));
+        b.consistent = false;
+        assert_eq!(decide(&a, &b), source_is(Who::Local));
+    }
+
+    #[test]
+    fn a_primary_is_never_a_target() {
+        let a = side(Primary, g(7, &[]));
+        let b = side(Secondary, g(9, &[7]));
+        assert!(matches!(decide(&a, &b), Plan::SplitBrain { .. }));
+    }
+
+    #[test]
+    fn new_node_gets_a_full_copy() {
+        let a = side(Primary, g(9, &[]));
+        let b = side(Secondary, g(0, &[]));
+        assert_eq!(
+            decide(&a, &b),
+            Plan::Resync {
+                source: Who::Local,
+                full: true
+            }
+        );
+    }
+
+    #[test]
+    fn promotion_rules() {
+        let fresh = |has_data| Side {
+            has_data,
+            ..side(Secondary, g(0, &[]))
+        };
+        // Two new images: no copy.
+        let e = check_promote(&fresh(false), Some(&fresh(false)), false).unwrap();
+        assert!(e.new_generation && e.peer_adopts && !e.all_dirty);
+        // An empty image must not overwrite one with data.
+        assert_eq!(
+            check_promote(&fresh(false), Some(&fresh(true)), false),
+            Err(PromoteRefusal::WouldOverwriteData)
+        );
+        assert!(
+            check_promote(&fresh(false), Some(&fresh(true)), true)
+                .unwrap()
+                .all_dirty
+        );
+        // Stale data is refused.
+        let old = side(Secondary, g(7, &[]));
+        let new = side(Secondary, g(9, &[7]));
+        assert_eq!(
+            check_promote(&old, Some(&new), false),
+            Err(PromoteRefusal::Stale)
+        );
+        assert!(check_promote(&new, Some(&old), false).is_ok());
+        // Alone: allowed with a warning and a new generation, unless inconsistent.
+        let e = check_promote(&old, None, false).unwrap();
+        assert!(e.warn_alone && e.new_generation);
+        let broken = Side {
+            consistent: false,
+            ..old
+        };
+        assert_eq!(
+            check_promote(&broken, None, false),
+            Err(PromoteRefusal::Inconsistent)
+        );
+        assert_eq!(
+            check_promote(&broken, Some(&new), false),
+            Err(PromoteRefusal::ResyncTarget)
+        );
+        // Peer primary.
+        let p = side(Primary, g(7, &[]));
+        assert_eq!(
+            check_promote(&old, Some(&p), false),
+            Err(PromoteRefusal::PeerPrimary)
+        );
+    }
+
+    fn arb_side() -> impl Strategy<Value = Side> {
+        (
+            any::<bool>(),
+            0u64..4,
+            proptest::collection::vec(0u64..4, 0..3),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(p, cur, hist, consistent, has_data, dirty)| Side {
+                role: if p { Primary } else { Secondary },
+                generations: g(cur, &hist),
+                consistent,
+                has_data,
+                dirty,
+            })
+    }
+
+    fn mirror(p: Plan) -> Plan {
+        match p {
+            Plan::Resync { source, full } => Plan::Resync {
+                source: match source {
+                    Who::Local => Who::Peer,
+                    Who::Peer => Who::Local,
+                },
+                full,
+            },
+            other => other,
+        }
+    }
+
+    proptest! {
+        /// Both nodes compute the same plan from their two states.
+        #[test]
+        fn decide_is_symmetric(a in arb_side(), b in arb_side()) {
+            let ab = decide(&a, &b);
+            let ba = decide(&b, &a);
+            match (&ab, &ba) {
+                (Plan::SplitBrain { .. }, Plan::SplitBrain { .. }) | (Plan::Wait { .. }, Plan::Wait { .. }) => {}
+                _ => prop_assert_eq!(mirror(ab), ba),
+            }
+        }
+
+        /// A primary is never overwritten, and an inconsistent copy is never a source.
+        #[test]
+        fn never_overwrite_a_primary_or_copy_from_inconsistent(a in arb_side(), b in arb_side()) {
+            if let Plan::Resync { source, .. } = decide(&a, &b) {
+                let (src, dst) = match source { Who::Local => (&a, &b), Who::Peer => (&b, &a) };
+                prop_assert!(dst.role != Primary);
+                prop_assert!(src.consistent);
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! A node of the pair: its volumes, the replication listener, the dialers that keep a
+//! connection to the peer per volume, and the NBD exports of the volumes it is primary for.
+
+// Errors here are on the control path (start, promote), never per request: their size
+// does not matter, and boxing them would only obscure the types.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbd_server::{Export, ExportInfo, ListenAddr};
+use serde::Serialize;
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::repl::auth::AuthKey;
+use crate::repl::frame::Role;
+use crate::repl::link::{self, Link};
+use crate::volume::{ResyncOptions, Volume, VolumeError, VolumeSpec, VolumeStatus};
+use crate::EngineKind;
+
+#[derive(Debug, thiserror::Error)]
+#[allow(clippy::result_large_err)]
+pub enum NodeError {
+    #[error("cannot listen for the peer on {addr}: {source}")]
+    ReplicationBind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("no volume named {0:?} on this node")]
+    UnknownVolume(String),
+    #[error("volume {volume}: cannot export: {reason}")]
+    Export { volume: String, reason: String },
+}
+
+pub struct NodeSpec {
+    pub node: String,
+    pub secret: String,
+    pub replication_listen: String,
+    pub peer: String,
+    /// Silence on the link longer than this declares the peer gone.
+    pub peer_timeout: Duration,
+    pub resync: ResyncOptions,
+    pub engine: EngineKind,
+    /// NBD data-plane threads per export.
+    pub threads: usize,
+    pub volumes: Vec<(VolumeSpec, Vec<ListenAddr>)>,
+}
+
+struct RunningExport {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Node {
+    pub name: String,
+    peer_addr: String,
+    key: AuthKey,
+    peer_timeout: Duration,
+    threads: usize,
+    volumes: Vec<(Arc<Volume>, Vec<ListenAddr>)>,
+    exports: tokio::sync::Mutex<HashMap<String, RunningExport>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub peer_address: String,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+impl Node {
+    /// Binds the replication port, opens every volume (secondary), and starts talking to the
+    /// peer. Binding comes first so a wrong address fails before anything else happens.
+    pub async fn start(spec: NodeSpec) -> Result<Arc<Node>, NodeError> {
+        let listener = TcpListener::bind(&spec.replication_listen)
+            .await
+            .map_err(|source| NodeError::ReplicationBind {
+                addr: spec.replication_listen.clone(),
+                source,
+            })?;
+        let mut volumes = Vec::new();
+        for (vs, listen) in spec.volumes {
+            volumes.push((Volume::open(vs, spec.resync)?, listen));
+        }
+        let node = Arc::new(Node {
+            name: spec.node.clone(),
+            peer_addr: spec.peer.clone(),
+            key: AuthKey::from_secret(&spec.secret),
+            peer_timeout: spec.peer_timeout,
+            threads: spec.threads,
+            volumes,
+            exports: tokio::sync::Mutex::new(HashMap::new()),
+        });
+        info!(node = %node.name, replication = %spec.replication_listen, peer = %spec.peer, "replication listening");
+        tokio::spawn(node.clone().accept_loop(listener));
+        // One side dials, the other accepts, so the two never race to build two links. Both
+        // compute the same answer from the two addresses in their configs.
+        let dial = spec.replication_listen < spec.peer;
+        for (v, _) in &node.volumes {
+            if dial {
+                tokio::spawn(node.clone().dial_loop(v.clone()));
+            }
+            tokio::spawn(v.clone().background_peer_flush());
+        }
+        Ok(node)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<&Arc<Volume>, NodeError> {
+        self.volumes
+            .iter()
+            .find(|(v, _)| v.name == name)
+            .map(|(v, _)| v)
+            .ok_or_else(|| NodeError::UnknownVolume(name.to_string()))
+    }
+
+    fn listen_of(&self, name: &str) -> Vec<ListenAddr> {
+        self.volumes
+            .iter()
+            .find(|(v, _)| v.name == name)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node: self.name.clone(),
+            peer_address: self.peer_addr.clone(),
+            volumes: self.volumes.iter().map(|(v, _)| v.status()).collect(),
+        }
+    }
+
+    /// Promotes a volume and starts its NBD export.
+    pub async fn promote(&self, name: &str, force: bool) -> Result<Option<String>, NodeError> {
+        let vol = self.volume(name)?.clone();
+        let mut exports = self.exports.lock().await;
+        let warning = vol.promote(force).await?;
+        if !exports.contains_key(name) {
+            match self.start_export(&vol).await {
+                Ok(e) => {
+                    exports.insert(name.to_string(), e);
+                }
+                Err(e) => {
+                    // Without an export the primary role is useless and blocks the peer.
+                    let _ = vol.demote().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(warning)
+    }
+
+    async fn start_export(&self, vol: &Arc<Volume>) -> Result<RunningExport, NodeError> {
+        let listen = self.listen_of(&vol.name);
+        let listeners = nbd_server::bind_all(&listen)
+            .await
+            .map_err(|e| NodeError::Export {
+                volume: vol.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let info = ExportInfo {
+            name: vol.name.clone(),
+            description: format!("nbdmirror volume {} (primary on {})", vol.name, self.name),
+            size: nbd_server::BlockBackend::size(vol.as_ref()),
+            base_flags: nbd_server::transmission_flags(false),
+        };
+        nbd_server::server::log_listening(&listeners, std::slice::from_ref(&info));
+        let (stop, stop_rx) = watch::channel(false);
+        let exports = vec![Export {
+            info,
+            backend: vol.clone(),
+        }];
+        let threads = self.threads;
+        let task = tokio::spawn(nbd_server::serve(listeners, exports, stop_rx, threads));
+        Ok(RunningExport { stop, task })
+    }
+
+    /// Stops the export (clients are disconnected after their requests finish), then demotes.
+    pub async fn demote(&self, name: &str) -> Result<(), NodeError> {
+        let vol = self.volume(name)?.clone();
+        let mut exports = self.exports.lock().await;
+        if let Some(e) = exports.remove(name) {
+            let _ = e.stop.send(true);
+            let _ = e.task.await;
+            info!(volume = %name, "export stopped");
+        }
+        vol.demote().await?;
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        let mut exports = self.exports.lock().await;
+        for (name, e) in exports.drain() {
+            let _ = e.stop.send(true);
+            let _ = e.task.await;
+            info!(volume = %name, "export stopped");
+        }
+        for (v, _) in &self.volumes {
+            v.shutdown().await;
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, addr) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept on the replication port failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let mut stream = stream;
+                let names: Vec<String> = node.volumes.iter().map(|(v, _)| v.name.clone()).collect();
+                match link::accept_handshake(&mut stream, &node.key, &node.name, |v| {
+                    names.iter().any(|n| n == v)
+                })
+                .await
+                {
+                    Ok(acc) => {
+                        let Ok(vol) = node.volume(&acc.volume).cloned() else {
+                            return;
+                        };
+                        info!(volume = %acc.volume, peer = %acc.peer_node, %addr, "peer authenticated");
+                        node.run_connection(vol, stream, acc.peer_node).await;
+                    }
+                    Err(link::HandshakeError::BadProof) => {
+                        warn!(%addr, "replication connection refused: the peer failed authentication (wrong shared secret?)");
+                    }
+                    Err(e) => {
+                        warn!(%addr, error = %e, "replication connection refused");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn dial_loop(self: Arc<Self>, vol: Arc<Volume>) {
+        let mut failures: u64 = 0;
+        loop {
+            let attempt = async {
+                let mut s = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    TcpStream::connect(&self.peer_addr),
+                )
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+                let _ = s.set_nodelay(true);
+                let peer = link::dial_handshake(&mut s, &self.key, &self.name, &vol.name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((s, peer))
+            };
+            match attempt.await {
+                Ok((s, peer)) => {
+                    failures = 0;
+                    info!(volume = %vol.name, peer = %peer, addr = %self.peer_addr, "connected to the peer");
+                    self.run_connection(vol.clone(), s, peer).await;
+                }
+                Err(e) => {
+                    // Say it once, then now and then: a peer that is down is a normal state.
+                    if failures.is_multiple_of(60) {
+                        info!(volume = %vol.name, addr = %self.peer_addr, error = %e, "cannot reach the peer; retrying every second");
+                    } else {
+                        debug!(volume = %vol.name, error = %e, "peer still unreachable");
+                    }
+                    failures += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn run_connection(&self, vol: Arc<Volume>, stream: TcpStream, peer_node: String) {
+        let (rd, wr) = stream.into_split();
+        // A request unanswered for this long means a wedged peer (its disk hangs): give up on
+        // it and go on alone rather than stall the VM.
+        let request_timeout = (self.peer_timeout * 6).max(Duration::from_secs(10));
+        let (link, rx) = Link::new(peer_node, request_timeout);
+        tokio::spawn(link::writer_task(link.clone(), rx, wr));
+        tokio::spawn(link::pinger(
+            link.clone(),
+            (self.peer_timeout / 4).max(Duration::from_millis(100)),
+        ));
+        vol.link_up(link.clone());
+        let (v, l) = (vol.clone(), link.clone());
+        let end = link::reader_loop(
+            &link,
+            BufReader::with_capacity(256 * 1024, rd),
+            self.peer_timeout,
+            |seq, m| {
+                match m {
+                    // State changes are applied in order, inline.
+                    crate::repl::frame::Message::State(s) => v.peer_state(&l, s),
+                    m => {
+                        tokio::spawn(v.clone().handle_request(l.clone(), seq, m));
+                    }
+                }
+            },
+        )
+        .await;
+        if let link::ReadEnd::Error(e) = &end {
+            warn!(volume = %vol.name, peer = %link.peer_node, error = %e, "bad frame from the peer; link closed");
+        }
+        vol.link_down(&link, &end.to_string()).await;
+        if vol.role() == Role::Primary {
+            info!(volume = %vol.name, "the primary keeps serving alone; changes are tracked in the dirty map");
+        }
+    }
+}

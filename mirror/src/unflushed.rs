@@ -1,0 +1,118 @@
+//! Granules the peer acknowledged but has not flushed yet.
+//!
+//! A peer acknowledges a mirrored write once it is in its page cache; if the peer then loses
+//! power, the write is gone there while the primary has it. When the link drops, the primary
+//! cannot tell a crashed process (page cache intact) from a power loss, so it marks these
+//! granules dirty. A peer flush (client FLUSH, or the primary's periodic background flush)
+//! empties the set, keeping that extra resync small.
+//!
+//! Two bitmaps alternate: writes mark the active one; a flush switches to the other and, on
+//! success, clears the one it covered. Flushes are serialised by the caller.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::metadata::bitmap::{bits_to_bytes, covering_bits, Bits};
+
+pub struct Unflushed {
+    sets: [Vec<AtomicU64>; 2],
+    active: AtomicUsize,
+    nbits: u64,
+    granularity: u64,
+    size: u64,
+}
+
+/// The set a flush covers.
+pub struct FlushBatch(usize);
+
+impl Unflushed {
+    pub fn new(size: u64, granularity: u64) -> Unflushed {
+        let nbits = size.div_ceil(granularity.max(1));
+        let words = || (0..nbits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Unflushed {
+            sets: [words(), words()],
+            active: AtomicUsize::new(0),
+            nbits,
+            granularity: granularity.max(1),
+            size,
+        }
+    }
+
+    fn bits(&self, i: usize) -> Bits<'_> {
+        Bits::new(&self.sets[i], self.nbits)
+    }
+
+    pub fn mark(&self, offset: u64, len: u64) {
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return;
+        }
+        let i = self.active.load(Ordering::Acquire);
+        self.bits(i)
+            .set_range(covering_bits(offset, len, self.granularity, self.size));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits(0).count() == 0 && self.bits(1).count() == 0
+    }
+
+    pub fn begin_flush(&self) -> FlushBatch {
+        let old = self.active.load(Ordering::Acquire);
+        self.active.store(1 - old, Ordering::Release);
+        FlushBatch(old)
+    }
+
+    pub fn end_flush(&self, b: FlushBatch) {
+        self.bits(b.0).clear_all();
+    }
+
+    /// The flush failed: keep what it covered.
+    pub fn abort_flush(&self, b: FlushBatch) {
+        let (from, to) = (&self.sets[b.0], &self.sets[1 - b.0]);
+        for (f, t) in from.iter().zip(to) {
+            let v = f.swap(0, Ordering::AcqRel);
+            if v != 0 {
+                t.fetch_or(v, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Byte ranges of every unflushed granule; empties the sets.
+    pub fn drain_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for i in 0..2 {
+            for r in self.bits(i).runs() {
+                let b = bits_to_bytes(r, self.granularity, self.size);
+                out.push((b.start, b.end - b.start));
+            }
+            self.bits(i).clear_all();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_clears_only_what_it_covered() {
+        let u = Unflushed::new(1 << 20, 64 << 10);
+        u.mark(0, 1);
+        let b = u.begin_flush();
+        u.mark(128 << 10, 10);
+        u.end_flush(b);
+        assert_eq!(u.drain_ranges(), vec![(128 << 10, 64 << 10)]);
+        assert!(u.is_empty());
+    }
+
+    #[test]
+    fn failed_flush_keeps_everything() {
+        let u = Unflushed::new(1 << 20, 64 << 10);
+        u.mark(0, 1);
+        let b = u.begin_flush();
+        u.mark(1 << 19, 1);
+        u.abort_flush(b);
+        let mut r = u.drain_ranges();
+        r.sort();
+        assert_eq!(r, vec![(0, 64 << 10), (1 << 19, 64 << 10)]);
+    }
+}

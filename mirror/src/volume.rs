@@ -1,0 +1,1624 @@
+//! A replicated volume: the [`BlockBackend`] the NBD server uses on the primary, and the
+//! receiving end of mirrored writes and resync data on the secondary.
+//!
+//! The write path (primary, peer attached): range lock → activity map → local write and peer
+//! write at the same time → reply when both completed. Peer gone: the write's granules are
+//! marked in the persistent dirty map (durably) before the reply, and the first such write
+//! starts a new generation. See ARCHITECTURE.md for the whole picture.
+
+// Errors of this module's operator actions are on the control path, never per request.
+#![allow(clippy::result_large_err)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use nbd_server::backend::{BackendError, BackendResult, ZeroMode};
+use nbd_server::reply::Extent;
+use nbd_server::BlockBackend;
+use serde::Serialize;
+use tracing::{debug, error, info, warn};
+
+use crate::decide::{self, Plan, PromoteRefusal, Side, Who};
+use crate::metadata::{
+    bitmap, Flags, Generations, MetadataError, MetadataFile, MetadataOptions, OwnedBits,
+};
+use crate::rangelock::RangeLocks;
+use crate::repl::frame::{self, Message, Role, VolumeState};
+use crate::repl::link::{Link, LinkError};
+use crate::unflushed::Unflushed;
+use crate::{create_image, EngineKind, ImageError, ImageFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume {volume}: {source}")]
+    Image {
+        volume: String,
+        #[source]
+        source: ImageError,
+    },
+    #[error("volume {volume}: {source}")]
+    Metadata {
+        volume: String,
+        #[source]
+        source: MetadataError,
+    },
+    #[error("volume {volume}: image {} is {actual} bytes but the config says {expected}; fix the config or the image", path.display())]
+    SizeMismatch {
+        volume: String,
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("volume {volume}: metadata file {} exists but the image {} is missing; restore the image, or remove the metadata file to start this node's copy afresh", meta.display(), image.display())]
+    ImageMissing {
+        volume: String,
+        meta: PathBuf,
+        image: PathBuf,
+    },
+    #[error("volume {volume}: promotion refused: {reason}")]
+    PromoteRefused {
+        volume: String,
+        reason: PromoteRefusal,
+    },
+    #[error("volume {volume}: {what}")]
+    Refused { volume: String, what: String },
+    #[error("volume {volume}: the peer: {source}")]
+    Link {
+        volume: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("volume {volume}: I/O error: {source}")]
+    Io {
+        volume: String,
+        #[source]
+        source: BackendError,
+    },
+}
+
+pub struct VolumeSpec {
+    pub name: String,
+    pub node: String,
+    pub image: PathBuf,
+    pub metadata: PathBuf,
+    pub size: u64,
+    pub engine: EngineKind,
+}
+
+/// How resync runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ResyncOptions {
+    /// Bytes per second, 0 for no limit.
+    pub rate: u64,
+    /// Compare hashes before sending a chunk (saves bandwidth when most chunks match).
+    pub checksum: bool,
+}
+
+/// Resync chunk: big enough for zstd and the link to run at full speed, small enough that an
+/// application write to the same range waits little.
+pub const CHUNK: u64 = 1 << 20;
+/// Chunks in flight while the application is idle; one while it is busy.
+const RESYNC_DEPTH: usize = 8;
+
+#[derive(Default)]
+struct Progress {
+    total: u64,
+    done: u64,
+    started: Option<Instant>,
+}
+
+struct Shared {
+    role: Role,
+    /// The connected, authenticated peer link (mirroring may or may not be on).
+    link: Option<Arc<Link>>,
+    peer: Option<PeerView>,
+    plan: Option<Plan>,
+    resync_source_running: bool,
+    /// Receiving a resync now.
+    target_progress: Option<Progress>,
+    source_progress: Option<Progress>,
+    reason: String,
+}
+
+#[derive(Clone)]
+struct PeerView {
+    side: Side,
+    dirty_map: Arc<OwnedBits>,
+    dirty_bytes: u64,
+}
+
+pub struct Volume {
+    pub name: String,
+    pub node: String,
+    image: ImageFile,
+    meta: MetadataFile,
+    size: u64,
+    locks: RangeLocks,
+    shared: Mutex<Shared>,
+    /// The link writes are mirrored to (set while primary with a peer that may receive).
+    mirror: RwLock<Option<Arc<Link>>>,
+    /// Granules the peer acknowledged but has not yet flushed (lost if it lost power).
+    unflushed: Unflushed,
+    peer_flush_lock: tokio::sync::Mutex<()>,
+    solo_lock: Mutex<()>,
+    app_inflight: AtomicUsize,
+    resync_sent: AtomicU64,
+    resync_received: AtomicU64,
+    has_data_cache: AtomicBool,
+    resync: ResyncOptions,
+    metadata_path: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn meta_io(e: MetadataError) -> BackendError {
+    // A metadata failure means we cannot record what the peer lacks: the write must fail.
+    error!(error = %e, "metadata update failed; failing the request");
+    BackendError::io("metadata", 0, 0, std::io::Error::other(e.to_string()))
+}
+
+fn errno_of(e: &BackendError) -> u32 {
+    e.errno() as u32
+}
+
+impl Volume {
+    /// Opens (creating when missing) the image and the metadata file. The volume starts
+    /// secondary: a node never takes the primary role by itself.
+    pub fn open(spec: VolumeSpec, resync: ResyncOptions) -> Result<Arc<Volume>, VolumeError> {
+        let vname = spec.name.clone();
+        let img_err = |source| VolumeError::Image {
+            volume: vname.clone(),
+            source,
+        };
+        let meta_err = |source| VolumeError::Metadata {
+            volume: vname.clone(),
+            source,
+        };
+        let image_exists = spec.image.exists();
+        let meta_exists = spec.metadata.exists();
+        if meta_exists && !image_exists {
+            return Err(VolumeError::ImageMissing {
+                volume: spec.name,
+                meta: spec.metadata,
+                image: spec.image,
+            });
+        }
+        if !image_exists {
+            create_image(&spec.image, spec.size).map_err(img_err)?;
+            info!(volume = %spec.name, image = %spec.image.display(), size = spec.size, "created sparse image");
+        }
+        let image = ImageFile::open(&spec.image, false, spec.engine).map_err(img_err)?;
+        if image.size() != spec.size {
+            return Err(VolumeError::SizeMismatch {
+                volume: spec.name,
+                path: spec.image,
+                actual: image.size(),
+                expected: spec.size,
+            });
+        }
+        let meta = if meta_exists {
+            MetadataFile::open(&spec.metadata).map_err(meta_err)?
+        } else {
+            MetadataFile::create(
+                &spec.metadata,
+                spec.size,
+                &spec.node,
+                MetadataOptions::default(),
+            )
+            .map_err(meta_err)?
+        };
+        if meta.volume_size() != spec.size {
+            return Err(VolumeError::SizeMismatch {
+                volume: spec.name,
+                path: spec.metadata,
+                actual: meta.volume_size(),
+                expected: spec.size,
+            });
+        }
+        let report = meta.open_report();
+        if !report.previous_shutdown_clean && report.folded_extents > 0 {
+            warn!(volume = %spec.name, hot_extents = report.folded_extents,
+                  "the previous run did not shut down cleanly: its hot extents are marked for resync");
+        }
+        // Restarting never keeps the primary role.
+        meta.update_header(|h| h.flags.set(Flags::PRIMARY, false))
+            .map_err(meta_err)?;
+        let has_data = image
+            .extents_sync(0, spec.size, 2)
+            .map(|e| {
+                e.iter()
+                    .any(|x| x.flags & nbd_server::proto::STATE_HOLE == 0)
+            })
+            .unwrap_or(true);
+        let g = meta.granularity();
+        let metadata_path = std::fs::canonicalize(&spec.metadata).unwrap_or(spec.metadata.clone());
+        info!(volume = %spec.name, engine = image.engine_name(), generation = %format_gen(meta.generations().current),
+              dirty_bytes = meta.dirty_bytes(), consistent = meta.flags().contains(Flags::CONSISTENT),
+              "volume opened (secondary)");
+        Ok(Arc::new(Volume {
+            name: spec.name,
+            node: spec.node,
+            size: spec.size,
+            unflushed: Unflushed::new(spec.size, u64::from(g)),
+            image,
+            meta,
+            locks: RangeLocks::default(),
+            shared: Mutex::new(Shared {
+                role: Role::Secondary,
+                link: None,
+                peer: None,
+                plan: None,
+                resync_source_running: false,
+                target_progress: None,
+                source_progress: None,
+                reason: "waiting for the peer".into(),
+            }),
+            mirror: RwLock::new(None),
+            peer_flush_lock: tokio::sync::Mutex::new(()),
+            solo_lock: Mutex::new(()),
+            app_inflight: AtomicUsize::new(0),
+            resync_sent: AtomicU64::new(0),
+            resync_received: AtomicU64::new(0),
+            has_data_cache: AtomicBool::new(has_data),
+            resync,
+            metadata_path,
+        }))
+    }
+
+    pub fn role(&self) -> Role {
+        lock(&self.shared).role
+    }
+
+    pub fn image_path(&self) -> &Path {
+        self.image.path()
+    }
+
+    fn mirror_link(&self) -> Option<Arc<Link>> {
+        self.mirror
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|l| !l.is_closed())
+    }
+
+    fn set_mirror(&self, l: Option<Arc<Link>>) {
+        *self.mirror.write().unwrap_or_else(|e| e.into_inner()) = l;
+    }
+
+    fn local_side(&self) -> Side {
+        let role = lock(&self.shared).role;
+        Side {
+            role,
+            generations: self.meta.generations(),
+            consistent: self.meta.flags().contains(Flags::CONSISTENT),
+            has_data: self.has_data_cache.load(Ordering::Relaxed),
+            dirty: self.meta.dirty_count() > 0,
+        }
+    }
+
+    fn state_message(&self) -> Message {
+        let side = self.local_side();
+        let raw = self.meta.dirty_bits().to_le_bytes();
+        let dirty_map = zstd::bulk::compress(&raw, 1).unwrap_or_default();
+        Message::State(VolumeState {
+            size: self.size,
+            role: side.role,
+            consistent: side.consistent,
+            has_data: side.has_data,
+            generations: side.generations,
+            granularity: self.meta.granularity(),
+            dirty_map,
+        })
+    }
+
+    /// Sends our state to the peer (after any change of role, generation or consistency).
+    fn announce(&self) {
+        let link = lock(&self.shared).link.clone();
+        if let Some(l) = link {
+            l.send(0, &self.state_message());
+        }
+    }
+
+    // ----- link lifecycle -----
+
+    /// A new authenticated connection: replaces any older one and announces our state.
+    pub fn link_up(self: &Arc<Self>, link: Arc<Link>) {
+        let old = {
+            let mut sh = lock(&self.shared);
+            sh.peer = None;
+            sh.plan = None;
+            sh.reason = "connected; exchanging state".into();
+            sh.link.replace(link.clone())
+        };
+        if let Some(old) = old {
+            old.close();
+        }
+        info!(volume = %self.name, peer = %link.peer_node, "peer connected");
+        link.send(0, &self.state_message());
+    }
+
+    /// The connection ended. The primary keeps serving alone.
+    pub async fn link_down(self: &Arc<Self>, link: &Arc<Link>, why: &str) {
+        {
+            let mut sh = lock(&self.shared);
+            match &sh.link {
+                Some(l) if Arc::ptr_eq(l, link) => {}
+                _ => return, // already replaced by a newer connection
+            }
+            sh.link = None;
+            sh.peer = None;
+            sh.plan = None;
+            sh.target_progress = None;
+            sh.reason = format!("peer disconnected: {why}");
+        }
+        link.close();
+        let was_mirroring = {
+            let m = self.mirror_link();
+            matches!(m, Some(ref l) if Arc::ptr_eq(l, link)) || m.is_none()
+        };
+        self.set_mirror(None);
+        warn!(volume = %self.name, peer = %link.peer_node, reason = why, "peer lost");
+        if self.role() == Role::Primary && was_mirroring {
+            // What the peer acknowledged but had not flushed may be lost if it lost power.
+            let ranges = self.unflushed.drain_ranges();
+            for (off, len) in ranges {
+                if let Err(e) = self.meta.mark_dirty(off, len) {
+                    error!(volume = %self.name, error = %e, "cannot record unflushed peer writes in the dirty map");
+                }
+            }
+        } else if self.role() == Role::Secondary {
+            // Keep what the primary sent.
+            if let Err(e) = self.image.flush().await {
+                error!(volume = %self.name, error = %e, "flush after losing the primary failed");
+            }
+        }
+    }
+
+    fn peer_view(state: &VolumeState, own_granularity: u32) -> PeerView {
+        let nbits_guess = (state.size).div_ceil(u64::from(state.granularity.max(1)));
+        let raw = zstd::bulk::decompress(
+            &state.dirty_map,
+            (nbits_guess.div_ceil(8) as usize + 64).min(64 << 20),
+        )
+        .unwrap_or_default();
+        let bits = OwnedBits::from_le_bytes(&raw, nbits_guess);
+        let dirty_bytes = bits.bits().count() * u64::from(state.granularity);
+        let _ = own_granularity;
+        PeerView {
+            side: Side {
+                role: state.role,
+                generations: state.generations,
+                consistent: state.consistent,
+                has_data: state.has_data,
+                dirty: bits.bits().count() > 0,
+            },
+            dirty_map: Arc::new(bits),
+            dirty_bytes: dirty_bytes.min(state.size),
+        }
+    }
+
+    /// The peer told us its state: decide what the pair does.
+    pub fn peer_state(self: &Arc<Self>, link: &Arc<Link>, state: VolumeState) {
+        if state.size != self.size || state.granularity != self.meta.granularity() {
+            error!(volume = %self.name, peer = %link.peer_node, peer_size = state.size, size = self.size,
+                   "the peer's volume has another size or granularity; not mirroring");
+            lock(&self.shared).reason = format!(
+                "the peer's volume is {} bytes, ours {}: fix the config",
+                state.size, self.size
+            );
+            link.close();
+            return;
+        }
+        let view = Self::peer_view(&state, self.meta.granularity());
+        {
+            let mut sh = lock(&self.shared);
+            match &sh.link {
+                Some(l) if Arc::ptr_eq(l, link) => {}
+                _ => return,
+            }
+            sh.peer = Some(view);
+        }
+        self.redecide();
+    }
+
+    fn redecide(self: &Arc<Self>) {
+        let local = self.local_side();
+        let (plan, link, start_source) = {
+            let mut sh = lock(&self.shared);
+            let (Some(peer), Some(link)) = (sh.peer.clone(), sh.link.clone()) else {
+                return;
+            };
+            let plan = decide::decide(&local, &peer.side);
+            let changed = sh.plan.as_ref() != Some(&plan);
+            sh.plan = Some(plan.clone());
+            sh.reason = match &plan {
+                Plan::InSync => "in sync with the peer".into(),
+                Plan::Resync { source: Who::Local, full } => format!(
+                    "resync to the peer ({})",
+                    if *full { "full copy" } else { "changed regions" }
+                ),
+                Plan::Resync { source: Who::Peer, .. } => "resync from the peer".into(),
+                Plan::SplitBrain { why } => format!(
+                    "split brain: {why}; nothing is copied until an operator runs `nbdmirror resolve`"
+                ),
+                Plan::Wait { why } => (*why).to_string(),
+            };
+            if changed {
+                match &plan {
+                    Plan::SplitBrain { why } => {
+                        error!(volume = %self.name, peer = %link.peer_node, why, "SPLIT BRAIN detected: both copies are kept; resolve with `nbdmirror resolve`")
+                    }
+                    p => {
+                        info!(volume = %self.name, peer = %link.peer_node, plan = ?p, "pair state decided")
+                    }
+                }
+            }
+            let start = matches!(
+                plan,
+                Plan::Resync {
+                    source: Who::Local,
+                    ..
+                }
+            ) && !sh.resync_source_running;
+            if start {
+                sh.resync_source_running = true;
+            }
+            (plan, link, start)
+        };
+        let mirror = local.role == Role::Primary
+            && matches!(
+                plan,
+                Plan::InSync
+                    | Plan::Resync {
+                        source: Who::Local,
+                        ..
+                    }
+            );
+        self.set_mirror(mirror.then(|| link.clone()));
+        if matches!(plan, Plan::InSync) {
+            self.mark_in_sync();
+        }
+        if start_source {
+            let full = matches!(plan, Plan::Resync { full: true, .. });
+            let vol = self.clone();
+            tokio::spawn(async move {
+                let r = vol.run_resync_source(&link, full).await;
+                lock(&vol.shared).resync_source_running = false;
+                match r {
+                    Ok(()) => {}
+                    Err(e) => {
+                        warn!(volume = %vol.name, error = %e, "resync to the peer stopped; it resumes when the peer is back");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Both copies are equal: the solo period (if any) is over.
+    fn mark_in_sync(&self) {
+        let g = self.meta.generations();
+        if g.sync != g.current {
+            if let Err(e) = self
+                .meta
+                .update_header(|h| h.generations.sync = h.generations.current)
+            {
+                error!(volume = %self.name, error = %e, "cannot record the in-sync generation");
+            }
+        }
+    }
+
+    // ----- writing alone -----
+
+    /// The first write without the peer starts a new generation, so that the peer's copy is
+    /// known to be older when it returns (and a promotion there is a visible split brain).
+    fn ensure_solo_generation(&self) -> Result<(), MetadataError> {
+        let _g = lock(&self.solo_lock);
+        let g = self.meta.generations();
+        if g.current == g.sync || g.current == 0 {
+            let new = self.meta.start_new_generation()?;
+            info!(volume = %self.name, generation = %format_gen(new), "writing without the peer: new generation");
+        }
+        Ok(())
+    }
+
+    fn record_alone(&self, offset: u64, len: u64) -> BackendResult<()> {
+        self.ensure_solo_generation().map_err(meta_io)?;
+        if len > 0 {
+            self.meta.mark_dirty(offset, len).map_err(meta_io)?;
+        }
+        Ok(())
+    }
+
+    fn check_primary(&self) -> BackendResult<()> {
+        if self.role() != Role::Primary {
+            return Err(BackendError::io(
+                "write",
+                0,
+                0,
+                std::io::Error::from_raw_os_error(libc::EROFS),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The common shape of every modifying request on the primary. `payload` is the write's
+    /// data (empty for trim and zeroes); `frame` encodes the peer's request from it (only
+    /// when the peer is attached), then `local` takes the buffer for the disk.
+    async fn replicated<L, LF>(
+        &self,
+        offset: u64,
+        len: u64,
+        payload: Vec<u8>,
+        frame: impl FnOnce(&[u8]) -> Vec<u8>,
+        local: L,
+    ) -> BackendResult<()>
+    where
+        L: FnOnce(Vec<u8>) -> LF,
+        LF: std::future::Future<Output = BackendResult<()>>,
+    {
+        self.check_primary()?;
+        let _busy = InflightGuard::new(&self.app_inflight);
+        let _range = self.locks.lock(offset, len).await;
+        let active = if len > 0 {
+            Some(self.meta.begin_write(offset, len).map_err(meta_io)?)
+        } else {
+            None
+        };
+        let result = match self.mirror_link() {
+            Some(link) => {
+                let peer = link.request_frame(frame(&payload));
+                let (l, p) = futures::join!(local(payload), peer);
+                let peer_ok = match p {
+                    Ok(Message::Ack { errno: 0 }) => true,
+                    Ok(other) => {
+                        warn!(volume = %self.name, offset, len, reply = ?other, "the peer failed a mirrored write; recording it for resync");
+                        false
+                    }
+                    Err(e) => {
+                        debug!(volume = %self.name, offset, error = %e, "mirrored write lost with the link");
+                        false
+                    }
+                };
+                if peer_ok {
+                    if len > 0 && l.is_ok() {
+                        self.unflushed.mark(offset, len);
+                    }
+                } else {
+                    // Durable before the reply: the peer lacks this write.
+                    let link_down = link.is_closed();
+                    if link_down {
+                        self.record_alone(offset, len)?;
+                    } else if len > 0 {
+                        self.meta.mark_dirty(offset, len).map_err(meta_io)?;
+                    }
+                }
+                if l.is_err() && len > 0 {
+                    // The peer may have the write and we do not: the copies differ until a
+                    // resync copies our version over. The client gets the error.
+                    self.meta.mark_dirty(offset, len).map_err(meta_io)?;
+                }
+                l
+            }
+            None => {
+                self.record_alone(offset, len)?;
+                local(payload).await
+            }
+        };
+        if let Some(a) = active {
+            self.meta.end_write(a);
+        }
+        if let Err(e) = &result {
+            warn!(volume = %self.name, offset, len, error = %e, "local I/O error (reported to the client)");
+        }
+        result
+    }
+
+    async fn flush_peer(&self, link: &Arc<Link>) -> bool {
+        let _serial = self.peer_flush_lock.lock().await;
+        let batch = self.unflushed.begin_flush();
+        match link.request(&Message::Flush).await {
+            Ok(Message::Ack { errno: 0 }) => {
+                self.unflushed.end_flush(batch);
+                true
+            }
+            other => {
+                warn!(volume = %self.name, reply = ?other.as_ref().ok(), "the peer failed a flush");
+                self.unflushed.abort_flush(batch);
+                false
+            }
+        }
+    }
+
+    /// Flushes the peer now and then, so that what a peer power loss could cost stays small
+    /// (the unflushed set is what the primary must resync if the peer vanishes).
+    pub async fn background_peer_flush(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            if let Some(link) = self.mirror_link() {
+                if !self.unflushed.is_empty() {
+                    self.flush_peer(&link).await;
+                }
+            }
+        }
+    }
+
+    // ----- secondary side -----
+
+    /// Handles one request from the peer and sends the answer. Runs as its own task so
+    /// writes are applied concurrently (the primary never has two overlapping in flight).
+    pub async fn handle_request(self: Arc<Self>, link: Arc<Link>, seq: u64, m: Message) {
+        let reply = match m {
+            Message::State(s) => {
+                self.peer_state(&link, s);
+                return;
+            }
+            Message::Error { message } => {
+                warn!(volume = %self.name, peer = %link.peer_node, message, "the peer reported an error");
+                return;
+            }
+            Message::Write { .. }
+            | Message::Trim { .. }
+            | Message::Zeroes { .. }
+            | Message::ResyncData { .. }
+            | Message::ResyncZero { .. }
+            | Message::ResyncStart { .. }
+            | Message::ResyncDone { .. }
+                if self.role() == Role::Primary =>
+            {
+                warn!(volume = %self.name, peer = %link.peer_node, "the peer sent data to a primary; refused");
+                Message::Ack {
+                    errno: libc::EROFS as u32,
+                }
+            }
+            Message::Write { offset, fua, data } => {
+                let len = data.len() as u64;
+                self.apply(offset, len, self.image.write(offset, data, fua))
+                    .await
+            }
+            Message::Trim {
+                offset,
+                length,
+                fua,
+            } => {
+                self.apply(offset, length, self.image.trim(offset, length, fua))
+                    .await
+            }
+            Message::Zeroes {
+                offset,
+                length,
+                may_trim,
+                fua,
+            } => {
+                let mode = ZeroMode {
+                    may_trim,
+                    fast_only: false,
+                    fua,
+                };
+                self.apply(
+                    offset,
+                    length,
+                    self.image.write_zeroes(offset, length, mode),
+                )
+                .await
+            }
+            Message::Flush => match self.image.flush().await {
+                Ok(()) => Message::Ack { errno: 0 },
+                Err(e) => {
+                    self.become_inconsistent("a flush failed");
+                    Message::Ack {
+                        errno: errno_of(&e),
+                    }
+                }
+            },
+            Message::ResyncStart { bytes } => self.resync_target_start(bytes),
+            Message::ResyncData {
+                offset,
+                raw_len,
+                compressed,
+                raw_crc,
+                payload,
+            } => {
+                self.resync_target_data(offset, raw_len, compressed, raw_crc, payload)
+                    .await
+            }
+            Message::ResyncZero { offset, length } => {
+                let mode = ZeroMode {
+                    may_trim: true,
+                    fast_only: false,
+                    fua: false,
+                };
+                let r = self
+                    .apply(
+                        offset,
+                        length,
+                        self.image.write_zeroes(offset, length, mode),
+                    )
+                    .await;
+                self.count_received(length);
+                r
+            }
+            Message::ResyncHash {
+                offset,
+                length,
+                hash,
+            } => match self.hash_range(offset, length).await {
+                Ok(h) => Message::HashMatch { equal: h == hash },
+                Err(_) => Message::HashMatch { equal: false },
+            },
+            Message::ResyncDone { generations } => self.resync_target_done(generations).await,
+            Message::HashRequest {
+                offset,
+                length,
+                block,
+            } => self.hash_blocks(offset, length, block).await,
+            Message::Discard => self.discard_self(),
+            other => {
+                warn!(volume = %self.name, peer = %link.peer_node, message = ?other, "unexpected request from the peer; closing the link");
+                link.close();
+                return;
+            }
+        };
+        link.send(seq, &reply);
+    }
+
+    fn in_range(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|e| e <= self.size)
+    }
+
+    async fn apply(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl std::future::Future<Output = BackendResult<()>>,
+    ) -> Message {
+        if !self.in_range(offset, len) {
+            return Message::Ack {
+                errno: libc::EINVAL as u32,
+            };
+        }
+        match op.await {
+            Ok(()) => {
+                if len > 0 {
+                    self.has_data_cache.store(true, Ordering::Relaxed);
+                }
+                Message::Ack { errno: 0 }
+            }
+            Err(e) => {
+                error!(volume = %self.name, offset, len, error = %e, "local I/O error applying the primary's write; this copy is now inconsistent");
+                self.become_inconsistent("a mirrored write failed");
+                Message::Ack {
+                    errno: errno_of(&e),
+                }
+            }
+        }
+    }
+
+    /// This copy lacks a write the primary has: it must not be promoted until resynced.
+    fn become_inconsistent(&self, why: &str) {
+        if self.meta.flags().contains(Flags::CONSISTENT) {
+            if let Err(e) = self
+                .meta
+                .update_header(|h| h.flags.set(Flags::CONSISTENT, false))
+            {
+                error!(volume = %self.name, error = %e, "cannot mark the copy inconsistent");
+            }
+            warn!(volume = %self.name, why, "copy marked inconsistent until a resync completes");
+            self.announce();
+        }
+    }
+
+    fn count_received(&self, n: u64) {
+        self.resync_received.fetch_add(n, Ordering::Relaxed);
+        if let Some(p) = lock(&self.shared).target_progress.as_mut() {
+            p.done += n;
+        }
+    }
+
+    fn resync_target_start(&self, bytes: u64) -> Message {
+        if let Err(e) = self
+            .meta
+            .update_header(|h| h.flags.set(Flags::CONSISTENT, false))
+        {
+            error!(volume = %self.name, error = %e, "cannot mark the copy inconsistent before a resync");
+            return Message::Ack {
+                errno: libc::EIO as u32,
+            };
+        }
+        info!(volume = %self.name, bytes, "resync from the peer started; this copy is inconsistent until it ends");
+        lock(&self.shared).target_progress = Some(Progress {
+            total: bytes,
+            done: 0,
+            started: Some(Instant::now()),
+        });
+        Message::Ack { errno: 0 }
+    }
+
+    async fn resync_target_data(
+        &self,
+        offset: u64,
+        raw_len: u32,
+        compressed: bool,
+        raw_crc: u32,
+        payload: Vec<u8>,
+    ) -> Message {
+        let data = if compressed {
+            match zstd::bulk::decompress(&payload, raw_len as usize) {
+                Ok(d) if d.len() == raw_len as usize => d,
+                _ => {
+                    warn!(volume = %self.name, offset, "resync chunk does not decompress; refused");
+                    return Message::Ack {
+                        errno: libc::EBADMSG as u32,
+                    };
+                }
+            }
+        } else {
+            payload
+        };
+        if crc32fast::hash(&data) != raw_crc {
+            warn!(volume = %self.name, offset, "resync chunk checksum mismatch; refused");
+            return Message::Ack {
+                errno: libc::EBADMSG as u32,
+            };
+        }
+        let len = data.len() as u64;
+        let r = self
+            .apply(offset, len, self.image.write(offset, data, false))
+            .await;
+        self.count_received(len);
+        r
+    }
+
+    async fn resync_target_done(&self, generations: Generations) -> Message {
+        if let Err(e) = self.image.flush().await {
+            self.become_inconsistent("the flush at the end of the resync failed");
+            return Message::Ack {
+                errno: errno_of(&e),
+            };
+        }
+        // Everything our own dirty map listed was part of the union the source sent.
+        let _ = self.meta.clear_dirty(0, self.size);
+        let r = self.meta.flush().and_then(|_| {
+            self.meta.update_header(|h| {
+                h.generations = generations;
+                h.generations.sync = generations.current;
+                h.flags.set(Flags::CONSISTENT, true);
+            })
+        });
+        if let Err(e) = r {
+            error!(volume = %self.name, error = %e, "cannot record the end of the resync");
+            return Message::Ack {
+                errno: libc::EIO as u32,
+            };
+        }
+        lock(&self.shared).target_progress = None;
+        info!(volume = %self.name, generation = %format_gen(generations.current), "resync from the peer complete; this copy is consistent");
+        self.announce();
+        Message::Ack { errno: 0 }
+    }
+
+    fn discard_self(&self) -> Message {
+        if self.role() == Role::Primary {
+            return Message::Error {
+                message: "this node is primary; demote it before discarding its data".into(),
+            };
+        }
+        self.become_inconsistent("an operator chose to discard this node's data");
+        // become_inconsistent announces only on a change; make sure the peer re-decides.
+        self.announce();
+        Message::Ack { errno: 0 }
+    }
+
+    async fn hash_range(&self, offset: u64, len: u64) -> BackendResult<[u8; 32]> {
+        if !self.in_range(offset, len) || len > CHUNK * 64 {
+            return Err(BackendError::io(
+                "hash",
+                offset,
+                len,
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        let data = self.image.read(offset, len as usize).await?;
+        Ok(*blake3::hash(&data).as_bytes())
+    }
+
+    async fn hash_blocks(&self, offset: u64, length: u64, block: u32) -> Message {
+        let block = u64::from(block.max(4096));
+        if !self.in_range(offset, length) || length / block > 4096 {
+            return Message::Ack {
+                errno: libc::EINVAL as u32,
+            };
+        }
+        let mut hashes = Vec::new();
+        let mut off = offset;
+        while off < offset + length {
+            let n = block.min(offset + length - off);
+            match self.hash_range(off, n).await {
+                Ok(h) => hashes.push(h),
+                Err(e) => {
+                    return Message::Ack {
+                        errno: errno_of(&e),
+                    }
+                }
+            }
+            off += n;
+        }
+        Message::HashReply { hashes }
+    }
+
+    // ----- resync source -----
+
+    async fn run_resync_source(
+        self: &Arc<Self>,
+        link: &Arc<Link>,
+        full: bool,
+    ) -> Result<(), VolumeError> {
+        let verr = |source| VolumeError::Link {
+            volume: self.name.clone(),
+            source,
+        };
+        let merr = |source| VolumeError::Metadata {
+            volume: self.name.clone(),
+            source,
+        };
+        if full {
+            self.meta.mark_all_dirty().map_err(merr)?;
+        }
+        // The union of both dirty maps: what the peer lists may differ here too.
+        let peer_map = lock(&self.shared)
+            .peer
+            .as_ref()
+            .map(|p| p.dirty_map.clone());
+        if let Some(map) = peer_map {
+            let g = u64::from(self.meta.granularity());
+            for r in map.bits().runs() {
+                let b = bitmap::bits_to_bytes(r, g, self.size);
+                self.meta
+                    .mark_dirty(b.start, b.end - b.start)
+                    .map_err(merr)?;
+            }
+        }
+        loop {
+            let total = self.meta.dirty_bytes();
+            match link
+                .request(&Message::ResyncStart { bytes: total })
+                .await
+                .map_err(verr)?
+            {
+                Message::Ack { errno: 0 } => {}
+                other => {
+                    return Err(VolumeError::Refused {
+                        volume: self.name.clone(),
+                        what: format!("the peer refused the resync: {other:?}"),
+                    })
+                }
+            }
+            info!(volume = %self.name, peer = %link.peer_node, bytes = total, full, "resync to the peer started");
+            lock(&self.shared).source_progress = Some(Progress {
+                total,
+                done: 0,
+                started: Some(Instant::now()),
+            });
+            let limiter = RateLimiter::new(self.resync.rate);
+            let mut inflight = futures::stream::FuturesUnordered::new();
+            use futures::StreamExt;
+            for (off, len) in self.meta.dirty_ranges() {
+                let mut c = off;
+                while c < off + len {
+                    let n = (CHUNK - c % CHUNK).min(off + len - c);
+                    let depth = if self.app_inflight.load(Ordering::Relaxed) > 0 {
+                        1
+                    } else {
+                        RESYNC_DEPTH
+                    };
+                    while inflight.len() >= depth {
+                        if let Some(r) = inflight.next().await {
+                            r?;
+                        }
+                    }
+                    limiter.take(n).await;
+                    inflight.push(self.send_chunk(link, c, n));
+                    c += n;
+                }
+            }
+            while let Some(r) = inflight.next().await {
+                r?;
+            }
+            if self.meta.dirty_count() == 0 {
+                break;
+            }
+            if link.is_closed() {
+                return Err(verr(LinkError::Down));
+            }
+            // Writes the peer failed during the pass: go again.
+        }
+        let gens = self.meta.generations();
+        match link
+            .request(&Message::ResyncDone { generations: gens })
+            .await
+            .map_err(verr)?
+        {
+            Message::Ack { errno: 0 } => {}
+            other => {
+                return Err(VolumeError::Refused {
+                    volume: self.name.clone(),
+                    what: format!("the peer failed to finish the resync: {other:?}"),
+                })
+            }
+        }
+        let took = lock(&self.shared)
+            .source_progress
+            .take()
+            .and_then(|p| p.started)
+            .map(|s| s.elapsed());
+        self.mark_in_sync();
+        info!(volume = %self.name, peer = %link.peer_node, took = ?took, sent_total = self.resync_sent.load(Ordering::Relaxed), "resync to the peer complete: in sync");
+        self.announce();
+        Ok(())
+    }
+
+    async fn send_chunk(
+        self: &Arc<Self>,
+        link: &Arc<Link>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), VolumeError> {
+        let verr = |source| VolumeError::Link {
+            volume: self.name.clone(),
+            source,
+        };
+        let ioerr = |source| VolumeError::Io {
+            volume: self.name.clone(),
+            source,
+        };
+        let _range = self.locks.lock(offset, len).await;
+        let extents = self
+            .image
+            .block_status(offset, len, 4)
+            .await
+            .map_err(ioerr)?;
+        let hole = extents.len() == 1
+            && extents[0].length >= len
+            && extents[0].flags & nbd_server::proto::STATE_ZERO != 0;
+        let reply = if hole {
+            link.request(&Message::ResyncZero {
+                offset,
+                length: len,
+            })
+            .await
+            .map_err(verr)?
+        } else {
+            let data = self.image.read(offset, len as usize).await.map_err(ioerr)?;
+            if self.resync.checksum {
+                let hash = *blake3::hash(&data).as_bytes();
+                if let Message::HashMatch { equal: true } = link
+                    .request(&Message::ResyncHash {
+                        offset,
+                        length: len,
+                        hash,
+                    })
+                    .await
+                    .map_err(verr)?
+                {
+                    self.chunk_done(offset, len);
+                    return Ok(());
+                }
+            }
+            let raw_crc = crc32fast::hash(&data);
+            let raw_len = data.len() as u32;
+            let (compressed, payload) =
+                tokio::task::spawn_blocking(move || match zstd::bulk::compress(&data, 1) {
+                    Ok(c) if c.len() < data.len() => (true, c),
+                    _ => (false, data),
+                })
+                .await
+                .map_err(|e| VolumeError::Refused {
+                    volume: self.name.clone(),
+                    what: format!("compression task failed: {e}"),
+                })?;
+            link.request(&Message::ResyncData {
+                offset,
+                raw_len,
+                compressed,
+                raw_crc,
+                payload,
+            })
+            .await
+            .map_err(verr)?
+        };
+        match reply {
+            Message::Ack { errno: 0 } => {
+                self.chunk_done(offset, len);
+                Ok(())
+            }
+            other => Err(VolumeError::Refused {
+                volume: self.name.clone(),
+                what: format!("the peer failed a resync chunk at offset {offset}: {other:?}"),
+            }),
+        }
+    }
+
+    fn chunk_done(&self, offset: u64, len: u64) {
+        let _ = self.meta.clear_dirty(offset, len);
+        self.resync_sent.fetch_add(len, Ordering::Relaxed);
+        if let Some(p) = lock(&self.shared).source_progress.as_mut() {
+            p.done += len;
+        }
+    }
+
+    // ----- operator actions -----
+
+    /// Promotes this node for the volume; returns a warning to show the operator, if any.
+    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<Option<String>, VolumeError> {
+        if self.role() == Role::Primary {
+            return Ok(Some("already primary".into()));
+        }
+        let local = self.local_side();
+        let (peer, link) = {
+            let sh = lock(&self.shared);
+            (sh.peer.as_ref().map(|p| p.side), sh.link.clone())
+        };
+        let effect = decide::check_promote(&local, peer.as_ref(), force).map_err(|reason| {
+            VolumeError::PromoteRefused {
+                volume: self.name.clone(),
+                reason,
+            }
+        })?;
+        let merr = |source| VolumeError::Metadata {
+            volume: self.name.clone(),
+            source,
+        };
+        if effect.new_generation {
+            let g = self.meta.start_new_generation().map_err(merr)?;
+            info!(volume = %self.name, generation = %format_gen(g), "new generation");
+        }
+        if effect.all_dirty {
+            self.meta.mark_all_dirty().map_err(merr)?;
+        }
+        if force && !local.consistent {
+            self.meta
+                .update_header(|h| h.flags.set(Flags::CONSISTENT, true))
+                .map_err(merr)?;
+            warn!(volume = %self.name, "forced promotion of an inconsistent copy");
+        }
+        if effect.peer_adopts {
+            if let Some(link) = &link {
+                let gens = self.meta.generations();
+                match link
+                    .request(&Message::ResyncDone { generations: gens })
+                    .await
+                {
+                    Ok(Message::Ack { errno: 0 }) => {
+                        self.mark_in_sync();
+                        info!(volume = %self.name, "both images are new: no initial copy");
+                    }
+                    other => {
+                        // The peer will get a full copy instead.
+                        warn!(volume = %self.name, reply = ?other.ok(), "the peer did not adopt the first generation; it will receive a full copy");
+                        self.meta.mark_all_dirty().map_err(merr)?;
+                    }
+                }
+            }
+        }
+        self.meta
+            .update_header(|h| h.flags.set(Flags::PRIMARY, true))
+            .map_err(merr)?;
+        lock(&self.shared).role = Role::Primary;
+        info!(volume = %self.name, "promoted to primary");
+        self.announce();
+        self.redecide();
+        Ok(effect.warn_alone.then(|| {
+            "promoted without the peer: make sure the other node is down or demoted; if it is still primary, the split brain is detected when they reconnect and neither copy is overwritten".to_string()
+        }))
+    }
+
+    /// Demotes this node; the caller has stopped the NBD export first.
+    pub async fn demote(self: &Arc<Self>) -> Result<(), VolumeError> {
+        if self.role() == Role::Secondary {
+            return Ok(());
+        }
+        // Writes still in flight hold range locks; wait for them.
+        for _ in 0..3000 {
+            if self.app_inflight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.flush_all().await.map_err(|source| VolumeError::Io {
+            volume: self.name.clone(),
+            source,
+        })?;
+        lock(&self.shared).role = Role::Secondary;
+        self.set_mirror(None);
+        self.meta
+            .update_header(|h| h.flags.set(Flags::PRIMARY, false))
+            .map_err(|source| VolumeError::Metadata {
+                volume: self.name.clone(),
+                source,
+            })?;
+        info!(volume = %self.name, "demoted to secondary");
+        self.announce();
+        self.redecide();
+        Ok(())
+    }
+
+    async fn flush_all(&self) -> BackendResult<()> {
+        let cold = self.meta.take_cold();
+        let link = self.mirror_link();
+        let local = self.image.flush();
+        let peer_ok = async {
+            match &link {
+                Some(l) => self.flush_peer(l).await,
+                None => true,
+            }
+        };
+        let (l, _p) = futures::join!(local, peer_ok);
+        l?;
+        self.meta.clear_cold(cold);
+        Ok(())
+    }
+
+    /// Split-brain resolution: returns the bytes of `discard_on`'s writes that are thrown
+    /// away (its dirty bytes); unless `dry_run`, that side becomes the resync target.
+    pub async fn resolve(
+        self: &Arc<Self>,
+        discard_on: &str,
+        dry_run: bool,
+    ) -> Result<u64, VolumeError> {
+        let refused = |what: String| VolumeError::Refused {
+            volume: self.name.clone(),
+            what,
+        };
+        let (plan, peer, link) = {
+            let sh = lock(&self.shared);
+            (sh.plan.clone(), sh.peer.clone(), sh.link.clone())
+        };
+        let (Some(peer), Some(link)) = (peer, link) else {
+            return Err(refused(
+                "the peer is not connected; resolve needs both nodes up".into(),
+            ));
+        };
+        if !matches!(plan, Some(Plan::SplitBrain { .. })) {
+            return Err(refused(format!(
+                "there is no split brain to resolve (state: {plan:?})"
+            )));
+        }
+        if discard_on == self.node {
+            if self.role() == Role::Primary {
+                return Err(refused(format!(
+                    "{} is primary; demote it first",
+                    self.node
+                )));
+            }
+            let bytes = self.meta.dirty_bytes();
+            if !dry_run {
+                warn!(volume = %self.name, bytes, "discarding this node's writes made during the split brain");
+                self.become_inconsistent("split brain resolved against this node");
+                self.announce();
+            }
+            Ok(bytes)
+        } else if discard_on == link.peer_node {
+            if peer.side.role == Role::Primary {
+                return Err(refused(format!(
+                    "{} is primary; demote it first",
+                    link.peer_node
+                )));
+            }
+            if !dry_run {
+                match link.request(&Message::Discard).await {
+                    Ok(Message::Ack { errno: 0 }) => {}
+                    Ok(Message::Error { message }) => return Err(refused(message)),
+                    Ok(other) => return Err(refused(format!("the peer refused: {other:?}"))),
+                    Err(source) => {
+                        return Err(VolumeError::Link {
+                            volume: self.name.clone(),
+                            source,
+                        })
+                    }
+                }
+            }
+            Ok(peer.dirty_bytes)
+        } else {
+            Err(refused(format!(
+                "unknown node {discard_on:?}: this node is {:?}, the peer {:?}",
+                self.node, link.peer_node
+            )))
+        }
+    }
+
+    /// Compares both copies block by block; differing blocks are marked dirty (and resynced
+    /// from the primary). Returns (bytes compared, differing bytes).
+    pub async fn verify(self: &Arc<Self>) -> Result<(u64, u64), VolumeError> {
+        let link = lock(&self.shared)
+            .link
+            .clone()
+            .ok_or_else(|| VolumeError::Refused {
+                volume: self.name.clone(),
+                what: "the peer is not connected; verify compares both copies".into(),
+            })?;
+        let verr = |source| VolumeError::Link {
+            volume: self.name.clone(),
+            source,
+        };
+        const SPAN: u64 = 8 * CHUNK;
+        let mut off = 0;
+        let mut differing = 0;
+        while off < self.size {
+            let len = SPAN.min(self.size - off);
+            let _range = self.locks.lock(off, len).await;
+            let reply = link
+                .request(&Message::HashRequest {
+                    offset: off,
+                    length: len,
+                    block: CHUNK as u32,
+                })
+                .await
+                .map_err(verr)?;
+            let Message::HashReply { hashes } = reply else {
+                return Err(VolumeError::Refused {
+                    volume: self.name.clone(),
+                    what: format!("the peer could not hash {off}+{len}: {reply:?}"),
+                });
+            };
+            let mut b = off;
+            for theirs in hashes {
+                let n = CHUNK.min(off + len - b);
+                let ours = self
+                    .hash_range(b, n)
+                    .await
+                    .map_err(|source| VolumeError::Io {
+                        volume: self.name.clone(),
+                        source,
+                    })?;
+                if ours != theirs {
+                    differing += n;
+                    warn!(volume = %self.name, offset = b, len = n, "verify: the copies differ; marked for resync");
+                    let _ = self.meta.mark_dirty(b, n);
+                }
+                b += n;
+            }
+            off += len;
+        }
+        if differing > 0 {
+            self.announce();
+            self.redecide();
+        }
+        Ok((self.size, differing))
+    }
+
+    /// Clean shutdown: flush the image, leave the metadata clean.
+    pub async fn shutdown(&self) {
+        if let Some(l) = lock(&self.shared).link.take() {
+            l.close();
+        }
+        self.set_mirror(None);
+        if let Err(e) = self.image.flush().await {
+            error!(volume = %self.name, error = %e, "final flush failed; the next start resyncs hot extents");
+            return;
+        }
+        if let Err(e) = self.meta.clean_shutdown() {
+            error!(volume = %self.name, error = %e, "clean shutdown of the metadata failed; the next start resyncs hot extents");
+        }
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let sh = lock(&self.shared);
+        let g = self.meta.generations();
+        let dirty = self.meta.dirty_bytes();
+        let consistent = self.meta.flags().contains(Flags::CONSISTENT);
+        let (progress_left, eta) = {
+            let p = sh.source_progress.as_ref().or(sh.target_progress.as_ref());
+            match p {
+                Some(p) => {
+                    let left = if sh.source_progress.is_some() {
+                        dirty
+                    } else {
+                        p.total.saturating_sub(p.done)
+                    };
+                    let secs = p.started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
+                    let rate = if secs > 0.0 {
+                        p.done as f64 / secs
+                    } else {
+                        0.0
+                    };
+                    let eta = (rate > 0.0).then(|| (left as f64 / rate).ceil() as u64);
+                    (left, eta)
+                }
+                None => (0, None),
+            }
+        };
+        let syncing = sh.source_progress.is_some() || sh.target_progress.is_some();
+        let sync = match (&sh.plan, syncing) {
+            (Some(Plan::SplitBrain { .. }), _) => "split-brain",
+            (_, true) => "syncing",
+            (Some(Plan::InSync), false) if dirty == 0 && consistent => "in-sync",
+            _ => "out-of-sync",
+        };
+        VolumeStatus {
+            name: self.name.clone(),
+            role: sh.role.as_str(),
+            peer: if sh.link.is_some() {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            peer_node: sh.link.as_ref().map(|l| l.peer_node.clone()),
+            sync,
+            dirty_bytes: dirty,
+            resync_bytes_sent: self.resync_sent.load(Ordering::Relaxed),
+            resync_bytes_received: self.resync_received.load(Ordering::Relaxed),
+            resync_bytes_left: progress_left,
+            resync_eta_seconds: eta,
+            generation: format_gen(g.current),
+            metadata: self.metadata_path.display().to_string(),
+            consistent,
+            size: self.size,
+            hot_extents: self.meta.hot_extents().len() as u64,
+            reason: sh.reason.clone(),
+        }
+    }
+}
+
+fn encoded(m: &Message) -> Vec<u8> {
+    let mut f = Vec::new();
+    frame::encode(0, m, &mut f);
+    f
+}
+
+pub fn format_gen(g: u64) -> String {
+    format!("{g:016x}")
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub role: &'static str,
+    pub peer: &'static str,
+    pub peer_node: Option<String>,
+    pub sync: &'static str,
+    pub dirty_bytes: u64,
+    pub resync_bytes_sent: u64,
+    pub resync_bytes_received: u64,
+    pub resync_bytes_left: u64,
+    pub resync_eta_seconds: Option<u64>,
+    pub generation: String,
+    pub metadata: String,
+    pub consistent: bool,
+    pub size: u64,
+    pub hot_extents: u64,
+    pub reason: String,
+}
+
+struct InflightGuard<'a>(&'a AtomicUsize);
+
+impl<'a> InflightGuard<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        InflightGuard(c)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A token bucket over bytes; rate 0 means no limit.
+struct RateLimiter {
+    rate: u64,
+    start: Instant,
+    sent: AtomicU64,
+}
+
+impl RateLimiter {
+    fn new(rate: u64) -> Self {
+        RateLimiter {
+            rate,
+            start: Instant::now(),
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    async fn take(&self, n: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let sent = self.sent.fetch_add(n, Ordering::Relaxed) + n;
+        let due = Duration::from_secs_f64(sent as f64 / self.rate as f64);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+impl BlockBackend for Volume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    async fn read(&self, offset: u64, length: usize) -> BackendResult<Vec<u8>> {
+        self.image.read(offset, length).await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> BackendResult<()> {
+        let len = data.len() as u64;
+        self.replicated(
+            offset,
+            len,
+            data,
+            |d| {
+                let mut f = Vec::with_capacity(d.len() + 64);
+                frame::encode_write(0, offset, fua, d, &mut f);
+                f
+            },
+            |d| self.image.write(offset, d, fua),
+        )
+        .await
+    }
+
+    async fn flush(&self) -> BackendResult<()> {
+        self.flush_all().await
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {
+        self.replicated(
+            offset,
+            length,
+            Vec::new(),
+            |_| {
+                encoded(&Message::Trim {
+                    offset,
+                    length,
+                    fua,
+                })
+            },
+            |_| self.image.trim(offset, length, fua),
+        )
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> BackendResult<()> {
+        if mode.fast_only {
+            // Whether the peer can zero fast is unknown here; the client falls back to writes.
+            return Err(BackendError::FastZeroUnsupported);
+        }
+        self.replicated(
+            offset,
+            length,
+            Vec::new(),
+            |_| {
+                encoded(&Message::Zeroes {
+                    offset,
+                    length,
+                    may_trim: mode.may_trim,
+                    fua: mode.fua,
+                })
+            },
+            |_| self.image.write_zeroes(offset, length, mode),
+        )
+        .await
+    }
+
+    async fn cache(&self, offset: u64, length: u64) -> BackendResult<()> {
+        self.image.cache(offset, length).await
+    }
+
+    async fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        max_extents: usize,
+    ) -> BackendResult<Vec<Extent>> {
+        self.image.block_status(offset, length, max_extents).await
+    }
+}

@@ -1,0 +1,344 @@
+//! The control socket: how the operator's commands talk to the running daemon. One JSON
+//! request per connection, one JSON response (`{"ok":true,"result":…}` or
+//! `{"ok":false,"error":"…"}`), so it is easy to drive from scripts with `socat` too.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::config;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Promote {
+        volume: String,
+        force: bool,
+    },
+    Demote {
+        volume: String,
+    },
+    Resolve {
+        volume: String,
+        discard_on: String,
+        dry_run: bool,
+    },
+    Verify {
+        volume: String,
+    },
+}
+
+/// Sends one request to the daemon of `config` and returns its result.
+pub fn call(
+    config_path: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> anyhow::Result<serde_json::Value> {
+    let cfg = config::load(config_path)?;
+    call_socket(&cfg.control_socket, req, timeout)
+}
+
+pub fn call_socket(
+    socket: &PathBuf,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> anyhow::Result<serde_json::Value> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the daemon at {} (is `nbdmirror serve` running with this config?)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(timeout)?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut resp = String::new();
+    BufReader::new(&s)
+        .read_line(&mut resp)
+        .context("no answer from the daemon")?;
+    if resp.is_empty() {
+        bail!("the daemon closed the control connection without answering");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&resp).context("unreadable answer from the daemon")?;
+    if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
+        Ok(v.get("result").cloned().unwrap_or(serde_json::Value::Null))
+    } else {
+        let e = v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("unknown error");
+        bail!("{e}")
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArg {
+    /// The node's config file (the same one `nbdmirror serve` runs with).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Show each volume's role, peer, sync state, generation and dirty bytes",
+    after_help = "JSON keys (per element of `volumes`): name, role, peer, sync, dirty_bytes, \
+                  resync_bytes_sent, resync_bytes_received, resync_bytes_left, \
+                  resync_eta_seconds, generation, metadata, consistent, reason."
+)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub c: ConfigArg,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Make this node primary for a volume and start its NBD export",
+    long_about = "Make this node primary for VOLUME and start its NBD export.\n\n\
+        Refused without --force when this copy is stale (the peer holds newer data), \
+        inconsistent (an unfinished resync target), when the peer is primary, or when the \
+        pair is in split brain. Promoting while the peer is unreachable is allowed when this \
+        copy was in sync: make sure the other node is really down first."
+)]
+pub struct PromoteArgs {
+    pub volume: String,
+    /// Promote even stale or inconsistent data (the peer's newer writes are then a split
+    /// brain, never silently overwritten).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub c: ConfigArg,
+}
+
+#[derive(Args, Debug)]
+#[command(about = "Stop a volume's NBD export and make this node secondary for it")]
+pub struct DemoteArgs {
+    pub volume: String,
+    #[command(flatten)]
+    pub c: ConfigArg,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Resolve a split brain by discarding one node's writes",
+    long_about = "Resolve a split brain on VOLUME: the writes NODE made on its own are thrown \
+        away and its copy is resynchronised from the other node (only the regions either side \
+        changed). Prints how many bytes of NODE's writes are discarded. NODE must be secondary. \
+        Both daemons must be running and connected."
+)]
+pub struct ResolveArgs {
+    pub volume: String,
+    /// The node whose writes are thrown away.
+    #[arg(long, value_name = "NODE")]
+    pub discard_on: String,
+    /// Only print what would be discarded.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub c: ConfigArg,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Compare both copies of a volume by checksum, online",
+    long_about = "Compare both copies of VOLUME block by block (BLAKE3 of 1 MiB blocks) while \
+        it stays in use. Differing blocks are marked dirty and resynchronised from the \
+        primary. Exits with status 1 when differences were found."
+)]
+pub struct VerifyArgs {
+    pub volume: String,
+    #[command(flatten)]
+    pub c: ConfigArg,
+}
+
+fn human_bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let v = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
+    if a.c.json {
+        return print_json(&v);
+    }
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k)
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .unwrap_or_default()
+    };
+    let u = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    println!(
+        "node {} (peer address {})",
+        s(&v, "node"),
+        s(&v, "peer_address")
+    );
+    println!(
+        "{:<16} {:<10} {:<13} {:<12} {:>11}  GENERATION",
+        "VOLUME", "ROLE", "PEER", "SYNC", "DIRTY"
+    );
+    for vol in v
+        .get("volumes")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "{:<16} {:<10} {:<13} {:<12} {:>11}  {}",
+            s(vol, "name"),
+            s(vol, "role"),
+            s(vol, "peer"),
+            s(vol, "sync"),
+            human_bytes(u(vol, "dirty_bytes")),
+            s(vol, "generation")
+        );
+        if s(vol, "sync") == "syncing" {
+            let eta = vol.get("resync_eta_seconds").and_then(|x| x.as_u64());
+            println!(
+                "    resync: {} left{}",
+                human_bytes(u(vol, "resync_bytes_left")),
+                eta.map(|e| format!(", about {e} s")).unwrap_or_default()
+            );
+        }
+        println!(
+            "    resync sent {}, received {}; copy {}",
+            human_bytes(u(vol, "resync_bytes_sent")),
+            human_bytes(u(vol, "resync_bytes_received")),
+            if vol.get("consistent").and_then(|x| x.as_bool()) == Some(true) {
+                "consistent"
+            } else {
+                "INCONSISTENT"
+            }
+        );
+        println!("    {}", s(vol, "reason"));
+    }
+    Ok(())
+}
+
+pub fn promote(a: PromoteArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.c.config,
+        &Request::Promote {
+            volume: a.volume.clone(),
+            force: a.force,
+        },
+        Some(Duration::from_secs(120)),
+    )?;
+    if a.c.json {
+        return print_json(&v);
+    }
+    if let Some(w) = v.get("warning").and_then(|w| w.as_str()) {
+        eprintln!("warning: {w}");
+    }
+    println!("{}: primary on this node", a.volume);
+    Ok(())
+}
+
+pub fn demote(a: DemoteArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.c.config,
+        &Request::Demote {
+            volume: a.volume.clone(),
+        },
+        Some(Duration::from_secs(120)),
+    )?;
+    if a.c.json {
+        return print_json(&v);
+    }
+    println!("{}: secondary on this node (export stopped)", a.volume);
+    Ok(())
+}
+
+pub fn resolve(a: ResolveArgs) -> anyhow::Result<()> {
+    let v = call(
+        &a.c.config,
+        &Request::Resolve {
+            volume: a.volume.clone(),
+            discard_on: a.discard_on.clone(),
+            dry_run: a.dry_run,
+        },
+        Some(Duration::from_secs(120)),
+    )?;
+    if a.c.json {
+        return print_json(&v);
+    }
+    let bytes = v
+        .get("discarded_bytes")
+        .and_then(|b| b.as_u64())
+        .unwrap_or(0);
+    if a.dry_run {
+        println!(
+            "{}: would discard {} ({bytes} bytes) written on {} during the split brain (dry run: nothing changed)",
+            a.volume, human_bytes(bytes), a.discard_on
+        );
+    } else {
+        println!(
+            "{}: discarding {} ({bytes} bytes) written on {} during the split brain; resyncing it from its peer",
+            a.volume, human_bytes(bytes), a.discard_on
+        );
+    }
+    Ok(())
+}
+
+/// Returns whether the copies matched.
+pub fn verify(a: VerifyArgs) -> anyhow::Result<bool> {
+    let v = call(
+        &a.c.config,
+        &Request::Verify {
+            volume: a.volume.clone(),
+        },
+        None,
+    )?;
+    let differing = v
+        .get("differing_bytes")
+        .and_then(|b| b.as_u64())
+        .unwrap_or(0);
+    if a.c.json {
+        print_json(&v)?;
+    } else if differing == 0 {
+        println!(
+            "{}: both copies are identical ({} compared)",
+            a.volume,
+            human_bytes(
+                v.get("compared_bytes")
+                    .and_then(|b| b.as_u64())
+                    .unwrap_or(0)
+            )
+        );
+    } else {
+        println!(
+            "{}: the copies DIFFER in {} ({differing} bytes); those regions are marked dirty and resynced from the primary",
+            a.volume,
+            human_bytes(differing)
+        );
+    }
+    Ok(differing == 0)
+}
