@@ -262,15 +262,7 @@ pub fn check_promote(
     Ok(PromoteEffect {
         // Forcing over the peer's objection makes this node's history diverge on purpose:
         // the peer will see a split brain instead of being overwritten silently.
-        new_generation: force
-            && !matches!(
-                plan,
-                Plan::InSync
-                    | Plan::Resync {
-                        source: Who::Local,
-                        ..
-                    }
-            ),
+        new_generation: diverges,
         all_dirty: false,
         peer_adopts: false,
         warn_alone: false,
