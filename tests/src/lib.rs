@@ -576,6 +576,11 @@ pub struct Background {
 }
 
 impl Background {
+    /// The process id (of the command itself: `nsenter` execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     /// Waits up to `timeout`; panics on timeout.
     pub fn wait(self, timeout: Duration) -> CmdOutput {
         let cmdline = self.cmdline.clone();
