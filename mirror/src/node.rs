@@ -107,7 +107,7 @@ impl Node {
             if dial {
                 tokio::spawn(node.clone().dial_loop(v.clone()));
             }
-            tokio::spawn(v.clone().background_peer_flush());
+            tokio::spawn(v.clone().background_maintenance());
         }
         Ok(node)
     }

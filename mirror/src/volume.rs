@@ -116,6 +116,8 @@ struct Shared {
     peer: Option<PeerView>,
     plan: Option<Plan>,
     resync_source_running: bool,
+    /// When the last resync to the peer failed (automatic retries wait a little).
+    last_resync_failure: Option<Instant>,
     /// Receiving a resync now.
     target_progress: Option<Progress>,
     source_progress: Option<Progress>,
@@ -253,6 +255,7 @@ impl Volume {
                 peer: None,
                 plan: None,
                 resync_source_running: false,
+                last_resync_failure: None,
                 target_progress: None,
                 source_progress: None,
                 reason: "waiting for the peer".into(),
@@ -487,10 +490,13 @@ impl Volume {
             let vol = self.clone();
             tokio::spawn(async move {
                 let r = vol.run_resync_source(&link, full).await;
-                lock(&vol.shared).resync_source_running = false;
+                let mut sh = lock(&vol.shared);
+                sh.resync_source_running = false;
+                sh.source_progress = None;
                 match r {
-                    Ok(()) => {}
+                    Ok(()) => sh.last_resync_failure = None,
                     Err(e) => {
+                        sh.last_resync_failure = Some(Instant::now());
                         warn!(volume = %vol.name, error = %e, "resync to the peer stopped; it resumes when the peer is back");
                     }
                 }
@@ -633,15 +639,28 @@ impl Volume {
         }
     }
 
-    /// Flushes the peer now and then, so that what a peer power loss could cost stays small
-    /// (the unflushed set is what the primary must resync if the peer vanishes).
-    pub async fn background_peer_flush(self: Arc<Self>) {
+    /// Every two seconds: flushes the peer, so that what a peer power loss could cost stays
+    /// small (the unflushed set is what the primary must resync if the peer vanishes); and
+    /// starts a resync when regions went dirty while connected (a write the peer or the local
+    /// disk failed, a difference found by verify).
+    pub async fn background_maintenance(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
             tick.tick().await;
             if let Some(link) = self.mirror_link() {
                 if !self.unflushed.is_empty() {
                     self.flush_peer(&link).await;
+                }
+                let retry_due = {
+                    let sh = lock(&self.shared);
+                    !sh.resync_source_running
+                        && sh
+                            .last_resync_failure
+                            .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                };
+                if retry_due && self.meta.dirty_count() > 0 {
+                    self.announce();
+                    self.redecide();
                 }
             }
         }
