@@ -1,0 +1,568 @@
+//! The per-group state machine, as pure logic: facts in, a decision out. The daemon gathers
+//! the facts (its volumes, the peer's heartbeats, the witness) a few times a second, calls
+//! [`decide`], and carries out the decision (promote, demote, VIP, hooks). Both nodes run the
+//! same function on mirrored facts, so when they can talk they agree without a vote; when they
+//! cannot, a node promotes only with quorum: the witness's vote or a successful fence.
+//!
+//! Invariants (property-tested below):
+//! - a node never decides to become primary while the peer is alive and primary;
+//! - a node never becomes primary with stale, inconsistent or split-brain data;
+//! - without a witness or a fence hook, a node never becomes primary while the peer is dead;
+//! - with both alive, at most one of the two mirrored decisions wants to be primary.
+
+use std::fmt;
+
+/// A group's state on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    /// Not started yet (first evaluation pending).
+    Stopped,
+    /// Must not start here: stale data, no quorum, peer state unknown, split brain.
+    Waiting,
+    /// Primary without its peer: serving, changes tracked for the resync.
+    Alone,
+    /// Primary with the peer connected (in sync or syncing).
+    Primary,
+    /// The peer is primary; this node receives its writes.
+    Secondary,
+    /// Primary that lost both the peer and the witness: I/O waits, nothing acknowledged alone.
+    Suspended,
+}
+
+impl GroupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupState::Stopped => "stopped",
+            GroupState::Waiting => "waiting",
+            GroupState::Alone => "alone",
+            GroupState::Primary => "primary",
+            GroupState::Secondary => "secondary",
+            GroupState::Suspended => "suspended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<GroupState> {
+        Some(match s {
+            "stopped" => GroupState::Stopped,
+            "waiting" => GroupState::Waiting,
+            "alone" => GroupState::Alone,
+            "primary" => GroupState::Primary,
+            "secondary" => GroupState::Secondary,
+            "suspended" => GroupState::Suspended,
+            _ => return None,
+        })
+    }
+
+    pub fn is_primary(self) -> bool {
+        matches!(
+            self,
+            GroupState::Alone | GroupState::Primary | GroupState::Suspended
+        )
+    }
+}
+
+impl fmt::Display for GroupState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What this node's copy of the group's data is worth, from its volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataState {
+    /// Replication connected and in sync (or this node is the resync source).
+    UpToDate,
+    /// Was in sync when the peer was lost: promotable with quorum.
+    InSyncWhenLost,
+    /// Older than the peer, an unfinished resync target, or unknown after a restart.
+    Stale,
+    /// Both sides wrote alone: an operator must resolve it.
+    SplitBrain,
+}
+
+/// The peer as its heartbeats describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerFacts {
+    pub state: GroupState,
+    /// Its election round for the group.
+    pub round: u64,
+    /// The peer's data is newer than ours (from the volumes' generations), or equal.
+    pub data_newer: bool,
+    pub data_equal: bool,
+    /// The peer hands the group over to us (swap, failing VM, auto-failback).
+    pub handing_over: bool,
+    /// The peer is in sync and ready to take over (for swap and failback).
+    pub ready: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Witness {
+    /// No witness configured.
+    None,
+    /// Configured but not answering.
+    Unreachable,
+    /// Answering; `holder_is_me`: the latest round's holder is this node; `lease_fresh`: this
+    /// node renewed its lease recently enough to keep acknowledging writes alone.
+    Reachable {
+        holder_is_me: bool,
+        lease_fresh: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    /// Current state on this node.
+    pub state: GroupState,
+    pub round: u64,
+    pub is_preferred: bool,
+    pub auto_failback: bool,
+    pub data: DataState,
+    /// `None`: no heartbeat from the peer within the failure timeout.
+    pub peer: Option<PeerFacts>,
+    pub witness: Witness,
+    pub fence_configured: bool,
+    /// The VM failed its monitor and used up its local restarts.
+    pub vm_failed: bool,
+    /// An operator asked to move the group to the other node.
+    pub swap_requested: bool,
+}
+
+/// What the node should do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Keep (or enter) a non-primary state.
+    Stay { state: GroupState, reason: String },
+    /// Become primary in round `round`; `quorum` says how that is justified.
+    Promote {
+        round: u64,
+        quorum: Quorum,
+        reason: String,
+    },
+    /// Stay primary; `alone`: the peer is away.
+    Serve { state: GroupState, reason: String },
+    /// Stop serving: stop the VM, remove the VIP, demote the volumes.
+    Demote { reason: String },
+    /// Primary without quorum: keep the role but let no write be acknowledged alone.
+    Suspend { reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quorum {
+    /// The peer is alive and agrees (it computes the mirror decision).
+    PeerConsent,
+    /// Ask the witness for round `round` first; promote only if granted.
+    WitnessVote,
+    /// Run the fence hook first; promote only if it exits 0.
+    Fence,
+}
+
+fn stay(state: GroupState, reason: impl Into<String>) -> Decision {
+    Decision::Stay {
+        state,
+        reason: reason.into(),
+    }
+}
+
+/// The decision for this node. Pure; see the module doc for the invariants.
+pub fn decide(f: &Facts) -> Decision {
+    let next_round = f.round.max(f.peer.map(|p| p.round).unwrap_or(0)) + 1;
+    if f.state.is_primary() {
+        return decide_as_primary(f);
+    }
+    if f.data == DataState::SplitBrain {
+        return stay(
+            GroupState::Waiting,
+            "split brain: resolve it (nbdmirror resolve) before the group can start",
+        );
+    }
+    match f.peer {
+        Some(p) if p.state.is_primary() => {
+            if p.handing_over && f.data == DataState::UpToDate {
+                return Decision::Promote {
+                    round: next_round,
+                    quorum: Quorum::PeerConsent,
+                    reason: "the peer hands the group over".into(),
+                };
+            }
+            stay(GroupState::Secondary, "the peer is primary")
+        }
+        Some(p) => {
+            // Both alive, neither primary: the group starts where the newest data is.
+            if f.data == DataState::Stale || p.data_newer {
+                return stay(
+                    GroupState::Waiting,
+                    "the peer holds the newest data; it starts the group",
+                );
+            }
+            if f.data == DataState::InSyncWhenLost && !p.data_equal {
+                return stay(GroupState::Waiting, "comparing data with the peer");
+            }
+            let mine = !p.data_equal || f.is_preferred;
+            if mine {
+                Decision::Promote {
+                    round: next_round,
+                    quorum: Quorum::PeerConsent,
+                    reason: if p.data_equal {
+                        "both nodes up with equal data: starting on the preferred node".into()
+                    } else {
+                        "both nodes up: starting on the node with the newest data".into()
+                    },
+                }
+            } else {
+                stay(GroupState::Waiting, "the preferred node starts the group")
+            }
+        }
+        None => {
+            let fresh = match f.data {
+                DataState::InSyncWhenLost | DataState::UpToDate => true,
+                // A node that restarted alone knows its data is newest only if the witness
+                // says it held the group last.
+                DataState::Stale => matches!(
+                    f.witness,
+                    Witness::Reachable {
+                        holder_is_me: true,
+                        ..
+                    }
+                ),
+                DataState::SplitBrain => false,
+            };
+            if !fresh {
+                return stay(
+                    GroupState::Waiting,
+                    "the peer is unreachable and this copy may be stale: waiting for the peer",
+                );
+            }
+            match (f.witness, f.fence_configured) {
+                (Witness::Reachable { .. }, _) => Decision::Promote {
+                    round: next_round,
+                    quorum: Quorum::WitnessVote,
+                    reason: "the peer is gone: asking the witness".into(),
+                },
+                (_, true) => Decision::Promote {
+                    round: next_round,
+                    quorum: Quorum::Fence,
+                    reason: "the peer is gone: fencing it".into(),
+                },
+                (Witness::Unreachable, false) => stay(
+                    GroupState::Waiting,
+                    "the peer and the witness are unreachable: no quorum to take over",
+                ),
+                (Witness::None, false) => stay(
+                    GroupState::Waiting,
+                    "the peer is unreachable; without a witness or fence hook this node never takes over by itself (promote manually if the peer is down)",
+                ),
+            }
+        }
+    }
+}
+
+fn decide_as_primary(f: &Facts) -> Decision {
+    if let Some(p) = f.peer {
+        if p.state.is_primary() && (p.round > f.round || (p.round == f.round && !f.is_preferred)) {
+            // Two primaries: the older round (or, on a tie, the non-preferred node) yields.
+            return Decision::Demote {
+                reason: "the peer is primary in a newer round".into(),
+            };
+        }
+        if (f.swap_requested || f.vm_failed || (f.auto_failback && !f.is_preferred))
+            && p.ready
+            && f.data == DataState::UpToDate
+        {
+            return Decision::Demote {
+                reason: if f.swap_requested {
+                    "swap: handing the group to the peer".into()
+                } else if f.vm_failed {
+                    "the VM keeps failing here: handing the group to the peer".into()
+                } else {
+                    "auto-failback: the preferred node is back in sync".into()
+                },
+            };
+        }
+    }
+    if let Witness::Reachable {
+        holder_is_me: false,
+        ..
+    } = f.witness
+    {
+        return Decision::Demote {
+            reason: "the witness says another node holds a newer round".into(),
+        };
+    }
+    match (f.peer, f.witness) {
+        (Some(_), _) => Decision::Serve {
+            state: if f.data == DataState::UpToDate {
+                GroupState::Primary
+            } else {
+                GroupState::Alone
+            },
+            reason: "serving".into(),
+        },
+        (None, Witness::None) => Decision::Serve {
+            state: GroupState::Alone,
+            reason: "the peer is away; without a witness nobody can take over, so this node keeps serving".into(),
+        },
+        (
+            None,
+            Witness::Reachable {
+                lease_fresh: true, ..
+            },
+        ) => Decision::Serve {
+            state: GroupState::Alone,
+            reason: "the peer is away; the witness confirms this node may continue alone".into(),
+        },
+        (None, _) => Decision::Suspend {
+            reason: "lost both the peer and the witness: I/O waits until quorum returns".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn base() -> Facts {
+        Facts {
+            state: GroupState::Secondary,
+            round: 3,
+            is_preferred: false,
+            auto_failback: false,
+            data: DataState::UpToDate,
+            peer: None,
+            witness: Witness::None,
+            fence_configured: false,
+            vm_failed: false,
+            swap_requested: false,
+        }
+    }
+
+    fn peer(state: GroupState) -> PeerFacts {
+        PeerFacts {
+            state,
+            round: 3,
+            data_newer: false,
+            data_equal: true,
+            handing_over: false,
+            ready: true,
+        }
+    }
+
+    #[test]
+    fn no_quorum_no_takeover() {
+        let f = Facts {
+            data: DataState::InSyncWhenLost,
+            ..base()
+        };
+        assert!(matches!(
+            decide(&f),
+            Decision::Stay {
+                state: GroupState::Waiting,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn witness_or_fence_allows_takeover_of_fresh_data_only() {
+        let f = Facts {
+            data: DataState::InSyncWhenLost,
+            witness: Witness::Reachable {
+                holder_is_me: false,
+                lease_fresh: false,
+            },
+            ..base()
+        };
+        assert!(matches!(
+            decide(&f),
+            Decision::Promote {
+                quorum: Quorum::WitnessVote,
+                round: 4,
+                ..
+            }
+        ));
+        let stale = Facts {
+            data: DataState::Stale,
+            ..f
+        };
+        assert!(matches!(decide(&stale), Decision::Stay { .. }));
+        let fence = Facts {
+            data: DataState::InSyncWhenLost,
+            fence_configured: true,
+            ..base()
+        };
+        assert!(matches!(
+            decide(&fence),
+            Decision::Promote {
+                quorum: Quorum::Fence,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn primary_alone_without_witness_keeps_serving_and_suspends_without_quorum() {
+        let f = Facts {
+            state: GroupState::Primary,
+            ..base()
+        };
+        assert!(matches!(
+            decide(&f),
+            Decision::Serve {
+                state: GroupState::Alone,
+                ..
+            }
+        ));
+        let w = Facts {
+            witness: Witness::Unreachable,
+            ..f
+        };
+        assert!(matches!(decide(&w), Decision::Suspend { .. }));
+        let fresh = Facts {
+            witness: Witness::Reachable {
+                holder_is_me: true,
+                lease_fresh: true,
+            },
+            ..f
+        };
+        assert!(matches!(decide(&fresh), Decision::Serve { .. }));
+        let deposed = Facts {
+            witness: Witness::Reachable {
+                holder_is_me: false,
+                lease_fresh: false,
+            },
+            ..f
+        };
+        assert!(matches!(decide(&deposed), Decision::Demote { .. }));
+    }
+
+    #[test]
+    fn both_up_start_on_preferred_or_newest() {
+        let mut f = Facts {
+            state: GroupState::Waiting,
+            is_preferred: true,
+            peer: Some(peer(GroupState::Waiting)),
+            ..base()
+        };
+        assert!(matches!(
+            decide(&f),
+            Decision::Promote {
+                quorum: Quorum::PeerConsent,
+                ..
+            }
+        ));
+        f.is_preferred = false;
+        assert!(matches!(decide(&f), Decision::Stay { .. }));
+        let mut p = peer(GroupState::Waiting);
+        p.data_newer = true;
+        p.data_equal = false;
+        f.is_preferred = true;
+        f.peer = Some(p);
+        assert!(matches!(decide(&f), Decision::Stay { .. }));
+    }
+
+    #[test]
+    fn swap_hands_over_and_the_peer_takes_it() {
+        let f = Facts {
+            state: GroupState::Primary,
+            swap_requested: true,
+            peer: Some(peer(GroupState::Secondary)),
+            ..base()
+        };
+        assert!(matches!(decide(&f), Decision::Demote { .. }));
+        let mut p = peer(GroupState::Primary);
+        p.handing_over = true;
+        let g = Facts {
+            peer: Some(p),
+            ..base()
+        };
+        assert!(matches!(
+            decide(&g),
+            Decision::Promote {
+                quorum: Quorum::PeerConsent,
+                ..
+            }
+        ));
+    }
+
+    fn arb_state() -> impl Strategy<Value = GroupState> {
+        prop_oneof![
+            Just(GroupState::Stopped),
+            Just(GroupState::Waiting),
+            Just(GroupState::Alone),
+            Just(GroupState::Primary),
+            Just(GroupState::Secondary),
+            Just(GroupState::Suspended),
+        ]
+    }
+
+    fn arb_data() -> impl Strategy<Value = DataState> {
+        prop_oneof![
+            Just(DataState::UpToDate),
+            Just(DataState::InSyncWhenLost),
+            Just(DataState::Stale),
+            Just(DataState::SplitBrain),
+        ]
+    }
+
+    fn arb_witness() -> impl Strategy<Value = Witness> {
+        prop_oneof![
+            Just(Witness::None),
+            Just(Witness::Unreachable),
+            (any::<bool>(), any::<bool>()).prop_map(|(h, l)| Witness::Reachable {
+                holder_is_me: h,
+                lease_fresh: l
+            }),
+        ]
+    }
+
+    prop_compose! {
+        fn arb_facts()(state in arb_state(), round in 0u64..5, pref in any::<bool>(), afb in any::<bool>(),
+                       data in arb_data(), witness in arb_witness(), fence in any::<bool>(),
+                       vm_failed in any::<bool>(), swap in any::<bool>(),
+                       peer in proptest::option::of((arb_state(), 0u64..5, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())))
+                       -> Facts {
+            Facts { state, round, is_preferred: pref, auto_failback: afb, data, witness,
+                    fence_configured: fence, vm_failed, swap_requested: swap,
+                    peer: peer.map(|(state, round, newer, equal, handing_over, ready)| PeerFacts {
+                        state, round, data_newer: newer && !equal, data_equal: equal && !newer, handing_over, ready }) }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_promote_over_a_live_primary_unless_it_hands_over(f in arb_facts()) {
+            if let (Decision::Promote { .. }, Some(p)) = (decide(&f), f.peer) {
+                prop_assert!(!p.state.is_primary() || p.handing_over);
+            }
+        }
+
+        #[test]
+        fn never_promote_bad_data_or_without_quorum(f in arb_facts()) {
+            if let Decision::Promote { quorum, .. } = decide(&f) {
+                prop_assert!(f.data != DataState::SplitBrain);
+                match quorum {
+                    Quorum::PeerConsent => prop_assert!(f.peer.is_some()),
+                    Quorum::WitnessVote => { let ok = matches!(f.witness, Witness::Reachable { .. }); prop_assert!(ok) }
+                    Quorum::Fence => prop_assert!(f.fence_configured),
+                }
+                if f.data == DataState::Stale {
+                    let ok = f.peer.is_none() && matches!(f.witness, Witness::Reachable { holder_is_me: true, .. }); prop_assert!(ok);
+                }
+            }
+        }
+
+        /// With both alive and neither primary, the two mirrored decisions never both promote.
+        #[test]
+        fn both_alive_at_most_one_starts(a_pref in any::<bool>(), a_newer in any::<bool>(), equal in any::<bool>(),
+                                          ad in arb_data(), bd in arb_data()) {
+            let (a_newer, b_newer) = if equal { (false, false) } else { (a_newer, !a_newer) };
+            let a = Facts { state: GroupState::Waiting, is_preferred: a_pref, data: ad,
+                peer: Some(PeerFacts { state: GroupState::Waiting, round: 3, data_newer: b_newer, data_equal: equal, handing_over: false, ready: true }), ..base() };
+            let b = Facts { state: GroupState::Waiting, is_preferred: !a_pref, data: bd,
+                peer: Some(PeerFacts { state: GroupState::Waiting, round: 3, data_newer: a_newer, data_equal: equal, handing_over: false, ready: true }), ..base() };
+            let pa = matches!(decide(&a), Decision::Promote { .. });
+            let pb = matches!(decide(&b), Decision::Promote { .. });
+            prop_assert!(!(pa && pb));
+        }
+    }
+}
