@@ -151,6 +151,35 @@ pub struct Volume {
     has_data_cache: AtomicBool,
     resync: ResyncOptions,
     metadata_path: PathBuf,
+    /// Which generation may be written alone and acknowledged: [`ALONE_ALWAYS`] without a
+    /// witness; with one, the generation the witness has confirmed (0: none). See
+    /// [`Volume::set_alone_allowed`].
+    alone_gate: tokio::sync::watch::Sender<u64>,
+    /// The link dropped while the pair was in sync (this copy had every acknowledged write).
+    in_sync_at_loss: AtomicBool,
+}
+
+/// [`Volume::set_alone_allowed`] value: writing alone needs nobody's permission.
+pub const ALONE_ALWAYS: u64 = u64::MAX;
+
+/// What the failover logic needs to know about a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailoverView {
+    pub role: Role,
+    pub link_up: bool,
+    pub plan: Option<PlanSummary>,
+    pub in_sync_at_loss: bool,
+    pub consistent: bool,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanSummary {
+    InSync,
+    LocalNewer,
+    PeerNewer,
+    SplitBrain,
+    Wait,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -269,6 +298,8 @@ impl Volume {
             has_data_cache: AtomicBool::new(has_data),
             resync,
             metadata_path,
+            alone_gate: tokio::sync::watch::channel(ALONE_ALWAYS).0,
+            in_sync_at_loss: AtomicBool::new(false),
         }))
     }
 
@@ -352,6 +383,9 @@ impl Volume {
                 Some(l) if Arc::ptr_eq(l, link) => {}
                 _ => return, // already replaced by a newer connection
             }
+            let in_sync = matches!(sh.plan, Some(Plan::InSync))
+                && self.meta.flags().contains(Flags::CONSISTENT);
+            self.in_sync_at_loss.store(in_sync, Ordering::Release);
             sh.link = None;
             sh.peer = None;
             sh.plan = None;
@@ -539,6 +573,52 @@ impl Volume {
         Ok(())
     }
 
+    /// Sets which generation this node may write alone and acknowledge: [`ALONE_ALWAYS`]
+    /// (no witness: the peer is never promoted by itself), the generation a witness confirmed,
+    /// or 0 to suspend: writes without the peer then wait, neither failed nor acknowledged.
+    pub fn set_alone_allowed(&self, generation: u64) {
+        self.alone_gate.send_replace(generation);
+    }
+
+    /// Waits until a write made alone may be acknowledged.
+    async fn wait_alone_allowed(&self) -> BackendResult<()> {
+        let mut rx = self.alone_gate.subscribe();
+        loop {
+            let allowed = *rx.borrow_and_update();
+            if allowed == ALONE_ALWAYS || allowed == self.meta.generations().current {
+                return Ok(());
+            }
+            if self.role() != Role::Primary {
+                return Err(BackendError::ShuttingDown);
+            }
+            // Re-check the role now and then: a demotion does not touch the gate.
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+        }
+    }
+
+    pub fn failover_view(&self) -> FailoverView {
+        let sh = lock(&self.shared);
+        let plan = sh.plan.as_ref().map(|p| match p {
+            Plan::InSync => PlanSummary::InSync,
+            Plan::Resync {
+                source: Who::Local, ..
+            } => PlanSummary::LocalNewer,
+            Plan::Resync {
+                source: Who::Peer, ..
+            } => PlanSummary::PeerNewer,
+            Plan::SplitBrain { .. } => PlanSummary::SplitBrain,
+            Plan::Wait { .. } => PlanSummary::Wait,
+        });
+        FailoverView {
+            role: sh.role,
+            link_up: sh.link.is_some(),
+            plan,
+            in_sync_at_loss: self.in_sync_at_loss.load(Ordering::Acquire),
+            consistent: self.meta.flags().contains(Flags::CONSISTENT),
+            generation: self.meta.generations().current,
+        }
+    }
+
     fn check_primary(&self) -> BackendResult<()> {
         if self.role() != Role::Primary {
             return Err(BackendError::io(
@@ -574,6 +654,7 @@ impl Volume {
         } else {
             None
         };
+        let mut went_alone = false;
         let result = match self.mirror_link() {
             Some(link) => {
                 let peer = link.request_frame(frame(&payload));
@@ -598,6 +679,7 @@ impl Volume {
                     let link_down = link.is_closed();
                     if link_down {
                         self.record_alone(offset, len)?;
+                        went_alone = true;
                     } else if len > 0 {
                         self.meta.mark_dirty(offset, len).map_err(meta_io)?;
                     }
@@ -611,9 +693,19 @@ impl Volume {
             }
             None => {
                 self.record_alone(offset, len)?;
+                went_alone = true;
                 local(payload).await
             }
         };
+        if went_alone && result.is_ok() {
+            // Acknowledged only once this node knows it may continue without its peer.
+            if let Err(e) = self.wait_alone_allowed().await {
+                if let Some(a) = active {
+                    self.meta.end_write(a);
+                }
+                return Err(e);
+            }
+        }
         if let Some(a) = active {
             self.meta.end_write(a);
         }

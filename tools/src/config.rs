@@ -62,6 +62,39 @@ pub struct NodeConfig {
     pub resync_checksum: bool,
     pub io_engine: String,
     pub volumes: Vec<VolumeConfig>,
+    pub heartbeat: Option<HeartbeatConfig>,
+    pub groups: Vec<GroupConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatConfig {
+    /// (local listen, peer) UDP address pairs, one per network link.
+    pub links: Vec<(String, String)>,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub witness: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub name: String,
+    pub volumes: Vec<String>,
+    pub preferred_node: String,
+    /// (address, prefix length) and interface.
+    pub vip: Option<(std::net::Ipv4Addr, u8, String)>,
+    pub auto_failback: bool,
+    pub hooks: HooksConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HooksConfig {
+    pub start: Option<String>,
+    pub stop: Option<String>,
+    pub monitor: Option<String>,
+    pub fence: Option<String>,
+    pub timeout: std::time::Duration,
+    pub monitor_interval: std::time::Duration,
+    pub restart_attempts: u32,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -101,6 +134,51 @@ struct RawConfig {
     io_engine: Option<String>,
     #[serde(default, rename = "volume")]
     volumes: Vec<RawVolume>,
+    heartbeat: Option<RawHeartbeat>,
+    #[serde(default, rename = "group")]
+    groups: Vec<RawGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeartbeat {
+    links: Vec<RawLink>,
+    interval: Option<RawSize>,
+    timeout: Option<RawSize>,
+    witness: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    listen: String,
+    peer: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    volumes: Vec<String>,
+    preferred_node: String,
+    vip: Option<String>,
+    vip_interface: Option<String>,
+    #[serde(default)]
+    auto_failback: bool,
+    #[serde(default)]
+    hooks: RawHooks,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    start: Option<String>,
+    stop: Option<String>,
+    monitor: Option<String>,
+    fence: Option<String>,
+    timeout: Option<RawSize>,
+    monitor_interval: Option<RawSize>,
+    restart_attempts: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +374,136 @@ pub fn parse(
             parse_size(&t).map_err(|e| invalid(format!("resync_rate: {e}")))?
         }
     };
+    let duration_or = |v: Option<RawSize>, default: std::time::Duration, key: &str| match v {
+        None => Ok(default),
+        Some(t) => parse_duration(&t).map_err(|e| invalid(format!("{key}: {e}"))),
+    };
+    let heartbeat = match raw.heartbeat {
+        None => None,
+        Some(h) => {
+            if h.links.is_empty() {
+                return Err(invalid(
+                    "heartbeat.links needs at least one { listen, peer } pair".into(),
+                ));
+            }
+            let mut links = Vec::new();
+            for l in h.links {
+                check_tcp_addr("heartbeat.links.listen", &l.listen).map_err(invalid)?;
+                check_tcp_addr("heartbeat.links.peer", &l.peer).map_err(invalid)?;
+                links.push((l.listen, l.peer));
+            }
+            if let Some(w) = &h.witness {
+                check_tcp_addr("heartbeat.witness", w).map_err(invalid)?;
+            }
+            let interval = duration_or(
+                h.interval,
+                std::time::Duration::from_millis(500),
+                "heartbeat.interval",
+            )?;
+            let timeout = duration_or(
+                h.timeout,
+                std::time::Duration::from_secs(3),
+                "heartbeat.timeout",
+            )?;
+            if interval.is_zero() || timeout < interval * 2 {
+                return Err(invalid(
+                    "heartbeat.timeout must be at least twice heartbeat.interval".into(),
+                ));
+            }
+            Some(HeartbeatConfig {
+                links,
+                interval,
+                timeout,
+                witness: h.witness,
+            })
+        }
+    };
+    let mut groups: Vec<GroupConfig> = Vec::new();
+    let mut grouped = HashSet::new();
+    for g in raw.groups {
+        if !valid_name(&g.name) {
+            return Err(invalid(format!(
+                "group name '{}' must be 1-63 letters, digits, '-', '_' or '.'",
+                g.name
+            )));
+        }
+        if groups.iter().any(|x| x.name == g.name) {
+            return Err(invalid(format!("group '{}' is defined twice", g.name)));
+        }
+        if g.volumes.is_empty() {
+            return Err(invalid(format!("group '{}': volumes is empty", g.name)));
+        }
+        for v in &g.volumes {
+            if !volumes.iter().any(|x| &x.name == v) {
+                return Err(invalid(format!(
+                    "group '{}': no [[volume]] named '{v}'",
+                    g.name
+                )));
+            }
+            if !grouped.insert(v.clone()) {
+                return Err(invalid(format!(
+                    "volume '{v}' is in two groups; a volume belongs to at most one"
+                )));
+            }
+        }
+        let vip = match (g.vip, g.vip_interface) {
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(invalid(format!(
+                    "group '{}': set both vip (\"address/prefix\") and vip_interface, or neither",
+                    g.name
+                )))
+            }
+            (Some(v), Some(iface)) => {
+                let (a, p) = v.split_once('/').ok_or_else(|| {
+                    invalid(format!(
+                        "group '{}': vip '{v}' must be address/prefix, e.g. 10.99.0.100/24",
+                        g.name
+                    ))
+                })?;
+                let addr: std::net::Ipv4Addr = a.parse().map_err(|_| {
+                    invalid(format!(
+                        "group '{}': vip address '{a}' is not an IPv4 address",
+                        g.name
+                    ))
+                })?;
+                let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(|| {
+                    invalid(format!("group '{}': vip prefix '{p}' must be 0-32", g.name))
+                })?;
+                Some((addr, prefix, iface))
+            }
+        };
+        let hooks = HooksConfig {
+            start: g.hooks.start,
+            stop: g.hooks.stop,
+            monitor: g.hooks.monitor,
+            fence: g.hooks.fence,
+            timeout: duration_or(
+                g.hooks.timeout,
+                std::time::Duration::from_secs(60),
+                "hooks.timeout",
+            )?,
+            monitor_interval: duration_or(
+                g.hooks.monitor_interval,
+                std::time::Duration::from_secs(5),
+                "hooks.monitor_interval",
+            )?,
+            restart_attempts: g.hooks.restart_attempts.unwrap_or(3),
+        };
+        groups.push(GroupConfig {
+            name: g.name,
+            volumes: g.volumes,
+            preferred_node: g.preferred_node,
+            vip,
+            auto_failback: g.auto_failback,
+            hooks,
+        });
+    }
+    if !groups.is_empty() && heartbeat.is_none() {
+        return Err(invalid(
+            "groups fail over on heartbeats: add a [heartbeat] section with links".into(),
+        ));
+    }
     let io_engine = raw.io_engine.unwrap_or_else(|| "auto".into());
     if !matches!(io_engine.as_str(), "auto" | "uring" | "sync") {
         return Err(invalid(format!(
@@ -315,6 +523,8 @@ pub fn parse(
         resync_checksum: raw.resync_checksum,
         io_engine,
         volumes,
+        heartbeat,
+        groups,
     })
 }
 
@@ -488,6 +698,32 @@ listen = ["127.0.0.1:10811", "unix:run/disk1.sock"]
         assert!(c.resync_checksum);
         assert!(parse_err(&format!("peer_timeout = \"5h\"\n{GOOD}")).contains("unknown unit"));
         assert!(parse_err(&format!("peer_timeout = 0\n{GOOD}")).contains("between"));
+    }
+
+    #[test]
+    fn groups_and_heartbeats_parse_and_are_checked() {
+        let hb = "[heartbeat]\nlinks = [{ listen = \"10.99.0.1:7790\", peer = \"10.99.0.2:7790\" }]\nwitness = \"10.99.0.10:7790\"\n";
+        let group = "[[group]]\nname = \"vm1\"\nvolumes = [\"disk0\"]\npreferred_node = \"node-a\"\nvip = \"10.99.0.100/24\"\nvip_interface = \"pub0\"\nhooks = { start = \"true\", timeout = \"10s\" }\n";
+        let c = parse_ok(&format!("{GOOD}\n{hb}\n{group}"));
+        let h = c.heartbeat.unwrap();
+        assert_eq!(h.timeout, std::time::Duration::from_secs(3));
+        assert_eq!(h.witness.as_deref(), Some("10.99.0.10:7790"));
+        let g = &c.groups[0];
+        assert_eq!(
+            g.vip,
+            Some(("10.99.0.100".parse().unwrap(), 24, "pub0".into()))
+        );
+        assert_eq!(g.hooks.timeout, std::time::Duration::from_secs(10));
+        assert_eq!(g.hooks.start.as_deref(), Some("true"));
+        assert!(parse_err(&format!("{GOOD}\n{group}")).contains("[heartbeat]"));
+        assert!(
+            parse_err(&format!("{GOOD}\n{hb}\n{}", group.replace("disk0", "nope")))
+                .contains("no [[volume]] named 'nope'")
+        );
+        assert!(
+            parse_err(&format!("{GOOD}\n{hb}\n{}", group.replace("/24", "")))
+                .contains("address/prefix")
+        );
     }
 
     #[test]
