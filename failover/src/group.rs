@@ -125,6 +125,8 @@ pub struct Facts {
     pub vm_failed: bool,
     /// An operator asked to move the group to the other node.
     pub swap_requested: bool,
+    /// This node just handed the group over and waits for the peer to take it.
+    pub handing_over: bool,
 }
 
 /// What the node should do now.
@@ -186,6 +188,24 @@ pub fn decide(f: &Facts) -> Decision {
             }
             stay(GroupState::Secondary, "the peer is primary")
         }
+        Some(p) if p.handing_over => {
+            if f.data == DataState::UpToDate {
+                Decision::Promote {
+                    round: next_round,
+                    quorum: Quorum::PeerConsent,
+                    reason: "the peer handed the group over".into(),
+                }
+            } else {
+                stay(
+                    GroupState::Waiting,
+                    "the peer hands the group over but this copy is not in sync yet",
+                )
+            }
+        }
+        Some(_) if f.handing_over => stay(
+            GroupState::Waiting,
+            "handed the group over; waiting for the peer to take it",
+        ),
         Some(p) => {
             // Both alive, neither primary: the group starts where the newest data is.
             if f.data == DataState::Stale || p.data_newer {
@@ -333,6 +353,7 @@ mod tests {
             fence_configured: false,
             vm_failed: false,
             swap_requested: false,
+            handing_over: false,
         }
     }
 
@@ -469,7 +490,16 @@ mod tests {
             ..base()
         };
         assert!(matches!(decide(&f), Decision::Demote { .. }));
-        let mut p = peer(GroupState::Primary);
+        // After demoting, the old primary waits; the peer sees the handover and promotes.
+        let old = Facts {
+            state: GroupState::Waiting,
+            handing_over: true,
+            is_preferred: true,
+            peer: Some(peer(GroupState::Secondary)),
+            ..base()
+        };
+        assert!(matches!(decide(&old), Decision::Stay { .. }));
+        let mut p = peer(GroupState::Waiting);
         p.handing_over = true;
         let g = Facts {
             peer: Some(p),
@@ -518,11 +548,11 @@ mod tests {
     prop_compose! {
         fn arb_facts()(state in arb_state(), round in 0u64..5, pref in any::<bool>(), afb in any::<bool>(),
                        data in arb_data(), witness in arb_witness(), fence in any::<bool>(),
-                       vm_failed in any::<bool>(), swap in any::<bool>(),
+                       vm_failed in any::<bool>(), swap in any::<bool>(), handing in any::<bool>(),
                        peer in proptest::option::of((arb_state(), 0u64..5, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())))
                        -> Facts {
             Facts { state, round, is_preferred: pref, auto_failback: afb, data, witness,
-                    fence_configured: fence, vm_failed, swap_requested: swap,
+                    fence_configured: fence, vm_failed, swap_requested: swap, handing_over: handing,
                     peer: peer.map(|(state, round, newer, equal, handing_over, ready)| PeerFacts {
                         state, round, data_newer: newer && !equal, data_equal: equal && !newer, handing_over, ready }) }
         }
