@@ -673,6 +673,11 @@ impl Volume {
                 if peer_ok {
                     if len > 0 && l.is_ok() {
                         self.unflushed.mark(offset, len);
+                        if link.is_closed() {
+                            // The link dropped after the peer acknowledged but possibly before
+                            // link_down collected the unflushed set: record it here too.
+                            self.meta.mark_dirty(offset, len).map_err(meta_io)?;
+                        }
                     }
                 } else {
                     // Durable before the reply: the peer lacks this write.
