@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system packages the tests use (real NBD clients and peers), idempotently.
+# Installs the system packages the tests use (real NBD clients and peers; arping for the
+# virtual IP's gratuitous ARP), idempotently.
 # Needs root and Debian 12 (bookworm). qemu-utils must be 10.x: when it is missing it comes
 # from bookworm-backports through a private source list (bookworm's 7.2 is too old, and
 # mixing it with 10.x removes packages), so /etc/apt is never edited.
@@ -11,7 +12,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-  libnbd-bin fio nbdkit iproute2 util-linux procps python3 ca-certificates
+  libnbd-bin fio nbdkit iproute2 util-linux procps python3 ca-certificates \
+  iputils-arping
 if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
   A=/var/cache/nbdmirror-apt
   mkdir -p "$A/lists/partial" "$A/empty" "$A/cache/archives/partial"

@@ -2,8 +2,12 @@
 //!
 //! - [`group`]: the per-group state machine (Stopped, Waiting, Alone, Primary, Secondary,
 //!   Suspended) as pure logic: facts in, a decision out.
+//! - [`vip`]: the group's virtual IP on an interface (netlink), announced by gratuitous ARP.
+//! - [`hooks`]: the group's start/stop/monitor/fence commands, with timeouts.
 //!
 //! Invariant to keep: a node promotes only with quorum (the peer's consent, a witness vote or
 //! a successful fence), and never stale data.
 
 pub mod group;
+pub mod hooks;
+pub mod vip;
