@@ -7,3 +7,4 @@
 //! a successful fence), and never stale data.
 
 pub mod group;
+pub mod heartbeat;
