@@ -12,7 +12,7 @@ use tokio::sync::watch;
 const INTERVAL: Duration = Duration::from_millis(100);
 const TIMEOUT: Duration = Duration::from_millis(600);
 /// Scheduling slack on a loaded 2-core machine.
-const SLACK: Duration = Duration::from_millis(250);
+const SLACK: Duration = Duration::from_millis(400);
 
 fn key() -> [u8; 32] {
     heartbeat_key("a heartbeat test secret")
