@@ -4,10 +4,14 @@
 //!   Suspended) as pure logic: facts in, a decision out.
 //! - [`vip`]: the group's virtual IP on an interface (netlink), announced by gratuitous ARP.
 //! - [`hooks`]: the group's start/stop/monitor/fence commands, with timeouts.
+//! - [`heartbeat`]: authenticated UDP heartbeats on one or more links, apart from the data path.
+//! - [`witness`]: the third node that votes for at most one primary per group and round.
 //!
 //! Invariant to keep: a node promotes only with quorum (the peer's consent, a witness vote or
 //! a successful fence), and never stale data.
 
 pub mod group;
+pub mod heartbeat;
 pub mod hooks;
 pub mod vip;
+pub mod witness;

@@ -10,6 +10,7 @@ mod control;
 mod export;
 mod serve;
 mod size;
+mod witness;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,7 @@ enum Command {
     Export(export::ExportArgs),
     /// Inspect a volume's metadata file (dirty map, activity map, generations).
     Bitmap(bitmap::BitmapArgs),
+    Witness(witness::WitnessArgs),
 }
 
 fn init_logging(level: &str) {
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         },
         Command::Export(args) => export::run(args),
         Command::Bitmap(args) => bitmap::run(args),
+        Command::Witness(args) => witness::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

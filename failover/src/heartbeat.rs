@@ -1,0 +1,851 @@
+//! Heartbeats between the two nodes on one or more links (UDP), authenticated with the shared
+//! secret.
+//!
+//! Every `interval`, each link sends one datagram to the peer: magic, version, link index,
+//! sender node, incarnation (random per start), sequence number, the sender's wall clock,
+//! an opaque payload chosen by the caller (<= [`MAX_PAYLOAD`] bytes) and a keyed BLAKE3 MAC
+//! of all of it. The peer is alive while any link delivered a valid heartbeat within
+//! `timeout`.
+//!
+//! The module has two halves:
+//! - a pure codec ([`encode`], [`decode`]) and replay filter ([`ReplayGuard`]), tested
+//!   alone (unit and property tests);
+//! - the socket tasks behind [`Heartbeats`]: one task per link (it sends and receives on its
+//!   own socket) and one that notices silence. They run on their own tokio tasks and never
+//!   share a socket or a queue with the data path, so a saturated replication link cannot
+//!   delay a heartbeat.
+//!
+//! Replays: within one incarnation a datagram must carry a higher sequence number than the
+//! last one accepted on that link. A new incarnation (the peer restarted) is accepted when its
+//! wall clock is later than the last datagram of the current one (both readings come from the
+//! peer's own clock), or when the current one has been silent for `timeout`; the incarnations
+//! it replaces are remembered and refused from then on. The link index is MAC'd, so a
+//! datagram recorded on one link cannot be played back on another.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Largest payload a heartbeat carries (keeps a datagram under any sane MTU).
+pub const MAX_PAYLOAD: usize = 1200;
+/// Longest node name (the config allows 63 characters).
+pub const MAX_NODE_NAME: usize = 63;
+/// Default time between two heartbeats on a link.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+/// Default silence on every link after which the peer is declared dead.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+
+const MAGIC: [u8; 4] = *b"NBMH";
+const VERSION: u8 = 1;
+const MAC_LEN: usize = 32;
+/// magic, version, link, name length, incarnation, seq, sent_ms, payload length.
+const FIXED_LEN: usize = 4 + 1 + 1 + 1 + 8 + 8 + 8 + 2;
+/// Largest valid datagram.
+pub const MAX_DATAGRAM: usize = FIXED_LEN + MAX_NODE_NAME + MAX_PAYLOAD + MAC_LEN;
+/// Domain separation for the key derived from the configured secret.
+const KEY_CONTEXT: &str = "nbdmirror 2026-11 heartbeat datagram v1";
+/// How many replaced incarnations a receiver remembers (and refuses).
+const RETIRED_INCARNATIONS: usize = 32;
+
+/// The heartbeat key derived from the nodes' shared `secret`.
+pub fn heartbeat_key(secret: &str) -> [u8; 32] {
+    blake3::derive_key(KEY_CONTEXT, secret.as_bytes())
+}
+
+/// Why a datagram or a heartbeat set-up was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("datagram of {0} bytes is too short")]
+    TooShort(usize),
+    #[error("not a heartbeat (bad magic)")]
+    BadMagic,
+    #[error("heartbeat version {0} is not supported (this build speaks {VERSION})")]
+    BadVersion(u8),
+    #[error("heartbeat MAC does not match (different secret, or tampered)")]
+    BadMac,
+    #[error("malformed heartbeat: {0}")]
+    Malformed(&'static str),
+    #[error("node name must be 1-{MAX_NODE_NAME} bytes, got {0}")]
+    NodeName(usize),
+    #[error("heartbeat payload of {0} bytes exceeds {MAX_PAYLOAD}")]
+    PayloadTooLarge(usize),
+}
+
+/// Errors of the heartbeat service.
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatError {
+    #[error("cannot bind heartbeat link {addr}: it is not an address of this host")]
+    NotLocal { addr: SocketAddr },
+    #[error("cannot bind heartbeat link {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("heartbeat configuration: {0}")]
+    Config(String),
+    #[error("heartbeats need a running tokio runtime")]
+    NoRuntime,
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// One heartbeat, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    /// The link it was sent on (index into the sender's links; both sides list links in the
+    /// same order).
+    pub link: u8,
+    pub node: String,
+    pub incarnation: u64,
+    pub seq: u64,
+    /// The sender's wall clock, milliseconds since the Unix epoch.
+    pub sent_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+fn mac(key: &[u8; 32], bytes: &[u8]) -> [u8; 32] {
+    *blake3::keyed_hash(key, bytes).as_bytes()
+}
+
+/// Encodes and MACs a heartbeat.
+pub fn encode(key: &[u8; 32], d: &Datagram) -> Result<Vec<u8>, CodecError> {
+    let name = d.node.as_bytes();
+    if name.is_empty() || name.len() > MAX_NODE_NAME {
+        return Err(CodecError::NodeName(name.len()));
+    }
+    if d.payload.len() > MAX_PAYLOAD {
+        return Err(CodecError::PayloadTooLarge(d.payload.len()));
+    }
+    let mut out = Vec::with_capacity(FIXED_LEN + name.len() + d.payload.len() + MAC_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(d.link);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&d.incarnation.to_be_bytes());
+    out.extend_from_slice(&d.seq.to_be_bytes());
+    out.extend_from_slice(&d.sent_ms.to_be_bytes());
+    out.extend_from_slice(&(d.payload.len() as u16).to_be_bytes());
+    out.extend_from_slice(&d.payload);
+    let tag = mac(key, &out);
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// A cursor over untrusted bytes: every read is bounds-checked.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+        if self.buf.len() < n {
+            return Err(CodecError::Malformed("truncated"));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, CodecError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, CodecError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u64(&mut self) -> Result<u64, CodecError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+}
+
+/// Checks the MAC (in constant time) and decodes a heartbeat. Anything unauthenticated is
+/// refused before a single field is trusted.
+pub fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<Datagram, CodecError> {
+    if bytes.len() < FIXED_LEN + 1 + MAC_LEN {
+        return Err(CodecError::TooShort(bytes.len()));
+    }
+    if bytes[..4] != MAGIC {
+        return Err(CodecError::BadMagic);
+    }
+    if bytes[4] != VERSION {
+        return Err(CodecError::BadVersion(bytes[4]));
+    }
+    let (body, tag) = bytes.split_at(bytes.len() - MAC_LEN);
+    let mut received = [0u8; 32];
+    received.copy_from_slice(tag);
+    if blake3::Hash::from(mac(key, body)) != blake3::Hash::from(received) {
+        return Err(CodecError::BadMac);
+    }
+    let mut r = Reader { buf: &body[5..] };
+    let link = r.u8()?;
+    let name_len = usize::from(r.u8()?);
+    if name_len == 0 || name_len > MAX_NODE_NAME {
+        return Err(CodecError::NodeName(name_len));
+    }
+    let node = std::str::from_utf8(r.take(name_len)?)
+        .map_err(|_| CodecError::Malformed("node name is not UTF-8"))?
+        .to_string();
+    let incarnation = r.u64()?;
+    let seq = r.u64()?;
+    let sent_ms = r.u64()?;
+    let payload_len = usize::from(r.u16()?);
+    if payload_len > MAX_PAYLOAD {
+        return Err(CodecError::PayloadTooLarge(payload_len));
+    }
+    let payload = r.take(payload_len)?.to_vec();
+    if !r.buf.is_empty() {
+        return Err(CodecError::Malformed("trailing bytes"));
+    }
+    Ok(Datagram {
+        link,
+        node,
+        incarnation,
+        seq,
+        sent_ms,
+        payload,
+    })
+}
+
+/// What the replay filter says about an authenticated message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// The next message of the current incarnation.
+    Next,
+    /// The first message of a new incarnation (the sender restarted); the old one is retired.
+    NewIncarnation,
+    /// Sequence number not newer than the last accepted one of this incarnation.
+    Replayed,
+    /// An incarnation this receiver already saw replaced.
+    Retired,
+    /// A new incarnation whose clock is not later than the current one's, while the current
+    /// one is still speaking: a recording of an older run.
+    ClockBehind,
+}
+
+impl Freshness {
+    pub fn accepted(self) -> bool {
+        matches!(self, Freshness::Next | Freshness::NewIncarnation)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stream {
+    incarnation: u64,
+    last_seq: u64,
+    last_sent_ms: u64,
+}
+
+/// Replay filter for one sender on one link (pure: no clock of its own).
+#[derive(Debug, Clone, Default)]
+pub struct ReplayGuard {
+    current: Option<Stream>,
+    retired: VecDeque<u64>,
+}
+
+impl ReplayGuard {
+    pub fn new() -> ReplayGuard {
+        ReplayGuard::default()
+    }
+
+    /// The incarnation currently accepted, if any.
+    pub fn incarnation(&self) -> Option<u64> {
+        self.current.map(|s| s.incarnation)
+    }
+
+    /// Judges an authenticated message and, when it is accepted, remembers it.
+    /// `current_silent`: the current incarnation has been silent for the failure timeout
+    /// (then a new incarnation is accepted even if the sender's clock went back).
+    pub fn check(
+        &mut self,
+        incarnation: u64,
+        seq: u64,
+        sent_ms: u64,
+        current_silent: bool,
+    ) -> Freshness {
+        match self.current {
+            Some(ref mut cur) if cur.incarnation == incarnation => {
+                if seq <= cur.last_seq {
+                    return Freshness::Replayed;
+                }
+                cur.last_seq = seq;
+                cur.last_sent_ms = cur.last_sent_ms.max(sent_ms);
+                Freshness::Next
+            }
+            _ if self.retired.contains(&incarnation) => Freshness::Retired,
+            Some(cur) => {
+                if sent_ms <= cur.last_sent_ms && !current_silent {
+                    return Freshness::ClockBehind;
+                }
+                if self.retired.len() == RETIRED_INCARNATIONS {
+                    self.retired.pop_front();
+                }
+                self.retired.push_back(cur.incarnation);
+                self.current = Some(Stream {
+                    incarnation,
+                    last_seq: seq,
+                    last_sent_ms: sent_ms,
+                });
+                Freshness::NewIncarnation
+            }
+            None => {
+                self.current = Some(Stream {
+                    incarnation,
+                    last_seq: seq,
+                    last_sent_ms: sent_ms,
+                });
+                Freshness::NewIncarnation
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Random bytes from the OS; if /dev/urandom cannot be read, a hash of the time, the process
+/// id and a counter (unique within the process, which is all incarnations and nonces need:
+/// the MAC key is the real secret).
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = [0u8; N];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut out))
+        .is_ok();
+    if !ok {
+        let mut h = blake3::Hasher::new();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.update(&nanos.to_le_bytes());
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        h.finalize_xof().fill(&mut out);
+    }
+    out
+}
+
+/// What the heartbeat service needs to know.
+#[derive(Clone)]
+pub struct HeartbeatSpec {
+    /// This node's name (sent in every heartbeat).
+    pub node: String,
+    /// The peer's name, if known: heartbeats from any other name are dropped. `None` accepts
+    /// any name except this node's own (which would be a reflection).
+    pub peer: Option<String>,
+    /// Links, in the same order on both nodes: (local address to bind, peer's address).
+    pub links: Vec<(SocketAddr, SocketAddr)>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// From [`heartbeat_key`].
+    pub key: [u8; 32],
+}
+
+impl HeartbeatSpec {
+    /// A spec with the default interval (500 ms) and timeout (3 s), accepting any peer name.
+    pub fn new(
+        node: impl Into<String>,
+        links: Vec<(SocketAddr, SocketAddr)>,
+        key: [u8; 32],
+    ) -> HeartbeatSpec {
+        HeartbeatSpec {
+            node: node.into(),
+            peer: None,
+            links,
+            interval: DEFAULT_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            key,
+        }
+    }
+}
+
+impl std::fmt::Debug for HeartbeatSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeartbeatSpec")
+            .field("node", &self.node)
+            .field("peer", &self.peer)
+            .field("links", &self.links)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What this node knows about its peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerView {
+    /// Some link delivered a valid heartbeat within the timeout.
+    pub alive: bool,
+    /// The payload of the latest valid heartbeat (kept after the peer dies).
+    pub last_payload: Option<Vec<u8>>,
+    /// The peer's incarnation (changes when its daemon restarts).
+    pub incarnation: Option<u64>,
+    /// Per link: a valid heartbeat arrived on it within the timeout.
+    pub links_up: Vec<bool>,
+    /// When `alive` last changed (or the service started).
+    pub since: Instant,
+    /// The peer's node name, as it signs its heartbeats.
+    pub node: Option<String>,
+}
+
+struct Shared {
+    spec_node: String,
+    peer: Option<String>,
+    timeout: Duration,
+    guards: Vec<ReplayGuard>,
+    last_seen: Vec<Option<Instant>>,
+    view: watch::Sender<PeerView>,
+}
+
+impl Shared {
+    fn link_up(&self, i: usize, now: Instant) -> bool {
+        self.last_seen[i].is_some_and(|t| now.saturating_duration_since(t) < self.timeout)
+    }
+
+    /// Recomputes liveness and publishes the view if anything changed.
+    fn refresh(&self, now: Instant, received: Option<&Datagram>) {
+        let links_up: Vec<bool> = (0..self.last_seen.len())
+            .map(|i| self.link_up(i, now))
+            .collect();
+        let alive = links_up.iter().any(|&u| u);
+        self.view.send_if_modified(|v| {
+            let mut changed = false;
+            if v.alive != alive {
+                v.alive = alive;
+                v.since = now;
+                changed = true;
+                if alive {
+                    info!(peer = ?received.map(|d| &d.node), "peer is alive (heartbeats arrive)");
+                } else {
+                    warn!(peer = ?v.node, timeout = ?self.timeout, "peer is dead: no heartbeat on any link");
+                }
+            }
+            if v.links_up != links_up {
+                for (i, (&old, &new)) in v.links_up.iter().zip(&links_up).enumerate() {
+                    if old != new {
+                        info!(link = i, up = new, "heartbeat link changed");
+                    }
+                }
+                v.links_up = links_up;
+                changed = true;
+            }
+            if let Some(d) = received {
+                if v.last_payload.as_deref() != Some(&d.payload[..]) {
+                    v.last_payload = Some(d.payload.clone());
+                    changed = true;
+                }
+                if v.incarnation != Some(d.incarnation) {
+                    v.incarnation = Some(d.incarnation);
+                    changed = true;
+                }
+                if v.node.as_deref() != Some(&d.node) {
+                    v.node = Some(d.node.clone());
+                    changed = true;
+                }
+            }
+            changed
+        });
+    }
+
+    /// Takes an authenticated datagram received on link `i`.
+    fn accept(&mut self, i: usize, d: Datagram, from: SocketAddr, now: Instant) {
+        if usize::from(d.link) != i {
+            debug!(link = i, claimed = d.link, %from, "heartbeat for another link: dropped");
+            return;
+        }
+        if d.node == self.spec_node {
+            debug!(link = i, %from, "heartbeat signed with our own name (reflection): dropped");
+            return;
+        }
+        if let Some(p) = &self.peer {
+            if *p != d.node {
+                debug!(link = i, node = %d.node, %from, "heartbeat from an unexpected node: dropped");
+                return;
+            }
+        }
+        let silent = !self.link_up(i, now);
+        let verdict = self.guards[i].check(d.incarnation, d.seq, d.sent_ms, silent);
+        if !verdict.accepted() {
+            debug!(link = i, ?verdict, seq = d.seq, %from, "stale heartbeat: dropped");
+            return;
+        }
+        if verdict == Freshness::NewIncarnation {
+            info!(link = i, node = %d.node, incarnation = d.incarnation, "peer incarnation on link");
+        }
+        self.last_seen[i] = Some(now);
+        self.refresh(now, Some(&d));
+    }
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The running heartbeat service. Dropping it stops its tasks.
+pub struct Heartbeats {
+    payload: watch::Sender<Vec<u8>>,
+    view: watch::Receiver<PeerView>,
+    local_addrs: Vec<SocketAddr>,
+    incarnation: u64,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Heartbeats {
+    /// Binds every link's socket (all or nothing), then starts sending and listening on the
+    /// current tokio runtime.
+    pub fn start(spec: HeartbeatSpec) -> Result<Heartbeats, HeartbeatError> {
+        let handle =
+            tokio::runtime::Handle::try_current().map_err(|_| HeartbeatError::NoRuntime)?;
+        if spec.node.is_empty() || spec.node.len() > MAX_NODE_NAME {
+            return Err(CodecError::NodeName(spec.node.len()).into());
+        }
+        if spec.links.is_empty() || spec.links.len() > usize::from(u8::MAX) + 1 {
+            return Err(HeartbeatError::Config(format!(
+                "need 1 to 256 links, got {}",
+                spec.links.len()
+            )));
+        }
+        if spec.interval.is_zero() || spec.timeout <= spec.interval {
+            return Err(HeartbeatError::Config(format!(
+                "timeout ({:?}) must be longer than a non-zero interval ({:?})",
+                spec.timeout, spec.interval
+            )));
+        }
+        let mut sockets = Vec::with_capacity(spec.links.len());
+        for &(local, _) in &spec.links {
+            let sock = std::net::UdpSocket::bind(local).map_err(|e| bind_error(local, &e))?;
+            sock.set_nonblocking(true)
+                .map_err(|e| bind_error(local, &e))?;
+            sockets.push(sock);
+        }
+        let incarnation = u64::from_be_bytes(random_bytes::<8>());
+        let now = Instant::now();
+        let (view_tx, view_rx) = watch::channel(PeerView {
+            alive: false,
+            last_payload: None,
+            incarnation: None,
+            links_up: vec![false; spec.links.len()],
+            since: now,
+            node: None,
+        });
+        let (payload_tx, payload_rx) = watch::channel(Vec::new());
+        let shared = Arc::new(Mutex::new(Shared {
+            spec_node: spec.node.clone(),
+            peer: spec.peer.clone(),
+            timeout: spec.timeout,
+            guards: vec![ReplayGuard::new(); spec.links.len()],
+            last_seen: vec![None; spec.links.len()],
+            view: view_tx,
+        }));
+        let _enter = handle.enter();
+        let mut local_addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for (i, (sock, &(local, peer))) in sockets.into_iter().zip(&spec.links).enumerate() {
+            let sock = UdpSocket::from_std(sock).map_err(|e| bind_error(local, &e))?;
+            local_addrs.push(sock.local_addr().unwrap_or(local));
+            let link = Link {
+                index: i,
+                sock,
+                peer,
+                node: spec.node.clone(),
+                key: spec.key,
+                incarnation,
+                interval: spec.interval,
+                payload: payload_rx.clone(),
+                shared: shared.clone(),
+            };
+            tasks.push(tokio::spawn(link.run()));
+        }
+        tasks.push(tokio::spawn(watch_silence(shared, spec.interval)));
+        info!(node = %spec.node, links = ?local_addrs, incarnation, "heartbeats started");
+        Ok(Heartbeats {
+            payload: payload_tx,
+            view: view_rx,
+            local_addrs,
+            incarnation,
+            tasks,
+        })
+    }
+
+    /// Sets the payload of the next heartbeats (sent at once on every link).
+    pub fn set_payload(&self, payload: Vec<u8>) -> Result<(), HeartbeatError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(CodecError::PayloadTooLarge(payload.len()).into());
+        }
+        self.payload.send_replace(payload);
+        Ok(())
+    }
+
+    /// The peer's state, updated as heartbeats arrive or stop.
+    pub fn subscribe(&self) -> watch::Receiver<PeerView> {
+        self.view.clone()
+    }
+
+    /// The bound local addresses, per link (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// This start's incarnation, as the peer sees it.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Stops sending and listening, and waits until the sockets are closed.
+    pub async fn stop(mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn bind_error(addr: SocketAddr, e: &std::io::Error) -> HeartbeatError {
+    if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+        HeartbeatError::NotLocal { addr }
+    } else {
+        HeartbeatError::Bind {
+            addr,
+            reason: e.to_string(),
+        }
+    }
+}
+
+struct Link {
+    index: usize,
+    sock: UdpSocket,
+    peer: SocketAddr,
+    node: String,
+    key: [u8; 32],
+    incarnation: u64,
+    interval: Duration,
+    payload: watch::Receiver<Vec<u8>>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Link {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut seq: u64 = 0;
+        let mut send_failing = false;
+        let mut payload_open = true;
+        loop {
+            let send_now = tokio::select! {
+                _ = tick.tick() => true,
+                r = self.payload.changed(), if payload_open => {
+                    payload_open = r.is_ok();
+                    payload_open
+                }
+                r = self.sock.recv_from(&mut buf) => {
+                    match r {
+                        Ok((n, from)) => self.received(&buf[..n], from),
+                        Err(e) => {
+                            debug!(link = self.index, error = %e, "heartbeat receive error");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                    false
+                }
+            };
+            if !send_now {
+                continue;
+            }
+            seq += 1;
+            let d = Datagram {
+                link: self.index as u8,
+                node: self.node.clone(),
+                incarnation: self.incarnation,
+                seq,
+                sent_ms: unix_ms(),
+                payload: self.payload.borrow_and_update().clone(),
+            };
+            let bytes = match encode(&self.key, &d) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(link = self.index, error = %e, "cannot encode heartbeat");
+                    continue;
+                }
+            };
+            match self.sock.send_to(&bytes, self.peer).await {
+                Ok(_) if send_failing => {
+                    send_failing = false;
+                    info!(link = self.index, peer = %self.peer, "heartbeats leave again");
+                }
+                Ok(_) => {}
+                Err(e) if !send_failing => {
+                    send_failing = true;
+                    warn!(link = self.index, peer = %self.peer, error = %e, "cannot send heartbeat");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn received(&self, bytes: &[u8], from: SocketAddr) {
+        match decode(&self.key, bytes) {
+            Ok(d) => lock(&self.shared).accept(self.index, d, from, Instant::now()),
+            Err(e) => debug!(link = self.index, %from, error = %e, "invalid heartbeat: dropped"),
+        }
+    }
+}
+
+/// Declares links and the peer dead when heartbeats stop (checked twice per interval).
+async fn watch_silence(shared: Arc<Mutex<Shared>>, interval: Duration) {
+    let mut tick = tokio::time::interval((interval / 2).max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        lock(&shared).refresh(Instant::now(), None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn sample() -> Datagram {
+        Datagram {
+            link: 1,
+            node: "node-a".into(),
+            incarnation: 42,
+            seq: 9,
+            sent_ms: 1_700_000_000_000,
+            payload: b"role=primary gen=3".to_vec(),
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_wrong_key() {
+        let bytes = encode(&KEY, &sample()).expect("encode");
+        assert_eq!(decode(&KEY, &bytes), Ok(sample()));
+        assert_eq!(decode(&[8; 32], &bytes), Err(CodecError::BadMac));
+        assert_eq!(
+            decode(&heartbeat_key("0123456789abcdef"), &bytes),
+            Err(CodecError::BadMac)
+        );
+    }
+
+    #[test]
+    fn refuses_bad_inputs() {
+        let mut d = sample();
+        d.payload = vec![0; MAX_PAYLOAD + 1];
+        assert_eq!(
+            encode(&KEY, &d),
+            Err(CodecError::PayloadTooLarge(MAX_PAYLOAD + 1))
+        );
+        d.payload = vec![0; MAX_PAYLOAD];
+        assert!(encode(&KEY, &d).is_ok());
+        d.node = String::new();
+        assert_eq!(encode(&KEY, &d), Err(CodecError::NodeName(0)));
+        assert_eq!(decode(&KEY, b"short"), Err(CodecError::TooShort(5)));
+        let mut bytes = encode(&KEY, &sample()).expect("encode");
+        bytes[0] = b'X';
+        assert_eq!(decode(&KEY, &bytes), Err(CodecError::BadMagic));
+        let mut bytes = encode(&KEY, &sample()).expect("encode");
+        bytes[4] = 2;
+        assert_eq!(decode(&KEY, &bytes), Err(CodecError::BadVersion(2)));
+    }
+
+    #[test]
+    fn replay_guard_rules() {
+        let mut g = ReplayGuard::new();
+        assert_eq!(g.check(1, 5, 100, false), Freshness::NewIncarnation);
+        assert_eq!(g.check(1, 5, 100, false), Freshness::Replayed);
+        assert_eq!(g.check(1, 4, 100, false), Freshness::Replayed);
+        assert_eq!(g.check(1, 6, 101, false), Freshness::Next);
+        // A recording of an older run while the current one speaks.
+        assert_eq!(g.check(2, 100, 50, false), Freshness::ClockBehind);
+        // The peer restarted (later clock).
+        assert_eq!(g.check(3, 1, 200, false), Freshness::NewIncarnation);
+        assert_eq!(g.incarnation(), Some(3));
+        // The old run is refused from now on, even with a later clock or after silence.
+        assert_eq!(g.check(1, 7, 300, true), Freshness::Retired);
+        // Clock stepped back across a restart: accepted once the current run is silent.
+        assert_eq!(g.check(4, 1, 10, false), Freshness::ClockBehind);
+        assert_eq!(g.check(4, 1, 10, true), Freshness::NewIncarnation);
+    }
+
+    proptest! {
+        #[test]
+        fn prop_roundtrip(link: u8, node in "[a-z0-9._-]{1,63}", incarnation: u64, seq: u64,
+                          sent_ms: u64, payload in proptest::collection::vec(any::<u8>(), 0..=MAX_PAYLOAD)) {
+            let d = Datagram { link, node, incarnation, seq, sent_ms, payload };
+            let bytes = encode(&KEY, &d).expect("encode");
+            prop_assert!(bytes.len() <= MAX_DATAGRAM);
+            prop_assert_eq!(decode(&KEY, &bytes), Ok(d));
+        }
+
+        #[test]
+        fn prop_any_bit_flip_is_refused(bit in 0usize..10_000, payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut d = sample();
+            d.payload = payload;
+            let mut bytes = encode(&KEY, &d).expect("encode");
+            let bit = bit % (bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(decode(&KEY, &bytes).is_err());
+        }
+
+        #[test]
+        fn prop_truncation_or_extension_is_refused(cut in 1usize..200, extra in proptest::collection::vec(any::<u8>(), 1..8)) {
+            let bytes = encode(&KEY, &sample()).expect("encode");
+            let cut = cut.min(bytes.len());
+            prop_assert!(decode(&KEY, &bytes[..bytes.len() - cut]).is_err());
+            let mut longer = bytes.clone();
+            longer.extend_from_slice(&extra);
+            prop_assert!(decode(&KEY, &longer).is_err());
+        }
+
+        #[test]
+        fn prop_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1400)) {
+            prop_assert!(decode(&KEY, &bytes).is_err());
+        }
+
+        /// Whatever arrives, in whatever order: no (incarnation, seq) is accepted twice, and
+        /// within an incarnation accepted sequence numbers strictly grow.
+        #[test]
+        fn prop_guard_never_accepts_a_replay(
+            msgs in proptest::collection::vec((0u64..4, 0u64..20, 0u64..50, any::<bool>()), 0..200)
+        ) {
+            let mut g = ReplayGuard::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut last: std::collections::HashMap<u64, u64> = Default::default();
+            for (inc, seq, ms, silent) in msgs {
+                if g.check(inc, seq, ms, silent).accepted() {
+                    prop_assert!(seen.insert((inc, seq)), "accepted ({inc}, {seq}) twice");
+                    if let Some(&prev) = last.get(&inc) {
+                        prop_assert!(seq > prev);
+                    }
+                    last.insert(inc, seq);
+                    prop_assert_eq!(g.incarnation(), Some(inc));
+                }
+            }
+        }
+    }
+}
