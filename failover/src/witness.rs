@@ -128,6 +128,13 @@ pub enum Reply {
     Refused { reason: String },
 }
 
+/// How long after the holder's last lease another node may be voted in. The holder treats
+/// its lease as valid for less than this, counted from when it sent the request, so it stops
+/// acknowledging writes alone before the witness would vote for anyone else.
+pub const LEASE_TIMEOUT_MS: u64 = 3000;
+/// How long a lease stays valid on the holder's side, from the moment it sent the request.
+pub const LEASE_VALIDITY: Duration = Duration::from_millis(2500);
+
 /// What the rules say about one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -168,7 +175,17 @@ pub fn decide(
             }
             let grant = match stored {
                 None => *round > 0,
-                Some(s) => *round > s.round || (*round == s.round && *candidate == s.holder),
+                Some(s) if *candidate == s.holder => *round >= s.round,
+                Some(s) => {
+                    // Another node may take over only when the holder has stopped renewing
+                    // its lease (it suspends its own I/O before the witness lets its lease
+                    // lapse), and only with the data the holder last reported: a holder
+                    // that wrote alone registered its new generation here first, so a
+                    // stale candidate is refused and no acknowledged write is lost.
+                    let lease_lapsed = since_lease_ms.is_none_or(|ms| ms >= LEASE_TIMEOUT_MS);
+                    let data_current = s.generation == 0 || *generation == s.generation;
+                    *round > s.round && lease_lapsed && data_current
+                }
             };
             if !grant {
                 return answer(Reply::Vote {
@@ -177,9 +194,10 @@ pub fn decide(
                 });
             }
             let new = match stored {
-                // Asked again in the same round: keep the highest generation reported.
+                // The holder again, same round: it reports a new generation (it started
+                // writing alone); stored before the reply, so its writes wait for this.
                 Some(s) if s.round == *round => GroupRecord {
-                    generation: s.generation.max(*generation),
+                    generation: *generation,
                     ..s.clone()
                 },
                 _ => GroupRecord {
@@ -748,6 +766,7 @@ impl WitnessServer {
             state_file: spec.state_file,
             state,
             leases: HashMap::new(),
+            started: Instant::now(),
             replay: ReplayFilter::new(),
             last_warning: None,
         };
@@ -786,6 +805,7 @@ struct Server {
     state: WitnessState,
     /// Per group: (round, holder, when it last leased).
     leases: HashMap<String, (u64, String, Instant)>,
+    started: Instant,
     replay: ReplayFilter,
     last_warning: Option<Instant>,
 }
@@ -845,10 +865,14 @@ impl Server {
     async fn handle(&mut self, env: &Envelope) -> Reply {
         let group = env.request.group().to_string();
         let stored = self.state.groups.get(&group).cloned();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let since_lease_ms = match (&stored, self.leases.get(&group)) {
             (Some(s), Some((round, holder, at))) if s.round == *round && s.holder == *holder => {
-                Some(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
+                Some(ms(at.elapsed()))
             }
+            // After a restart the witness does not know when the holder last leased: count
+            // from the start, so a live holder keeps its round for a full lease timeout.
+            (Some(_), _) => Some(ms(self.started.elapsed())),
             _ => None,
         };
         let d = decide(stored.as_ref(), &env.sender, &env.request, since_lease_ms);
@@ -1138,7 +1162,7 @@ mod tests {
         let d = decide(None, "a", &vote("g", 1, "a", 5), None);
         assert_eq!(d.store, Some(rec(1, "a", 5)));
         let s = rec(1, "a", 5);
-        // Same round, same holder: granted again, nothing to store unless the generation grew.
+        // Same round, same holder: granted again, nothing to store unless the generation changed.
         let d = decide(Some(&s), "a", &vote("g", 1, "a", 5), None);
         assert_eq!(
             (d.store, d.reply),
@@ -1154,9 +1178,10 @@ mod tests {
             decide(Some(&s), "a", &vote("g", 1, "a", 9), None).store,
             Some(rec(1, "a", 9))
         );
+        // Generations are random ids, not counters: the latest reported one is stored.
         assert_eq!(
             decide(Some(&s), "a", &vote("g", 1, "a", 2), None).store,
-            None
+            Some(rec(1, "a", 2))
         );
         // Same round, other node: denied with the stored record.
         let d = decide(Some(&s), "b", &vote("g", 1, "b", 9), None);
@@ -1170,9 +1195,31 @@ mod tests {
                 }
             )
         );
-        // Later round: granted.
+        // Later round, other node: granted only once the holder's lease lapsed, and only with
+        // the generation the holder last reported.
         assert_eq!(
-            decide(Some(&s), "b", &vote("g", 2, "b", 9), None).store,
+            decide(
+                Some(&s),
+                "b",
+                &vote("g", 2, "b", 5),
+                Some(LEASE_TIMEOUT_MS - 1)
+            )
+            .store,
+            None,
+            "a live holder keeps its round"
+        );
+        assert_eq!(
+            decide(Some(&s), "b", &vote("g", 2, "b", 9), Some(LEASE_TIMEOUT_MS)).store,
+            None,
+            "stale data is never voted in"
+        );
+        assert_eq!(
+            decide(Some(&s), "b", &vote("g", 2, "b", 5), Some(LEASE_TIMEOUT_MS)).store,
+            Some(rec(2, "b", 5))
+        );
+        let fresh_pair = rec(1, "a", 0);
+        assert_eq!(
+            decide(Some(&fresh_pair), "b", &vote("g", 2, "b", 9), None).store,
             Some(rec(2, "b", 9))
         );
         // Voting on another's behalf is refused.
@@ -1431,7 +1478,6 @@ mod tests {
                                 prop_assert!(new.round >= b.round, "round went back");
                                 if new.round == b.round {
                                     prop_assert_eq!(&new.holder, &b.holder);
-                                    prop_assert!(new.generation >= b.generation);
                                 }
                             }
                             state.groups.insert(group, new);
