@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use failover::witness::{
     encode_request, witness_key, Envelope, GroupRecord, Request, VoteOutcome, WitnessClient,
-    WitnessError, WitnessServer, WitnessServerSpec, WitnessState,
+    WitnessError, WitnessServer, WitnessServerSpec, WitnessState, LEASE_TIMEOUT_MS,
 };
 
 const SECRET: &str = "witness test secret 0123";
@@ -83,19 +83,32 @@ async fn votes_leases_and_queries_survive_a_restart() {
     );
     assert_eq!(b.query("vm2").await.expect("query").record, None);
 
+    // node-b cannot take round 2 while node-a renews its lease.
+    assert!(matches!(
+        b.vote("vm1", 2, 10).await.expect("vote"),
+        VoteOutcome::Denied(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(LEASE_TIMEOUT_MS + 200)).await;
+    // Nor, once the lease lapsed, with other data than node-a last reported.
+    assert!(matches!(
+        b.vote("vm1", 2, 12).await.expect("vote"),
+        VoteOutcome::Denied(_)
+    ));
     // node-b is elected in round 2: node-a learns from its lease that it was superseded.
     assert_eq!(
-        b.vote("vm1", 2, 12).await.expect("vote"),
-        VoteOutcome::Granted(rec(2, "node-b", 12))
+        b.vote("vm1", 2, 10).await.expect("vote"),
+        VoteOutcome::Granted(rec(2, "node-b", 10))
     );
     let l = a.lease("vm1", 1).await.expect("lease");
     assert!(!l.holder);
-    assert_eq!(l.record, Some(rec(2, "node-b", 12)));
-    assert_eq!(
-        b.query("vm1").await.expect("query").since_lease,
-        None,
-        "node-b never leased"
-    );
+    assert_eq!(l.record, Some(rec(2, "node-b", 10)));
+    // node-b never leased: the age counts from the witness's start (at least the lapse).
+    assert!(b
+        .query("vm1")
+        .await
+        .expect("query")
+        .since_lease
+        .is_some_and(|d| d >= Duration::from_millis(LEASE_TIMEOUT_MS)));
 
     // Restart: the votes are back, and the rules still hold.
     server.stop().await;
@@ -109,15 +122,16 @@ async fn votes_leases_and_queries_survive_a_restart() {
     let server = start(&state, addr).await;
     assert_eq!(
         a.query("vm1").await.expect("query").record,
-        Some(rec(2, "node-b", 12))
+        Some(rec(2, "node-b", 10))
     );
     assert_eq!(
         a.vote("vm1", 2, 99).await.expect("vote"),
-        VoteOutcome::Denied(Some(rec(2, "node-b", 12)))
+        VoteOutcome::Denied(Some(rec(2, "node-b", 10)))
     );
+    // The holder moves on to round 3 with new data (its lease is not needed for itself).
     assert_eq!(
-        a.vote("vm1", 3, 13).await.expect("vote"),
-        VoteOutcome::Granted(rec(3, "node-a", 13))
+        b.vote("vm1", 3, 13).await.expect("vote"),
+        VoteOutcome::Granted(rec(3, "node-b", 13))
     );
     server.stop().await;
 }
@@ -191,11 +205,11 @@ async fn wrong_secret_garbage_and_replays_change_nothing() {
         .expect("genuine request answered")
         .expect("recv");
     assert_eq!(
-        client(addr, "node-a")
+        client(addr, "node-b")
             .vote("vm1", 2, 1)
             .await
             .expect("vote"),
-        VoteOutcome::Granted(rec(2, "node-a", 1))
+        VoteOutcome::Granted(rec(2, "node-b", 1))
     );
     raw.send_to(&good, addr).await.expect("send");
     let answer = tokio::time::timeout(Duration::from_millis(300), raw.recv_from(&mut buf)).await;
@@ -206,7 +220,7 @@ async fn wrong_secret_garbage_and_replays_change_nothing() {
             .await
             .expect("query")
             .record,
-        Some(rec(2, "node-a", 1))
+        Some(rec(2, "node-b", 1))
     );
     server.stop().await;
 }

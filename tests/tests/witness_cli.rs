@@ -86,7 +86,15 @@ fn witness_votes_survive_a_restart() {
         out.ok().stdout.contains(r#""round":1"#) && out.stdout.contains(r#""holder":"node-a""#),
         "{out}"
     );
+    // Round 2 goes to node-b only with node-a's data (generation 7) and once node-a's lease
+    // lapsed (the restarted witness counts from its start).
     let out = ask(&env, &config, "node-b", &["vote", "vm1", "2", "9"]);
+    assert!(
+        out.ok().stdout.contains(r#""granted":false"#),
+        "stale data: {out}"
+    );
+    std::thread::sleep(Duration::from_millis(3300));
+    let out = ask(&env, &config, "node-b", &["vote", "vm1", "2", "7"]);
     assert!(out.ok().stdout.contains(r#""granted":true"#), "{out}");
 }
 
