@@ -23,6 +23,11 @@ pub enum Request {
     },
     Demote {
         volume: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Swap {
+        group: String,
     },
     Resolve {
         volume: String,
@@ -124,6 +129,9 @@ pub struct PromoteArgs {
 #[command(about = "Stop a volume's NBD export and make this node secondary for it")]
 pub struct DemoteArgs {
     pub volume: String,
+    /// Demote a volume that belongs to a failover group (normally only the group does).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub c: ConfigArg,
 }
@@ -267,6 +275,7 @@ pub fn demote(a: DemoteArgs) -> anyhow::Result<()> {
         &a.c.config,
         &Request::Demote {
             volume: a.volume.clone(),
+            force: a.force,
         },
         Some(Duration::from_secs(120)),
     )?;
@@ -306,6 +315,81 @@ pub fn resolve(a: ResolveArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Move a failover group to the other node, with no data loss",
+    long_about = "Move GROUP to the other node: stop the VM (stop hook), remove the virtual IP, \
+        flush, wait until the peer is in sync, demote here, promote there, add the virtual IP \
+        there and start the VM (start hook). Works from either node. Waits until the group is \
+        primary on the other node (at most --timeout seconds)."
+)]
+pub struct SwapArgs {
+    pub group: String,
+    /// Give up waiting after this many seconds (the swap itself goes on).
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub c: ConfigArg,
+}
+
+pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
+    let before = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
+    let primary_of = |v: &serde_json::Value| {
+        v.get("groups")
+            .and_then(|g| g.as_array())
+            .and_then(|g| {
+                g.iter()
+                    .find(|x| x.get("name").and_then(|n| n.as_str()) == Some(&a.group))
+            })
+            .and_then(|g| {
+                g.get("primary_node")
+                    .and_then(|p| p.as_str())
+                    .map(str::to_string)
+            })
+    };
+    let from = primary_of(&before);
+    let r = call(
+        &a.c.config,
+        &Request::Swap {
+            group: a.group.clone(),
+        },
+        Some(Duration::from_secs(30)),
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
+        let p = primary_of(&now);
+        if p.is_some() && p != from {
+            if a.c.json {
+                return print_json(&serde_json::json!({"group": a.group, "from": from, "to": p}));
+            }
+            println!(
+                "{}: moved from {} to {}",
+                a.group,
+                from.as_deref().unwrap_or("-"),
+                p.as_deref().unwrap_or("-")
+            );
+            return Ok(());
+        }
+        last = Some(now);
+    }
+    let state = last
+        .as_ref()
+        .and_then(|v| v.get("groups"))
+        .map(|g| g.to_string())
+        .unwrap_or_default();
+    anyhow::bail!(
+        "{}: {} but the group did not move within {} s; status: {state}",
+        a.group,
+        r.get("action")
+            .and_then(|x| x.as_str())
+            .unwrap_or("swap requested"),
+        a.timeout
+    )
 }
 
 /// Returns whether the copies matched.

@@ -39,6 +39,7 @@ enum Command {
     Promote(control::PromoteArgs),
     Demote(control::DemoteArgs),
     Resolve(control::ResolveArgs),
+    Swap(control::SwapArgs),
     Verify(control::VerifyArgs),
     Export(export::ExportArgs),
     /// Inspect a volume's metadata file (dirty map, activity map, generations).
@@ -68,6 +69,7 @@ fn main() -> ExitCode {
         Command::Promote(args) => control::promote(args),
         Command::Demote(args) => control::demote(args),
         Command::Resolve(args) => control::resolve(args),
+        Command::Swap(args) => control::swap(args),
         Command::Verify(args) => match control::verify(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

@@ -13,6 +13,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
+use failover::driver::{Failover, FailoverSpec, GroupSpec};
+use failover::heartbeat::{heartbeat_key, HeartbeatSpec, Heartbeats};
+use failover::hooks::HookSpec;
+use nbd_server::ListenAddr;
+
 use crate::config::{self, NodeConfig};
 use crate::control::Request;
 
@@ -74,7 +79,85 @@ fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
+/// Binds (and releases) every address this node listens on, before it contacts anyone: an
+/// address that is not on this host (e.g. a lab config run outside its namespaces) stops the
+/// daemon with a clear error before a single packet leaves.
+fn precheck_addresses(cfg: &NodeConfig) -> anyhow::Result<()> {
+    let not_here = |what: &str, addr: &str, e: std::io::Error| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrNotAvailable => "it is not an address of this host".to_string(),
+            std::io::ErrorKind::AddrInUse => "the address is already in use".to_string(),
+            _ => e.to_string(),
+        };
+        anyhow::anyhow!("cannot listen for {what} on {addr}: {why}")
+    };
+    std::net::TcpListener::bind(&cfg.replication_listen)
+        .map_err(|e| not_here("replication", &cfg.replication_listen, e))?;
+    if let Some(hb) = &cfg.heartbeat {
+        for (listen, _) in &hb.links {
+            std::net::UdpSocket::bind(listen).map_err(|e| not_here("heartbeats", listen, e))?;
+        }
+    }
+    for v in &cfg.volumes {
+        for l in &v.listen {
+            if let ListenAddr::Tcp(a) = l {
+                // Only whether the address is local: the port may be taken by the peer's
+                // export on a one-machine pair until this node is promoted.
+                if let Ok(sa) = a.parse::<std::net::SocketAddr>() {
+                    let probe = std::net::SocketAddr::new(sa.ip(), 0);
+                    std::net::TcpListener::bind(probe)
+                        .map_err(|e| not_here(&format!("volume {}", v.name), a, e))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn nbd_uri(volume: &str, listen: &[ListenAddr]) -> String {
+    match listen.first() {
+        Some(ListenAddr::Tcp(a)) => format!("nbd://{a}/{volume}"),
+        Some(ListenAddr::Unix(p)) => format!("nbd+unix:///{volume}?socket={}", p.display()),
+        None => String::new(),
+    }
+}
+
+fn group_specs(cfg: &NodeConfig) -> Vec<GroupSpec> {
+    let hook = |cmd: &Option<String>, h: &config::HooksConfig| {
+        cmd.as_ref().map(|c| HookSpec {
+            command: c.clone(),
+            timeout: h.timeout,
+        })
+    };
+    cfg.groups
+        .iter()
+        .map(|g| GroupSpec {
+            name: g.name.clone(),
+            volumes: g.volumes.clone(),
+            exports: g
+                .volumes
+                .iter()
+                .filter_map(|v| cfg.volumes.iter().find(|x| &x.name == v))
+                .map(|v| (v.name.clone(), nbd_uri(&v.name, &v.listen)))
+                .collect(),
+            preferred_node: g.preferred_node.clone(),
+            vip: g
+                .vip
+                .as_ref()
+                .and_then(|(a, p, i)| failover::vip::Vip::new(*a, *p).ok().map(|v| (v, i.clone()))),
+            auto_failback: g.auto_failback,
+            start: hook(&g.hooks.start, &g.hooks),
+            stop: hook(&g.hooks.stop, &g.hooks),
+            monitor: hook(&g.hooks.monitor, &g.hooks),
+            fence: hook(&g.hooks.fence, &g.hooks),
+            monitor_interval: g.hooks.monitor_interval,
+            restart_attempts: g.hooks.restart_attempts,
+        })
+        .collect()
+}
+
 async fn serve(cfg: NodeConfig, threads: Option<u16>) -> anyhow::Result<()> {
+    precheck_addresses(&cfg)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
     let control = bind_control(&cfg.control_socket)?;
@@ -121,13 +204,21 @@ async fn serve(cfg: NodeConfig, threads: Option<u16>) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    let failover = match start_failover(&cfg, &node).await {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(&cfg.control_socket);
+            return Err(e);
+        }
+    };
     info!(node = %cfg.node, control = %cfg.control_socket.display(), "control socket listening; daemon ready");
     let n2 = node.clone();
+    let f2 = failover.clone();
     tokio::spawn(async move {
         loop {
             match control.accept().await {
                 Ok((s, _)) => {
-                    tokio::spawn(handle_control(n2.clone(), s));
+                    tokio::spawn(handle_control(n2.clone(), f2.clone(), s));
                 }
                 Err(e) => {
                     warn!(error = %e, "control socket accept failed");
@@ -144,7 +235,51 @@ async fn serve(cfg: NodeConfig, threads: Option<u16>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn handle_control(node: Arc<Node>, s: UnixStream) {
+async fn start_failover(
+    cfg: &NodeConfig,
+    node: &Arc<Node>,
+) -> anyhow::Result<Option<Arc<Failover>>> {
+    let Some(hb) = &cfg.heartbeat else {
+        return Ok(None);
+    };
+    let parse = |a: &str| -> anyhow::Result<std::net::SocketAddr> {
+        a.parse()
+            .with_context(|| format!("heartbeat address {a} must be IP:PORT"))
+    };
+    let mut links = Vec::new();
+    for (l, p) in &hb.links {
+        links.push((parse(l)?, parse(p)?));
+    }
+    let spec = HeartbeatSpec {
+        node: cfg.node.clone(),
+        peer: None,
+        links,
+        interval: hb.interval,
+        timeout: hb.timeout,
+        key: heartbeat_key(&cfg.secret.0),
+    };
+    let heartbeats = Heartbeats::start(spec)?;
+    let witness = match &hb.witness {
+        Some(w) => Some(parse(w)?),
+        None => None,
+    };
+    let f = Failover::start(
+        FailoverSpec {
+            node: cfg.node.clone(),
+            groups: group_specs(cfg),
+            interval: hb.interval,
+            witness,
+            witness_key: failover::witness::witness_key(&cfg.secret.0),
+        },
+        node.clone(),
+        heartbeats,
+    )
+    .await?;
+    info!(groups = cfg.groups.len(), witness = ?hb.witness, "failover running");
+    Ok(Some(f))
+}
+
+async fn handle_control(node: Arc<Node>, failover: Option<Arc<Failover>>, s: UnixStream) {
     let (rd, mut wr) = s.into_split();
     let mut line = String::new();
     let mut rd = BufReader::new(rd);
@@ -152,7 +287,7 @@ async fn handle_control(node: Arc<Node>, s: UnixStream) {
         tokio::time::timeout(std::time::Duration::from_secs(10), rd.read_line(&mut line)).await;
     let resp = match read {
         Ok(Ok(n)) if n > 0 => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => execute(&node, req).await,
+            Ok(req) => execute(&node, failover.as_deref(), req).await,
             Err(e) => Err(format!("bad request: {e}")),
         },
         _ => return,
@@ -166,11 +301,35 @@ async fn handle_control(node: Arc<Node>, s: UnixStream) {
     let _ = wr.write_all(out.as_bytes()).await;
 }
 
-async fn execute(node: &Arc<Node>, req: Request) -> Result<serde_json::Value, String> {
+async fn execute(
+    node: &Arc<Node>,
+    failover: Option<&Failover>,
+    req: Request,
+) -> Result<serde_json::Value, String> {
     let e = |e: mirror::node::NodeError| e.to_string();
+    let manual = |volume: &str, force: bool| match failover {
+        Some(f) => f
+            .manual_role_change_allowed(volume, force)
+            .map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
     match req {
-        Request::Status => serde_json::to_value(node.status()).map_err(|e| e.to_string()),
+        Request::Status => {
+            let mut v = serde_json::to_value(node.status()).map_err(|e| e.to_string())?;
+            let groups = failover.map(|f| f.status()).unwrap_or_default();
+            v["groups"] = serde_json::to_value(groups).map_err(|e| e.to_string())?;
+            Ok(v)
+        }
+        Request::Swap { group } => {
+            let f = failover.ok_or(
+                "this node has no failover groups ([heartbeat] and [[group]] in its config)",
+            )?;
+            info!(group, "operator: swap");
+            let action = f.request_swap(&group).map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({"group": group, "action": action}))
+        }
         Request::Promote { volume, force } => {
+            manual(&volume, force)?;
             info!(volume, force, "operator: promote");
             let warning = node.promote(&volume, force).await.map_err(e)?;
             if let Some(w) = &warning {
@@ -178,7 +337,8 @@ async fn execute(node: &Arc<Node>, req: Request) -> Result<serde_json::Value, St
             }
             Ok(serde_json::json!({"volume": volume, "role": "primary", "warning": warning}))
         }
-        Request::Demote { volume } => {
+        Request::Demote { volume, force } => {
+            manual(&volume, force)?;
             info!(volume, "operator: demote");
             node.demote(&volume).await.map_err(e)?;
             Ok(serde_json::json!({"volume": volume, "role": "secondary"}))

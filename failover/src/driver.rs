@@ -1,0 +1,938 @@
+//! The failover driver: the I/O around [`crate::group::decide`]. One task per group gathers
+//! the facts (its volumes, the peer's heartbeats, the witness) every heartbeat interval, asks
+//! the pure decision function what to do, and does it: promote or demote the volumes, move
+//! the virtual IP, run the hooks, hold writes made alone until the witness agreed.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mirror::node::Node;
+use mirror::volume::{PlanSummary, ALONE_ALWAYS};
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+use crate::group::{self, DataState, Decision, Facts, GroupState, PeerFacts, Quorum, Witness};
+use crate::heartbeat::{HeartbeatError, Heartbeats, PeerView};
+use crate::hooks::{self, HookAction, HookEnv, HookSpec};
+use crate::vip::{self, Vip};
+use crate::witness::{VoteOutcome, WitnessClient, LEASE_VALIDITY};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    #[error(transparent)]
+    Heartbeat(#[from] HeartbeatError),
+    #[error("no group named {0:?} on this node")]
+    UnknownGroup(String),
+    #[error("group {group}: {what}")]
+    Refused { group: String, what: String },
+    #[error("group {group}: the heartbeat payload is too large ({bytes} bytes for all groups)")]
+    Payload { group: String, bytes: usize },
+}
+
+/// One group as configured.
+#[derive(Debug, Clone)]
+pub struct GroupSpec {
+    pub name: String,
+    pub volumes: Vec<String>,
+    /// (volume, NBD URI of its export on this node) for the hooks.
+    pub exports: Vec<(String, String)>,
+    pub preferred_node: String,
+    pub vip: Option<(Vip, String)>,
+    pub auto_failback: bool,
+    pub start: Option<HookSpec>,
+    pub stop: Option<HookSpec>,
+    pub monitor: Option<HookSpec>,
+    pub fence: Option<HookSpec>,
+    pub monitor_interval: Duration,
+    pub restart_attempts: u32,
+}
+
+pub struct FailoverSpec {
+    pub node: String,
+    pub groups: Vec<GroupSpec>,
+    pub interval: Duration,
+    pub witness: Option<SocketAddr>,
+    pub witness_key: [u8; 32],
+}
+
+/// A state change, kept for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Transition {
+    pub at_unix: u64,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupStatus {
+    pub name: String,
+    pub state: &'static str,
+    pub primary_node: Option<String>,
+    pub reason: String,
+    pub round: u64,
+    pub preferred_node: String,
+    pub volumes: Vec<String>,
+    pub vip: Option<String>,
+    pub peer_alive: bool,
+    pub witness: &'static str,
+    pub transitions: Vec<Transition>,
+}
+
+/// What a node tells its peer about a group in every heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Announce {
+    pub state: u8,
+    pub round: u64,
+    pub handing_over: bool,
+    /// In sync and able to take the group (swap and failback wait for it).
+    pub ready: bool,
+    /// An operator asked this (secondary) node to take the group.
+    pub wants_group: bool,
+}
+
+fn state_code(s: GroupState) -> u8 {
+    match s {
+        GroupState::Stopped => 0,
+        GroupState::Waiting => 1,
+        GroupState::Alone => 2,
+        GroupState::Primary => 3,
+        GroupState::Secondary => 4,
+        GroupState::Suspended => 5,
+    }
+}
+
+fn code_state(c: u8) -> GroupState {
+    match c {
+        2 => GroupState::Alone,
+        3 => GroupState::Primary,
+        4 => GroupState::Secondary,
+        5 => GroupState::Suspended,
+        1 => GroupState::Waiting,
+        _ => GroupState::Stopped,
+    }
+}
+
+/// Encodes every group's announcement: per group a length-prefixed name, the state, the
+/// round and flags. Pure, so its round trip is unit-tested.
+pub fn encode_payload(entries: &[(String, Announce)]) -> Vec<u8> {
+    let mut out = vec![1u8];
+    for (name, a) in entries {
+        let n = &name.as_bytes()[..name.len().min(255)];
+        out.push(n.len() as u8);
+        out.extend_from_slice(n);
+        out.push(a.state);
+        out.extend_from_slice(&a.round.to_be_bytes());
+        out.push(
+            u8::from(a.handing_over) | (u8::from(a.ready) << 1) | (u8::from(a.wants_group) << 2),
+        );
+    }
+    out
+}
+
+pub fn decode_payload(b: &[u8]) -> HashMap<String, Announce> {
+    let mut out = HashMap::new();
+    if b.first() != Some(&1) {
+        return out;
+    }
+    let mut i = 1;
+    while i < b.len() {
+        let n = usize::from(b[i]);
+        let Some(rest) = b.get(i + 1..i + 1 + n + 10) else {
+            break;
+        };
+        let name = String::from_utf8_lossy(&rest[..n]).into_owned();
+        let mut r = [0u8; 8];
+        r.copy_from_slice(&rest[n + 1..n + 9]);
+        let flags = rest[n + 9];
+        out.insert(
+            name,
+            Announce {
+                state: rest[n],
+                round: u64::from_be_bytes(r),
+                handing_over: flags & 1 != 0,
+                ready: flags & 2 != 0,
+                wants_group: flags & 4 != 0,
+            },
+        );
+        i += 1 + n + 10;
+    }
+    out
+}
+
+struct Runtime {
+    state: GroupState,
+    reason: String,
+    round: u64,
+    handing_over: bool,
+    swap_requested: bool,
+    wants_group: bool,
+    vm_failed: bool,
+    vip_up: bool,
+    restarts: u32,
+    last_monitor: Option<Instant>,
+    /// Witness: last lease result and until when this node may write alone.
+    lease_until: Option<Instant>,
+    lease_holder: Option<bool>,
+    witness_seen: Option<Instant>,
+    witness_holder_is_me: bool,
+    /// The group generation the witness last confirmed for this node.
+    registered_generation: u64,
+    transitions: VecDeque<Transition>,
+    ready: bool,
+}
+
+pub struct GroupRuntime {
+    spec: GroupSpec,
+    rt: Mutex<Runtime>,
+}
+
+pub struct Failover {
+    node_name: String,
+    node: Arc<Node>,
+    groups: Vec<Arc<GroupRuntime>>,
+    heartbeats: Heartbeats,
+    witness: Option<WitnessClient>,
+    interval: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Failover {
+    /// Removes any VIP a previous run left behind, then starts one task per group. The
+    /// heartbeats must already be running (their sockets are bound before the daemon
+    /// contacts anyone).
+    pub async fn start(
+        spec: FailoverSpec,
+        node: Arc<Node>,
+        heartbeats: Heartbeats,
+    ) -> Result<Arc<Failover>, FailoverError> {
+        for g in &spec.groups {
+            if let Some((v, ifname)) = &g.vip {
+                match vip::remove_if_present(*v, ifname).await {
+                    Ok(true) => {
+                        warn!(group = %g.name, vip = %v, ifname, "removed a virtual IP left by a previous run")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        error!(group = %g.name, vip = %v, ifname, error = %e, "cannot check the virtual IP at start")
+                    }
+                }
+            }
+        }
+        let witness = spec
+            .witness
+            .map(|addr| WitnessClient::new(addr, spec.node.clone(), spec.witness_key));
+        let groups = spec
+            .groups
+            .into_iter()
+            .map(|g| {
+                Arc::new(GroupRuntime {
+                    spec: g,
+                    rt: Mutex::new(Runtime {
+                        state: GroupState::Stopped,
+                        reason: "starting".into(),
+                        round: 0,
+                        handing_over: false,
+                        swap_requested: false,
+                        wants_group: false,
+                        vm_failed: false,
+                        vip_up: false,
+                        restarts: 0,
+                        last_monitor: None,
+                        lease_until: None,
+                        lease_holder: None,
+                        witness_seen: None,
+                        witness_holder_is_me: false,
+                        registered_generation: 0,
+                        transitions: VecDeque::new(),
+                        ready: false,
+                    }),
+                })
+            })
+            .collect();
+        let f = Arc::new(Failover {
+            node_name: spec.node,
+            node,
+            groups,
+            heartbeats,
+            witness,
+            interval: spec.interval,
+        });
+        for g in &f.groups {
+            // Writes alone wait for the witness from the start (a group volume is never
+            // acknowledged alone without quorum).
+            if f.witness.is_some() {
+                for v in &g.spec.volumes {
+                    if let Ok(vol) = f.node.volume(v) {
+                        vol.set_alone_allowed(0);
+                    }
+                }
+            }
+            tokio::spawn(f.clone().run_group(g.clone()));
+        }
+        Ok(f)
+    }
+
+    /// The group a volume belongs to, if any.
+    pub fn group_of(&self, volume: &str) -> Option<&str> {
+        self.groups
+            .iter()
+            .find(|g| g.spec.volumes.iter().any(|v| v == volume))
+            .map(|g| g.spec.name.as_str())
+    }
+
+    fn group(&self, name: &str) -> Result<&Arc<GroupRuntime>, FailoverError> {
+        self.groups
+            .iter()
+            .find(|g| g.spec.name == name)
+            .ok_or_else(|| FailoverError::UnknownGroup(name.to_string()))
+    }
+
+    /// Asks to move the group to the other node (run on either node).
+    pub fn request_swap(&self, name: &str) -> Result<&'static str, FailoverError> {
+        let g = self.group(name)?;
+        let peer = self.heartbeats.subscribe().borrow().clone();
+        if !peer.alive {
+            return Err(FailoverError::Refused {
+                group: name.into(),
+                what: "the peer is not reachable: nothing to swap to".into(),
+            });
+        }
+        let mut rt = lock(&g.rt);
+        if rt.state.is_primary() {
+            rt.swap_requested = true;
+            Ok("handing the group to the peer")
+        } else {
+            rt.wants_group = true;
+            Ok("asking the peer to hand the group over")
+        }
+    }
+
+    pub fn status(&self) -> Vec<GroupStatus> {
+        let peer = self.heartbeats.subscribe().borrow().clone();
+        let peer_entries = peer
+            .last_payload
+            .as_deref()
+            .map(decode_payload)
+            .unwrap_or_default();
+        self.groups
+            .iter()
+            .map(|g| {
+                let rt = lock(&g.rt);
+                let peer_primary = peer.alive
+                    && peer_entries
+                        .get(&g.spec.name)
+                        .is_some_and(|a| code_state(a.state).is_primary());
+                let primary_node = if rt.state.is_primary() {
+                    Some(self.node_name.clone())
+                } else if peer_primary {
+                    peer.node.clone()
+                } else {
+                    None
+                };
+                GroupStatus {
+                    name: g.spec.name.clone(),
+                    state: rt.state.as_str(),
+                    primary_node,
+                    reason: rt.reason.clone(),
+                    round: rt.round,
+                    preferred_node: g.spec.preferred_node.clone(),
+                    volumes: g.spec.volumes.clone(),
+                    vip: g.spec.vip.as_ref().map(|(v, i)| format!("{v} on {i}")),
+                    peer_alive: peer.alive,
+                    witness: match (&self.witness, rt.witness_seen) {
+                        (None, _) => "none",
+                        (Some(_), Some(t)) if t.elapsed() < self.interval * 6 => "reachable",
+                        (Some(_), _) => "unreachable",
+                    },
+                    transitions: rt.transitions.iter().cloned().collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn publish(&self) {
+        let entries: Vec<(String, Announce)> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let rt = lock(&g.rt);
+                (
+                    g.spec.name.clone(),
+                    Announce {
+                        state: state_code(rt.state),
+                        round: rt.round,
+                        handing_over: rt.handing_over,
+                        ready: rt.ready,
+                        wants_group: rt.wants_group,
+                    },
+                )
+            })
+            .collect();
+        let bytes = encode_payload(&entries);
+        if let Err(e) = self.heartbeats.set_payload(bytes) {
+            error!(error = %e, "cannot publish group states in the heartbeat");
+        }
+    }
+
+    /// A stable digest of the group's volume generations: equal on both nodes exactly when
+    /// every volume has the same generation.
+    fn group_generation(&self, g: &GroupRuntime) -> u64 {
+        let mut h = blake3::Hasher::new();
+        for v in &g.spec.volumes {
+            let gen = self
+                .node
+                .volume(v)
+                .map(|x| x.failover_view().generation)
+                .unwrap_or(0);
+            h.update(&gen.to_be_bytes());
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        u64::from_be_bytes(b).max(1)
+    }
+
+    fn set_gates(&self, g: &GroupRuntime, allowed: Option<u64>) {
+        for v in &g.spec.volumes {
+            if let Ok(vol) = self.node.volume(v) {
+                let gen = match allowed {
+                    None => 0,
+                    Some(ALONE_ALWAYS) => ALONE_ALWAYS,
+                    Some(_) => vol.failover_view().generation,
+                };
+                vol.set_alone_allowed(gen);
+            }
+        }
+    }
+
+    fn transition(&self, g: &GroupRuntime, to: GroupState, reason: &str) {
+        let mut rt = lock(&g.rt);
+        if rt.state != to {
+            info!(group = %g.spec.name, from = rt.state.as_str(), to = to.as_str(), reason, "group state");
+            let t = Transition {
+                at_unix: unix_now(),
+                from: rt.state.as_str(),
+                to: to.as_str(),
+                reason: reason.to_string(),
+            };
+            rt.transitions.push_back(t);
+            while rt.transitions.len() > 10 {
+                rt.transitions.pop_front();
+            }
+            rt.state = to;
+        }
+        rt.reason = reason.to_string();
+    }
+
+    async fn run_group(self: Arc<Self>, g: Arc<GroupRuntime>) {
+        let mut hb = self.heartbeats.subscribe();
+        loop {
+            self.tick(&g).await;
+            self.publish();
+            // Next evaluation: at the interval, or at once when the peer's view changes.
+            let _ = tokio::time::timeout(self.interval, hb.changed()).await;
+        }
+    }
+
+    fn data_facts(
+        &self,
+        g: &GroupRuntime,
+        peer_alive: bool,
+        primary: bool,
+    ) -> (DataState, bool, bool) {
+        let views: Vec<_> = g
+            .spec
+            .volumes
+            .iter()
+            .filter_map(|v| self.node.volume(v).ok().map(|x| x.failover_view()))
+            .collect();
+        if views
+            .iter()
+            .any(|v| v.plan == Some(PlanSummary::SplitBrain))
+        {
+            return (DataState::SplitBrain, false, false);
+        }
+        let all_linked = views.iter().all(|v| v.link_up && v.plan.is_some());
+        if all_linked {
+            let equal = views.iter().all(|v| match v.plan {
+                Some(PlanSummary::InSync) => true,
+                Some(PlanSummary::Wait) => v.consistent,
+                _ => false,
+            });
+            let peer_newer = views.iter().any(|v| v.plan == Some(PlanSummary::PeerNewer));
+            let stale = peer_newer || views.iter().any(|v| !v.consistent);
+            let data = if stale {
+                DataState::Stale
+            } else {
+                DataState::UpToDate
+            };
+            return (data, peer_newer, equal);
+        }
+        let data = if primary {
+            DataState::UpToDate
+        } else if peer_alive {
+            // The peer is up but the replication links are not: compare first.
+            DataState::Stale
+        } else if views.iter().all(|v| v.in_sync_at_loss && v.consistent) {
+            DataState::InSyncWhenLost
+        } else {
+            DataState::Stale
+        };
+        (data, false, false)
+    }
+
+    async fn tick(&self, g: &Arc<GroupRuntime>) {
+        let peer: PeerView = self.heartbeats.subscribe().borrow().clone();
+        let entry = peer
+            .last_payload
+            .as_deref()
+            .map(decode_payload)
+            .and_then(|m| m.get(&g.spec.name).copied())
+            .filter(|_| peer.alive);
+        let state = lock(&g.rt).state;
+        let (data, peer_newer, equal) = self.data_facts(g, peer.alive, state.is_primary());
+        // Ready to take the group: every volume linked and in sync.
+        lock(&g.rt).ready = data == DataState::UpToDate && equal;
+        let witness = self.witness_facts(g, state.is_primary(), peer.alive).await;
+        let peer_facts = peer.alive.then(|| {
+            let a = entry.unwrap_or_default();
+            PeerFacts {
+                state: code_state(a.state),
+                round: a.round,
+                data_newer: peer_newer,
+                data_equal: equal,
+                handing_over: a.handing_over,
+                ready: a.ready,
+            }
+        });
+        let facts = {
+            let mut rt = lock(&g.rt);
+            if let Some(p) = &peer_facts {
+                if p.state.is_primary() {
+                    rt.handing_over = false;
+                    rt.wants_group = false;
+                }
+                rt.round = rt
+                    .round
+                    .max(p.round.min(rt.round.saturating_add(1_000_000)));
+            }
+            Facts {
+                state: rt.state,
+                round: rt.round,
+                is_preferred: g.spec.preferred_node == self.node_name,
+                auto_failback: g.spec.auto_failback,
+                data,
+                peer: peer_facts,
+                witness,
+                fence_configured: g.spec.fence.is_some(),
+                vm_failed: rt.vm_failed,
+                swap_requested: rt.swap_requested
+                    || entry.is_some_and(|a| a.wants_group && rt.state.is_primary()),
+                handing_over: rt.handing_over,
+            }
+        };
+        let decision = group::decide(&facts);
+        self.execute(g, decision, peer.node.clone()).await;
+    }
+
+    async fn witness_facts(&self, g: &GroupRuntime, primary: bool, peer_alive: bool) -> Witness {
+        let Some(w) = &self.witness else {
+            return Witness::None;
+        };
+        let round = lock(&g.rt).round;
+        if primary {
+            // Renew the lease; register a new generation (writing alone) before any write
+            // made alone is acknowledged.
+            let sent = Instant::now();
+            let gen = self.group_generation(g);
+            let registered = lock(&g.rt).registered_generation;
+            if gen != registered {
+                match w.vote(&g.spec.name, round, gen).await {
+                    Ok(VoteOutcome::Granted(_)) => lock(&g.rt).registered_generation = gen,
+                    Ok(VoteOutcome::Denied(rec)) => {
+                        warn!(group = %g.spec.name, record = ?rec, "the witness refused this node's new generation");
+                        let mut rt = lock(&g.rt);
+                        rt.lease_holder = Some(false);
+                        rt.witness_seen = Some(Instant::now());
+                    }
+                    Err(e) => warn!(group = %g.spec.name, error = %e, "witness unreachable"),
+                }
+            }
+            match w.lease(&g.spec.name, round).await {
+                Ok(l) => {
+                    let mut rt = lock(&g.rt);
+                    rt.witness_seen = Some(Instant::now());
+                    rt.lease_holder = Some(l.holder);
+                    if l.holder && rt.registered_generation == gen {
+                        rt.lease_until = Some(sent + LEASE_VALIDITY);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(group = %g.spec.name, error = %e, "lease not renewed");
+                }
+            }
+            let rt = lock(&g.rt);
+            let fresh = rt.lease_until.is_some_and(|t| Instant::now() < t);
+            let reachable = rt
+                .witness_seen
+                .is_some_and(|t| t.elapsed() < LEASE_VALIDITY);
+            if reachable || fresh {
+                Witness::Reachable {
+                    holder_is_me: rt.lease_holder.unwrap_or(true),
+                    lease_fresh: fresh,
+                }
+            } else {
+                Witness::Unreachable
+            }
+        } else if !peer_alive {
+            match w.query(&g.spec.name).await {
+                Ok(q) => {
+                    let gen = self.group_generation(g);
+                    let me = q.record.as_ref().is_some_and(|r| {
+                        r.holder == self.node_name && (r.generation == gen || r.generation == 0)
+                    });
+                    let mut rt = lock(&g.rt);
+                    rt.witness_seen = Some(Instant::now());
+                    rt.witness_holder_is_me = me;
+                    if let Some(r) = q.record {
+                        rt.round = rt.round.max(r.round);
+                    }
+                    Witness::Reachable {
+                        holder_is_me: me,
+                        lease_fresh: false,
+                    }
+                }
+                Err(_) => Witness::Unreachable,
+            }
+        } else {
+            Witness::Reachable {
+                holder_is_me: false,
+                lease_fresh: false,
+            }
+        }
+    }
+
+    fn hook_env(&self, g: &GroupRuntime, peer: Option<String>) -> HookEnv {
+        HookEnv {
+            group: g.spec.name.clone(),
+            node: self.node_name.clone(),
+            volumes: g.spec.exports.clone(),
+            peer,
+        }
+    }
+
+    async fn run_hook(
+        &self,
+        g: &GroupRuntime,
+        hook: &Option<HookSpec>,
+        action: HookAction,
+        peer: Option<String>,
+    ) -> bool {
+        let Some(h) = hook else { return true };
+        match hooks::run(h, action, &self.hook_env(g, peer)).await {
+            Ok(o) if o.success() => {
+                info!(group = %g.spec.name, action = action.as_str(), took = ?o.duration, "hook succeeded");
+                true
+            }
+            Ok(o) => {
+                warn!(group = %g.spec.name, action = action.as_str(), exit = %o.exit, stderr = ?o.stderr_tail, "hook failed");
+                false
+            }
+            Err(e) => {
+                error!(group = %g.spec.name, action = action.as_str(), error = %e, "hook could not run");
+                false
+            }
+        }
+    }
+
+    async fn execute(&self, g: &Arc<GroupRuntime>, d: Decision, peer_name: Option<String>) {
+        match d {
+            Decision::Stay { state, reason } => self.transition(g, state, &reason),
+            Decision::Promote {
+                round,
+                quorum,
+                reason,
+            } => self.promote(g, round, quorum, &reason, peer_name).await,
+            Decision::Serve { state, reason } => {
+                self.set_gates(
+                    g,
+                    Some(match &self.witness {
+                        None => ALONE_ALWAYS,
+                        Some(_) => lock(&g.rt).registered_generation,
+                    }),
+                );
+                if self.witness.is_some() {
+                    // Only the generation the witness confirmed may be written alone.
+                    let confirmed = lock(&g.rt).registered_generation == self.group_generation(g);
+                    if !confirmed {
+                        self.set_gates(g, None);
+                    }
+                }
+                if !lock(&g.rt).vip_up {
+                    self.vip_up(g).await;
+                }
+                self.transition(g, state, &reason);
+                self.monitor(g).await;
+            }
+            Decision::Suspend { reason } => {
+                self.set_gates(g, None);
+                if lock(&g.rt).state != GroupState::Suspended {
+                    error!(group = %g.spec.name, "{reason}");
+                }
+                self.transition(g, GroupState::Suspended, &reason);
+            }
+            Decision::Demote { reason } => self.demote(g, &reason).await,
+        }
+    }
+
+    async fn vip_up(&self, g: &GroupRuntime) {
+        if let Some((v, ifname)) = &g.spec.vip {
+            match vip::add(*v, ifname).await {
+                Ok(_) => {
+                    info!(group = %g.spec.name, vip = %v, ifname, "virtual IP added (gratuitous ARP sent)");
+                    lock(&g.rt).vip_up = true;
+                }
+                Err(e) => {
+                    error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot add the virtual IP")
+                }
+            }
+        } else {
+            lock(&g.rt).vip_up = true;
+        }
+    }
+
+    async fn vip_down(&self, g: &GroupRuntime) {
+        if let Some((v, ifname)) = &g.spec.vip {
+            if let Err(e) = vip::remove(*v, ifname).await {
+                error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot remove the virtual IP");
+            }
+        }
+        lock(&g.rt).vip_up = false;
+    }
+
+    async fn promote(
+        &self,
+        g: &Arc<GroupRuntime>,
+        round: u64,
+        quorum: Quorum,
+        reason: &str,
+        peer: Option<String>,
+    ) {
+        match quorum {
+            Quorum::PeerConsent => {}
+            Quorum::WitnessVote => {
+                let Some(w) = &self.witness else { return };
+                let gen = self.group_generation(g);
+                match w.vote(&g.spec.name, round, gen).await {
+                    Ok(VoteOutcome::Granted(_)) => {
+                        info!(group = %g.spec.name, round, "the witness voted for this node");
+                    }
+                    Ok(VoteOutcome::Denied(rec)) => {
+                        if let Some(r) = &rec {
+                            let mut rt = lock(&g.rt);
+                            rt.round = rt.round.max(r.round);
+                        }
+                        let why = match rec {
+                            Some(r) => format!(
+                                "the witness refused (round {} is {}'s, data generation {:016x}); waiting",
+                                r.round, r.holder, r.generation
+                            ),
+                            None => "the witness refused".into(),
+                        };
+                        self.transition(g, GroupState::Waiting, &why);
+                        return;
+                    }
+                    Err(e) => {
+                        self.transition(
+                            g,
+                            GroupState::Waiting,
+                            &format!("the witness did not answer: {e}"),
+                        );
+                        return;
+                    }
+                }
+            }
+            Quorum::Fence => {
+                info!(group = %g.spec.name, peer = ?peer, "fencing the peer before taking over");
+                if !self
+                    .run_hook(g, &g.spec.fence, HookAction::Fence, peer)
+                    .await
+                {
+                    self.transition(
+                        g,
+                        GroupState::Waiting,
+                        "the fence hook did not confirm the peer is off",
+                    );
+                    return;
+                }
+            }
+        }
+        info!(group = %g.spec.name, round, quorum = ?quorum, reason, "taking the group");
+        if self.witness.is_some() {
+            self.set_gates(g, None);
+        }
+        let mut promoted = Vec::new();
+        for v in &g.spec.volumes {
+            match self.node.promote(v, false).await {
+                Ok(_) => promoted.push(v.clone()),
+                Err(e) => {
+                    error!(group = %g.spec.name, volume = %v, error = %e, "promotion failed; giving the group back");
+                    for p in &promoted {
+                        let _ = self.node.demote(p).await;
+                    }
+                    self.transition(
+                        g,
+                        GroupState::Waiting,
+                        &format!("promotion of {v} failed: {e}"),
+                    );
+                    return;
+                }
+            }
+        }
+        {
+            let mut rt = lock(&g.rt);
+            rt.round = round;
+            rt.handing_over = false;
+            rt.wants_group = false;
+            rt.restarts = 0;
+            rt.vm_failed = false;
+            rt.registered_generation = 0;
+            rt.lease_until = None;
+        }
+        if let Some(w) = &self.witness {
+            // Register the (possibly new) generation before any write alone is acknowledged.
+            let gen = self.group_generation(g);
+            if let Ok(VoteOutcome::Granted(_)) = w.vote(&g.spec.name, round, gen).await {
+                let mut rt = lock(&g.rt);
+                rt.registered_generation = gen;
+                rt.lease_until = Some(Instant::now() + LEASE_VALIDITY);
+                rt.lease_holder = Some(true);
+                rt.witness_seen = Some(Instant::now());
+            }
+        } else {
+            self.set_gates(g, Some(ALONE_ALWAYS));
+        }
+        self.vip_up(g).await;
+        self.transition(g, GroupState::Primary, reason);
+        if !self
+            .run_hook(g, &g.spec.start, HookAction::Start, None)
+            .await
+        {
+            lock(&g.rt).restarts += 1;
+        }
+        lock(&g.rt).last_monitor = Some(Instant::now());
+    }
+
+    async fn demote(&self, g: &Arc<GroupRuntime>, reason: &str) {
+        info!(group = %g.spec.name, reason, "giving up the group");
+        let handover = {
+            let rt = lock(&g.rt);
+            rt.swap_requested || rt.vm_failed || reason.contains("failback")
+        };
+        self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
+        self.vip_down(g).await;
+        for v in &g.spec.volumes {
+            if let Err(e) = self.node.demote(v).await {
+                error!(group = %g.spec.name, volume = %v, error = %e, "demotion failed");
+            }
+        }
+        {
+            let mut rt = lock(&g.rt);
+            rt.swap_requested = false;
+            rt.vm_failed = false;
+            rt.handing_over = handover;
+            rt.lease_until = None;
+            rt.registered_generation = 0;
+        }
+        self.transition(g, GroupState::Waiting, reason);
+    }
+
+    async fn monitor(&self, g: &Arc<GroupRuntime>) {
+        let Some(m) = &g.spec.monitor else { return };
+        let due = lock(&g.rt)
+            .last_monitor
+            .is_none_or(|t| t.elapsed() >= g.spec.monitor_interval);
+        if !due {
+            return;
+        }
+        lock(&g.rt).last_monitor = Some(Instant::now());
+        if self
+            .run_hook(g, &Some(m.clone()), HookAction::Monitor, None)
+            .await
+        {
+            return;
+        }
+        let restarts = lock(&g.rt).restarts;
+        if restarts < g.spec.restart_attempts {
+            warn!(group = %g.spec.name, attempt = restarts + 1, "the VM failed its monitor: restarting it here");
+            lock(&g.rt).restarts += 1;
+            self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
+            self.run_hook(g, &g.spec.start, HookAction::Start, None)
+                .await;
+        } else {
+            error!(group = %g.spec.name, restarts, "the VM keeps failing here: failing the group over");
+            lock(&g.rt).vm_failed = true;
+        }
+    }
+
+    /// Whether a volume's role may be changed by hand.
+    pub fn manual_role_change_allowed(
+        &self,
+        volume: &str,
+        force: bool,
+    ) -> Result<(), FailoverError> {
+        match self.group_of(volume) {
+            Some(group) if !force => Err(FailoverError::Refused {
+                group: group.to_string(),
+                what: format!(
+                    "volume {volume} belongs to group {group}: its role changes only through the group (`nbdmirror swap {group}`), or use --force"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_roundtrip() {
+        let e = vec![
+            (
+                "vm1".to_string(),
+                Announce {
+                    state: 3,
+                    round: 7,
+                    handing_over: true,
+                    ready: false,
+                    wants_group: true,
+                },
+            ),
+            ("db".to_string(), Announce::default()),
+        ];
+        let m = decode_payload(&encode_payload(&e));
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["vm1"], e[0].1);
+        assert_eq!(m["db"], e[1].1);
+        assert!(decode_payload(&[9, 1, 2]).is_empty());
+        // Truncated input never panics.
+        let full = encode_payload(&e);
+        for n in 0..full.len() {
+            let _ = decode_payload(&full[..n]);
+        }
+    }
+}
