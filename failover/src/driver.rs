@@ -405,6 +405,7 @@ impl Failover {
     }
 
     fn set_gates(&self, g: &GroupRuntime, allowed: Option<u64>) {
+        let deadline = lock(&g.rt).lease_until;
         for v in &g.spec.volumes {
             if let Ok(vol) = self.node.volume(v) {
                 let gen = match allowed {
@@ -412,6 +413,11 @@ impl Failover {
                     Some(ALONE_ALWAYS) => ALONE_ALWAYS,
                     Some(_) => vol.failover_view().generation,
                 };
+                vol.set_alone_deadline(if allowed == Some(ALONE_ALWAYS) {
+                    None
+                } else {
+                    deadline
+                });
                 vol.set_alone_allowed(gen);
             }
         }
@@ -481,7 +487,8 @@ impl Failover {
             return (data, peer_newer, equal);
         }
         let data = if primary {
-            DataState::UpToDate
+            // Serving without the replication link: "alone", not in sync.
+            DataState::InSyncWhenLost
         } else if peer_alive {
             // The peer is up but the replication links are not: compare first.
             DataState::Stale

@@ -315,7 +315,11 @@ fn decide_as_primary(f: &Facts) -> Decision {
             } else {
                 GroupState::Alone
             },
-            reason: "serving".into(),
+            reason: if f.data == DataState::UpToDate {
+                "serving; the peer is connected".into()
+            } else {
+                "serving; the replication link to the peer is down: changes are tracked".into()
+            },
         },
         (None, Witness::None) => Decision::Serve {
             state: GroupState::Alone,

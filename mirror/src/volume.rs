@@ -155,6 +155,8 @@ pub struct Volume {
     /// witness; with one, the generation the witness has confirmed (0: none). See
     /// [`Volume::set_alone_allowed`].
     alone_gate: tokio::sync::watch::Sender<u64>,
+    /// With a witness: writing alone is allowed only before this instant (the lease's end).
+    alone_deadline: Mutex<Option<Instant>>,
     /// The link dropped while the pair was in sync (this copy had every acknowledged write).
     in_sync_at_loss: AtomicBool,
 }
@@ -299,6 +301,7 @@ impl Volume {
             resync,
             metadata_path,
             alone_gate: tokio::sync::watch::channel(ALONE_ALWAYS).0,
+            alone_deadline: Mutex::new(None),
             in_sync_at_loss: AtomicBool::new(false),
         }))
     }
@@ -580,12 +583,22 @@ impl Volume {
         self.alone_gate.send_replace(generation);
     }
 
+    /// With a witness, permission to write alone also ends at the lease's end, whether or
+    /// not the failover logic gets to run again before then.
+    pub fn set_alone_deadline(&self, until: Option<Instant>) {
+        *lock(&self.alone_deadline) = until;
+        self.alone_gate.send_modify(|_| {});
+    }
+
     /// Waits until a write made alone may be acknowledged.
     async fn wait_alone_allowed(&self) -> BackendResult<()> {
         let mut rx = self.alone_gate.subscribe();
         loop {
             let allowed = *rx.borrow_and_update();
-            if allowed == ALONE_ALWAYS || allowed == self.meta.generations().current {
+            let before_deadline = lock(&self.alone_deadline).is_none_or(|d| Instant::now() < d);
+            if allowed == ALONE_ALWAYS
+                || (allowed == self.meta.generations().current && before_deadline)
+            {
                 return Ok(());
             }
             if self.role() != Role::Primary {
