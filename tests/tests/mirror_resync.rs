@@ -1,0 +1,173 @@
+//! Degraded mode and resync: the secondary dies under write load, the primary keeps serving
+//! and records what changed; when the secondary returns, only about that is copied.
+
+use std::time::{Duration, Instant};
+
+use nbdmirror_tests::data::{assert_files_equal, read_file_range};
+use nbdmirror_tests::pair::{
+    assert_fio_ok, fio, fio_args, num, Pair, PairOptions, A, B, MIB, VOLUME,
+};
+use nbdmirror_tests::{assert_qemu_io_ok, qemu_io};
+
+/// Dirty-map granule and activity extent of the metadata format (64 KiB, 4 MiB): the slack
+/// allowed around the regions a test wrote.
+const EXTENT: u64 = 4 * MIB;
+
+#[test]
+fn secondary_killed_under_load_then_resync_copies_about_the_dirty_bytes() {
+    let mut pair = Pair::with_size("256M");
+    pair.start_with_a_primary();
+    let uri = pair.uri(A);
+
+    // Write load on 64M..80M for 10 s, through the primary.
+    let load = fio_args(
+        &uri,
+        &[
+            "--name=load",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--offset=64m",
+            "--size=16m",
+            "--time_based=1",
+            "--runtime=10",
+        ],
+    );
+    let load: Vec<&str> = load.iter().map(String::as_str).collect();
+    let bg = pair.env.spawn(&load);
+    std::thread::sleep(Duration::from_millis(1500));
+    pair.kill9(B);
+    pair.wait_disconnected(A);
+
+    // The primary keeps serving, also on a new connection, while the load goes on.
+    let started = Instant::now();
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &uri,
+        &["write -P 0x5c 100M 4M", "flush", "read -P 0x5c 100M 4M"],
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a degraded write took {:?}",
+        started.elapsed()
+    );
+    let out = bg.wait(Duration::from_secs(90));
+    assert_fio_ok(&out);
+
+    let a = pair.vol(A, VOLUME);
+    assert_eq!(a["role"], "primary", "{a}");
+    assert_eq!(a["peer"], "disconnected", "{a}");
+    assert_eq!(a["sync"], "out-of-sync", "{a}");
+    let dirty = num(&a, "dirty_bytes");
+    assert!(dirty >= 4 * MIB, "the 4 MiB written alone are dirty: {a}");
+    // Only what was written while alone: 16 MiB of load + 4 MiB, plus rounding.
+    assert!(
+        dirty <= 20 * MIB + 2 * EXTENT,
+        "dirty_bytes {dirty} exceeds what was written alone: {a}"
+    );
+    // The dirty map on disk (read without the daemon's help) covers the 4 MiB written alone.
+    let m = pair.inspect(A);
+    let ranges = m["dirty_ranges"].as_array().expect("dirty_ranges");
+    let covered = ranges.iter().any(|r| {
+        let off = r["offset"].as_u64().unwrap();
+        let len = r["length"].as_u64().unwrap();
+        off <= 100 * MIB && off + len >= 104 * MIB
+    });
+    assert!(
+        covered,
+        "the dirty map on disk should cover 100M..104M: {m}"
+    );
+
+    // The secondary returns, secondary, and is resynced.
+    pair.start(B);
+    let b = pair.vol(B, VOLUME);
+    assert_eq!(b["role"], "secondary", "{b}");
+    let a = pair.wait_in_sync(A);
+    let b = pair.wait_in_sync(B);
+    let sent = num(&a, "resync_bytes_sent");
+    let received = num(&b, "resync_bytes_received");
+    eprintln!("dirty before restart {dirty}, resync sent {sent}, received {received}");
+    assert!(
+        sent <= dirty + 2 * EXTENT,
+        "resync sent {sent} bytes for {dirty} dirty bytes: {a}"
+    );
+    assert!(
+        sent >= dirty / 2,
+        "resync sent {sent} bytes, far less than the {dirty} dirty bytes: {a}"
+    );
+    assert!(sent < pair.size / 4, "not a full copy: {sent}");
+    assert!(
+        received > 0 && received <= sent + MIB,
+        "received {received}, sent {sent}"
+    );
+    assert_eq!(
+        num(&a, "dirty_bytes"),
+        0,
+        "in sync means nothing dirty: {a}"
+    );
+    assert_eq!(num(&a, "resync_bytes_left"), 0, "{a}");
+    assert_eq!(b["consistent"], true, "{b}");
+
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    assert!(read_file_range(&pair.image(B), 100 * MIB, 4 * MIB as usize)
+        .iter()
+        .all(|&x| x == 0x5c));
+}
+
+/// A clean stop of the secondary: the same, without a crash; the resync runs slowly (rate
+/// limit) while fio writes and verifies over the very regions being resynced.
+#[test]
+fn resync_under_concurrent_writes_keeps_order_and_ends_identical() {
+    let mut pair = Pair::with_options(PairOptions {
+        size: "128M".into(),
+        extra: "resync_rate = \"4M\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    let uri = pair.uri(A);
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(&pair.env, &uri, &["write -P 0x3e 0 32M", "flush"]));
+    let dirty = num(&pair.vol(A, VOLUME), "dirty_bytes");
+    assert!(dirty >= 32 * MIB, "{dirty}");
+
+    pair.start(B);
+    pair.wait_for(A, VOLUME, "syncing", Duration::from_secs(30), |v| {
+        v["sync"] == "syncing"
+    });
+    // The VM keeps running during the resync: writes over the resynced range, verified.
+    let job = [
+        "--name=during",
+        "--rw=randwrite",
+        "--bsrange=4k-128k",
+        "--iodepth=8",
+        "--offset=0",
+        "--size=32m",
+        "--io_size=16m",
+        "--verify=crc32c",
+        "--do_verify=1",
+    ];
+    assert_fio_ok(&fio(&pair.env, &uri, &job));
+    let mid = pair.vol(A, VOLUME);
+    eprintln!("after fio during resync: {mid}");
+
+    let a = pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(120), |v| {
+        v["sync"] == "in-sync" && v["peer"] == "connected"
+    });
+    pair.wait_in_sync(B);
+    let sent = num(&a, "resync_bytes_sent");
+    assert!(
+        sent <= dirty + 2 * EXTENT,
+        "resync sent {sent} for {dirty} dirty: {a}"
+    );
+    let mut again = job.to_vec();
+    again.push("--verify_only");
+    assert_fio_ok(&fio(&pair.env, &uri, &again));
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
