@@ -322,3 +322,212 @@ fn truncated_corrupted_and_replayed_hellos_are_refused_without_harm() {
     sc.assert_healthy("a replayed hello and garbage");
     sc.finish();
 }
+
+// ---- Forged frames. The layout below is the one of mirror/src/repl/frame.rs (a 24-byte
+// big-endian header: magic "NBMR", kind, 3 reserved bytes, sequence u64, body length u32,
+// CRC32 of the body u32), encoded here by hand so the test does not trust the codec.
+
+const MAGIC: &[u8; 4] = b"NBMR";
+const HELLO: u8 = 1;
+const HELLO_REPLY: u8 = 2;
+const HELLO_PROOF: u8 = 3;
+const WRITE: u8 = 10;
+const FLUSH: u8 = 13;
+const ERROR: u8 = 30;
+/// Where forged writes aim (the healthy checks write at 1 MiB steps below it).
+const FORGED_OFFSET: u64 = 62 * MIB;
+
+/// CRC-32 (IEEE, reflected), as crc32fast computes it.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn frame(kind: u8, seq: u64, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(24 + body.len());
+    f.extend_from_slice(MAGIC);
+    f.extend_from_slice(&[kind, 0, 0, 0]);
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    f.extend_from_slice(&crc32(body).to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+fn text(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn hello(version: u16, node: &str, volume: &str) -> Vec<u8> {
+    let mut b = version.to_be_bytes().to_vec();
+    text(&mut b, node);
+    text(&mut b, volume);
+    b.extend_from_slice(&pattern(99, 0, 32));
+    frame(HELLO, 0, &b)
+}
+
+fn write_frame(seq: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut b = offset.to_be_bytes().to_vec();
+    b.push(1); // FUA
+    b.extend_from_slice(data);
+    frame(WRITE, seq, &b)
+}
+
+/// Reads one frame (header and body) within `timeout`; `None` on close or timeout.
+fn read_frame(s: &mut TcpStream, timeout: Duration) -> Option<(u8, Vec<u8>)> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut h = [0u8; 24];
+    s.read_exact(&mut h).ok()?;
+    assert_eq!(
+        &h[0..4],
+        MAGIC,
+        "the daemon answered with a non-frame: {h:02x?}"
+    );
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    assert!(len <= 1 << 20, "a handshake answer of {len} bytes");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((h[4], body))
+}
+
+/// Hello as node-a for disk0 to node-b; returns the connection after node-b's HelloReply.
+fn hello_to_b(sc: &Scene) -> (TcpStream, Vec<u8>) {
+    let mut s = sc.connect(B);
+    s.write_all(&hello(1, "node-a", VOLUME)).unwrap();
+    let (kind, body) =
+        read_frame(&mut s, Duration::from_secs(10)).expect("node-b answers a well-formed hello");
+    assert_eq!(kind, HELLO_REPLY, "node-b's answer to a hello: {body:02x?}");
+    (s, body)
+}
+
+#[track_caller]
+fn assert_unchanged_at_forged_offset(sc: &Scene, what: &str) {
+    for node in [A, B] {
+        let got = read_file_range(&sc.pair.image(node), FORGED_OFFSET, 65536);
+        assert!(
+            got.iter().all(|&b| b == 0),
+            "{what}: a forged write reached {}'s image",
+            node.name()
+        );
+    }
+}
+
+#[test]
+fn forged_frames_without_the_secret_are_refused_and_write_nothing() {
+    let mut sc = Scene::new();
+    let forged = vec![0xee; 65536];
+
+    // A well-formed hello, then a wrong proof: refused with an error frame, then closed.
+    let (mut s, _) = hello_to_b(&sc);
+    s.write_all(&frame(HELLO_PROOF, 0, &pattern(5, 0, 32)))
+        .unwrap();
+    match read_frame(&mut s, Duration::from_secs(10)) {
+        Some((ERROR, body)) => eprintln!(
+            "refusal of a wrong proof: {}",
+            String::from_utf8_lossy(&body)
+        ),
+        other => panic!("a wrong proof should get an error frame, got {other:?}"),
+    }
+    assert!(
+        closed_within(&mut s, REFUSE_TIMEOUT),
+        "closed after a wrong proof"
+    );
+    sc.assert_healthy("a wrong proof");
+
+    // The acceptor's own proof reflected back as the dialer's: refused.
+    let (mut s, reply) = hello_to_b(&sc);
+    let proof = &reply[reply.len() - 32..];
+    s.write_all(&frame(HELLO_PROOF, 0, proof)).unwrap();
+    assert!(
+        matches!(
+            read_frame(&mut s, Duration::from_secs(10)),
+            Some((ERROR, _)) | None
+        ),
+        "a reflected proof must be refused"
+    );
+    assert!(closed_within(&mut s, REFUSE_TIMEOUT));
+    sc.assert_healthy("a reflected proof");
+
+    // A hello, then a write instead of the proof: nothing is written.
+    let (mut s, _) = hello_to_b(&sc);
+    let _ = s.write_all(&write_frame(1, FORGED_OFFSET, &forged));
+    let _ = s.write_all(&frame(FLUSH, 2, &[]));
+    assert!(closed_within(&mut s, REFUSE_TIMEOUT));
+    sc.assert_healthy("a write before the proof");
+    assert_unchanged_at_forged_offset(&sc, "a write before the proof");
+
+    // A write with no handshake at all, to both nodes.
+    for node in [A, B] {
+        let mut s = sc.connect(node);
+        let _ = s.write_all(&write_frame(1, FORGED_OFFSET, &forged));
+        assert!(closed_within(&mut s, REFUSE_TIMEOUT));
+        sc.assert_healthy("a write without a handshake");
+        assert_unchanged_at_forged_offset(&sc, "a write without a handshake");
+    }
+
+    // Hellos that are wrong in one field: each refused.
+    let mut bad_crc = hello(1, "node-a", VOLUME);
+    let n = bad_crc.len();
+    bad_crc[n - 1] ^= 1;
+    let mut reserved = hello(1, "node-a", VOLUME);
+    reserved[6] = 1;
+    let mut too_long = hello(1, "node-a", VOLUME);
+    too_long[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+    let mut bad_text = hello(1, "node-a", VOLUME);
+    bad_text[26..28].copy_from_slice(&u16::MAX.to_be_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a hello with a bad CRC", bad_crc),
+        ("a hello with reserved bits", reserved),
+        ("a frame of 4 GiB", too_long),
+        ("a name longer than the frame", bad_text),
+        ("protocol version 99", hello(99, "node-a", VOLUME)),
+        ("an unknown volume", hello(1, "node-a", "no-such-volume")),
+        ("the acceptor's own name", hello(1, "node-b", VOLUME)),
+        ("an unknown frame kind", frame(200, 0, b"x")),
+        ("a proof without hello", frame(HELLO_PROOF, 0, &[0; 32])),
+    ];
+    for (what, bytes) in cases {
+        let mut s = sc.connect(B);
+        let _ = s.write_all(&bytes);
+        let mut answer = None;
+        if let Some((kind, body)) = read_frame(&mut s, Duration::from_secs(5)) {
+            answer = Some((kind, String::from_utf8_lossy(&body).into_owned()));
+            assert_ne!(kind, HELLO_REPLY, "{what}: answered as if valid");
+        }
+        eprintln!("{what}: answer {answer:?}");
+        assert!(closed_within(&mut s, REFUSE_TIMEOUT), "{what}: not closed");
+        sc.assert_healthy(what);
+    }
+
+    // Truncated frames: a header that announces 1 MiB, 100 bytes of it, then close; and the
+    // same held open while the pair works.
+    let mut big = write_frame(1, FORGED_OFFSET, &vec![0xee; 1 << 20]);
+    big.truncate(24 + 100);
+    let mut s = sc.connect(B);
+    let _ = s.write_all(&big);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    assert!(closed_within(&mut s, REFUSE_TIMEOUT));
+    sc.assert_healthy("a truncated write frame");
+    let (mut held, _) = hello_to_b(&sc);
+    let _ = held.write_all(&frame(HELLO_PROOF, 0, &[0; 32])[..30]);
+    sc.assert_healthy("a truncated proof held open");
+    // The handshake has a deadline: the held connection is closed eventually.
+    let closed = closed_within(&mut held, Duration::from_secs(60));
+    assert!(
+        closed,
+        "a half-sent proof kept the connection open for a minute"
+    );
+    assert_unchanged_at_forged_offset(&sc, "the end");
+    sc.finish();
+}
