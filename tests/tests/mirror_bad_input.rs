@@ -181,7 +181,9 @@ fn silent_and_vanishing_connections_do_not_block_the_pair() {
 fn impostor_with_wrong_secret_is_refused_and_logged() {
     let mut sc = Scene::new();
     let pair = &sc.pair;
-    // node-a's name (it dials), the wrong secret, its own ports and data.
+    // node-a's name, the wrong secret, its own ports and data. It dials: its name sorts
+    // first, and so does its replication address (7800 < 7802: the daemon decides by the
+    // addresses).
     let text = config_text(
         A,
         "this-is-the-wrong-secret-0123456789",
@@ -189,7 +191,7 @@ fn impostor_with_wrong_secret_is_refused_and_logged() {
         "64M",
         "",
     )
-    .replace("127.0.0.1:7801", "127.0.0.1:7803")
+    .replace("127.0.0.1:7801", "127.0.0.1:7800")
     .replace("127.0.0.1:10809", "127.0.0.1:10811");
     assert_ne!(SECRET, "this-is-the-wrong-secret-0123456789");
     let cfg = pair.write_custom_config("impostor", &text);
@@ -201,13 +203,14 @@ fn impostor_with_wrong_secret_is_refused_and_logged() {
     let log_b = pair.log(B);
     let new_lines = &log_b[log_b_before..];
     let lower = new_lines.to_lowercase();
+    let impostor_log = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(
         ["auth", "secret", "refus", "reject", "denied"]
             .iter()
             .any(|w| lower.contains(w)),
-        "node-b should log the refused peer; its new log lines:\n{new_lines}"
+        "node-b should log the refused peer; its new log lines:\n{new_lines}\n\
+         the impostor's log:\n{impostor_log}"
     );
-    let impostor_log = std::fs::read_to_string(&log_path).unwrap_or_default();
     sc.assert_healthy("an impostor with the wrong secret");
     // The impostor never became in sync with anyone, and received no data.
     let _ = impostor.kill();
