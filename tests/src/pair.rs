@@ -146,6 +146,8 @@ pub struct Pair {
     logs: Vec<(Node, PathBuf)>,
     starts: [u32; 2],
     opts: PairOptions,
+    /// tmpfs mounted by [`Pair::mount_tmpfs`], unmounted on drop.
+    mounts: Vec<PathBuf>,
     /// Volume size in bytes.
     pub size: u64,
     // Last: dropped after the daemons are gone.
@@ -171,6 +173,7 @@ impl Pair {
             daemons: [None, None],
             logs: Vec::new(),
             starts: [0, 0],
+            mounts: Vec::new(),
             size: parse_size(&opts.size),
             opts,
             env,
@@ -223,6 +226,43 @@ impl Pair {
     /// `nbd://127.0.0.1:1080x/disk0`: the node's export while it is primary.
     pub fn uri(&self, node: Node) -> String {
         format!("nbd://{}/{VOLUME}", node.export_addr())
+    }
+
+    /// Mounts a tmpfs of `size` (e.g. "16M") on the node's data directory, so that its image
+    /// file can fill the filesystem. Call before the node's first start. Unmounted (lazily)
+    /// when the pair is dropped.
+    pub fn mount_tmpfs(&mut self, node: Node, size: &str) {
+        let dir = self.data_dir(node);
+        fs::create_dir_all(&dir).expect("create the data directory");
+        let out = crate::run_command(
+            &[
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+            Duration::from_secs(30),
+        );
+        out.ok();
+        self.mounts.push(dir);
+    }
+
+    /// Changes the size of a tmpfs made by [`Pair::mount_tmpfs`] (frees or takes space).
+    pub fn resize_tmpfs(&self, node: Node, size: &str) {
+        let dir = self.data_dir(node);
+        crate::run_command(
+            &[
+                "mount",
+                "-o",
+                &format!("remount,size={size}"),
+                dir.to_str().unwrap(),
+            ],
+            Duration::from_secs(30),
+        )
+        .ok();
     }
 
     /// Starts the node's daemon and waits until its control socket answers `status`.
@@ -655,6 +695,9 @@ impl Drop for Pair {
                 let _ = c.wait();
             }
         }
+        for m in self.mounts.drain(..).rev() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
     }
 }
 
@@ -780,4 +823,69 @@ pub fn fio(env: &TestEnv, uri: &str, args: &[&str]) -> CmdOutput {
     let full = fio_args(uri, args);
     let refs: Vec<&str> = full.iter().map(String::as_str).collect();
     env.run(&refs)
+}
+
+/// A Python (libnbd) writer for "no acknowledged write is lost" checks: one synchronous 4 KiB write at a time; after each acknowledgement the block number is
+/// appended to the log and flushed, so the log never claims a write that was not acked.
+pub const ACK_WRITER: &str = r#"
+import os, sys, nbd
+uri, log_path, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+h = nbd.NBD()
+h.connect_uri(uri)
+log = open(log_path, "a")
+for i in range(count):
+    buf = (b"ack-%010d-\n" % i) * 256
+    assert len(buf) == 4096
+    try:
+        h.pwrite(buf, i * 4096)
+    except nbd.Error as e:
+        print("write %d failed: %s" % (i, e), file=sys.stderr)
+        sys.exit(3)
+    log.write("%d\n" % i)
+    log.flush()
+print("wrote all %d blocks" % count)
+"#;
+
+pub fn ack_block(i: u64) -> Vec<u8> {
+    format!("ack-{i:010}-\n").repeat(256).into_bytes()
+}
+
+/// Starts [`ACK_WRITER`] in the namespace (under /usr/bin/python3, which has libnbd): it
+/// writes blocks 0..count at block * 4096 of `uri`, one at a time, and appends each
+/// acknowledged block number to `log`; it exits 3 at the first failed write.
+pub fn spawn_ack_writer(env: &TestEnv, uri: &str, log: &Path, count: u64) -> crate::Background {
+    let script = env.path("ack-writer.py");
+    fs::write(&script, ACK_WRITER).expect("write the writer script");
+    env.spawn(&[
+        "env",
+        "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
+        "/usr/bin/python3",
+        script.to_str().unwrap(),
+        uri,
+        log.to_str().unwrap(),
+        &count.to_string(),
+    ])
+}
+
+/// The block numbers [`ACK_WRITER`] logged as acknowledged.
+pub fn read_ack_log(log: &Path) -> Vec<u64> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().expect("a block number per line"))
+        .collect()
+}
+
+/// Block numbers of `acked` whose 4 KiB at block * 4096 of `image` do not hold their
+/// pattern.
+pub fn missing_acked_blocks(image: &Path, acked: &[u64]) -> Vec<u64> {
+    let data = fs::read(image).unwrap_or_else(|e| panic!("read {}: {e}", image.display()));
+    acked
+        .iter()
+        .copied()
+        .filter(|&i| {
+            let off = (i * 4096) as usize;
+            data.get(off..off + 4096) != Some(&ack_block(i)[..])
+        })
+        .collect()
 }

@@ -8,53 +8,19 @@ use std::fs;
 use std::time::Duration;
 
 use nbdmirror_tests::data::{assert_files_equal, read_file_range};
-use nbdmirror_tests::pair::{fio_args, num, Pair, A, B, MIB, STATE_TIMEOUT, VOLUME};
+use nbdmirror_tests::pair::{
+    ack_block, fio_args, num, read_ack_log, spawn_ack_writer, Pair, A, B, MIB, STATE_TIMEOUT,
+    VOLUME,
+};
 use nbdmirror_tests::poll;
-
-/// One synchronous 4 KiB write at a time; after each acknowledgement the block number is
-/// appended to the log and flushed, so the log never claims a write that was not acked.
-const WRITER: &str = r#"
-import os, sys, nbd
-uri, log_path, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-h = nbd.NBD()
-h.connect_uri(uri)
-log = open(log_path, "a")
-for i in range(count):
-    buf = (b"ack-%010d-\n" % i) * 256
-    assert len(buf) == 4096
-    try:
-        h.pwrite(buf, i * 4096)
-    except nbd.Error as e:
-        print("write %d failed: %s" % (i, e), file=sys.stderr)
-        sys.exit(3)
-    log.write("%d\n" % i)
-    log.flush()
-print("wrote all %d blocks" % count)
-"#;
-
-fn block(i: u64) -> Vec<u8> {
-    format!("ack-{i:010}-\n").repeat(256).into_bytes()
-}
 
 #[test]
 fn primary_killed_under_load_loses_no_acknowledged_write() {
     let mut pair = Pair::with_size("256M");
     pair.start_with_a_primary();
-    let script = pair.env.path("writer.py");
-    fs::write(&script, WRITER).unwrap();
     let log = pair.env.path("acked.log");
     let max_blocks = pair.size / 4096;
-    let uri = pair.uri(A);
-    let count = max_blocks.to_string();
-    let writer = pair.env.spawn(&[
-        "env",
-        "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
-        "/usr/bin/python3",
-        script.to_str().unwrap(),
-        &uri,
-        log.to_str().unwrap(),
-        &count,
-    ]);
+    let writer = spawn_ack_writer(&pair.env, &pair.uri(A), &log, max_blocks);
     // Let it acknowledge a few hundred writes, then crash the primary.
     poll(
         "the writer to log 300 acknowledged writes",
@@ -67,11 +33,7 @@ fn primary_killed_under_load_loses_no_acknowledged_write() {
     pair.kill9(A);
     let (out, _) = writer.wait_or_kill(Duration::from_secs(30));
     eprintln!("writer: {out}");
-    let acked: Vec<u64> = fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().expect("log line"))
-        .collect();
+    let acked = read_ack_log(&log);
     assert!(acked.len() >= 300, "{} acked", acked.len());
     assert!(
         (acked.len() as u64) < max_blocks,
@@ -99,7 +61,7 @@ fn primary_killed_under_load_loses_no_acknowledged_write() {
             .copied()
             .filter(|&i| {
                 let off = (i * 4096) as usize;
-                data[off..off + 4096] != block(i)[..]
+                data[off..off + 4096] != ack_block(i)[..]
             })
             .collect();
         assert!(
@@ -141,7 +103,7 @@ fn primary_killed_under_load_loses_no_acknowledged_write() {
     assert_files_equal(&pair.image(A), &pair.image(B));
     assert_eq!(
         read_file_range(&pair.image(A), last * 4096, 4096),
-        block(last)
+        ack_block(last)
     );
 }
 
