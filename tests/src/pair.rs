@@ -385,6 +385,11 @@ impl Pair {
         }
     }
 
+    /// Sends `signal` without waiting (e.g. SIGSTOP/SIGCONT to freeze a node).
+    pub fn signal(&self, node: Node, signal: Signal) {
+        kill(self.pid(node), signal).expect("cannot signal the daemon");
+    }
+
     /// Clean shutdown: SIGTERM, and the daemon must exit 0.
     pub fn stop(&mut self, node: Node) {
         let (status, _) = self.signal_and_wait(node, Signal::SIGTERM);

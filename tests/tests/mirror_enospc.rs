@@ -36,8 +36,9 @@ fn secondary_filesystem_full_is_recorded_and_resynced() {
         |v| num(v, "dirty_bytes") > 0,
     );
     assert_ne!(a["sync"], "in-sync", "{a}");
-    let b = pair.vol(B, VOLUME);
-    assert_eq!(b["consistent"], false, "node-b lacks writes: {b}");
+    // node-b lacks acknowledged writes (its filesystem is full): for as long as that lasts
+    // it must not call itself consistent or in sync.
+    assert_b_never_claims_the_data(&pair, Duration::from_secs(3));
     let log = pair.log(B).to_lowercase();
     assert!(
         log.contains("no space") || log.contains("enospc"),
@@ -56,6 +57,65 @@ fn secondary_filesystem_full_is_recorded_and_resynced() {
     pair.wait_in_sync(A);
     pair.wait_in_sync(B);
     assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// Samples node-b's status for `window`: it must never be consistent or in sync while its
+/// image lacks the 32 MiB of 0x4d the primary acknowledged.
+#[track_caller]
+fn assert_b_never_claims_the_data(pair: &Pair, window: Duration) {
+    let end = std::time::Instant::now() + window;
+    while std::time::Instant::now() < end {
+        let b = pair.vol(B, VOLUME);
+        let a = pair.vol(A, VOLUME);
+        assert!(
+            b["consistent"] == false && b["sync"] != "in-sync",
+            "node-b lacks acknowledged writes (ENOSPC) but reports itself consistent/in sync: \
+             node-b {b}\nnode-a {a}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The same full secondary, then the primary crashes, as early as node-b claims to be
+/// consistent (if it ever does while lacking the data): node-b must not be promotable
+/// without --force, or if it is, it must hold every acknowledged write.
+#[test]
+fn secondary_that_missed_writes_is_not_promoted_silently_after_a_primary_crash() {
+    let mut pair = Pair::new();
+    pair.mount_tmpfs(B, "16M");
+    pair.start_with_a_primary();
+    let out = qemu_io(&pair.env, &pair.uri(A), &["write -P 0x4d 0 32M", "flush"]);
+    assert_qemu_io_ok(&out);
+    // Watch node-b for 2 s; crash the primary the moment node-b says it is consistent.
+    let end = std::time::Instant::now() + Duration::from_secs(2);
+    let mut claimed = None;
+    while std::time::Instant::now() < end {
+        let b = pair.vol(B, VOLUME);
+        if b["consistent"] == true {
+            claimed = Some(b);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pair.kill9(A);
+    eprintln!("node-b before the crash of node-a: {claimed:?}");
+    pair.resize_tmpfs(B, "128M");
+    pair.wait_disconnected(B);
+    let promoted = pair.promote(B, false);
+    eprintln!("promote node-b without --force: {promoted}");
+    if promoted.success() {
+        pair.wait_export(B);
+        let check = qemu_io(&pair.env, &pair.uri(B), &["read -P 0x4d 0 32M"]);
+        assert!(
+            check.success() && !check.all().contains("Pattern verification failed"),
+            "node-b was promoted without --force but lacks acknowledged writes \
+             (it reported {claimed:?} while its filesystem was full): {check}"
+        );
+    } else {
+        assert_eq!(promoted.code, Some(1), "{promoted}");
+        let b = pair.vol(B, VOLUME);
+        assert_eq!(b["consistent"], false, "{b}");
+    }
 }
 
 /// The primary's filesystem fills up: writes fail with ENOSPC (never acknowledged), every
