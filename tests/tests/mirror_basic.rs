@@ -378,6 +378,18 @@ fn verify_reports_a_difference_and_exits_1() {
     );
     pair.assert_running(A);
     pair.assert_running(B);
+    // The difference is marked, and the primary's copy wins: the pair converges.
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    let again = pair.verify(A);
+    assert!(
+        again.success(),
+        "after the resync verify finds nothing: {again}"
+    );
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
 }
 
 /// Overlapping writes and trims in flight from several connections at once, on a 1 MiB

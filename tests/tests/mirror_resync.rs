@@ -171,3 +171,167 @@ fn resync_under_concurrent_writes_keeps_order_and_ends_identical() {
     pair.wait_in_sync(B);
     assert_files_equal(&pair.image(A), &pair.image(B));
 }
+
+/// A frozen secondary (SIGSTOP: no reset, just silence): the primary declares it dead after
+/// peer_timeout and keeps serving; thawed, it reconnects and is resynced.
+#[test]
+fn frozen_secondary_is_declared_dead_after_peer_timeout() {
+    let mut pair = Pair::with_options(PairOptions {
+        extra: "peer_timeout = \"2s\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    let uri = pair.uri(A);
+    pair.signal(B, nix::sys::signal::Signal::SIGSTOP);
+    let started = Instant::now();
+    let out = qemu_io(&pair.env, &uri, &["write -P 0x71 4M 1M", "flush"]);
+    let took = started.elapsed();
+    pair.signal(B, nix::sys::signal::Signal::SIGCONT);
+    assert_qemu_io_ok(&out);
+    eprintln!("a write with a frozen peer took {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "a write waited {took:?} with peer_timeout 2s"
+    );
+    let a = pair.vol(A, VOLUME);
+    assert!(num(&a, "dirty_bytes") >= MIB, "{a}");
+    // Thawed: the link comes back and the pair converges.
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// The resync target is killed in the middle of its resync: after a restart it is still
+/// inconsistent (not promotable without --force), and the resync resumes and completes.
+#[test]
+fn resync_target_killed_midway_stays_inconsistent_and_resumes() {
+    let mut pair = Pair::with_options(PairOptions {
+        size: "128M".into(),
+        extra: "resync_rate = \"4M\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0x19 0 40M", "flush"],
+    ));
+    pair.start(B);
+    let b = pair.wait_for(
+        B,
+        VOLUME,
+        "syncing with some data received",
+        Duration::from_secs(30),
+        |v| v["sync"] == "syncing" && num(v, "resync_bytes_received") > 0,
+    );
+    assert_eq!(b["consistent"], false, "{b}");
+    pair.kill9(B);
+    let m = pair.inspect(B);
+    assert_eq!(
+        m["flags"]["consistent"], false,
+        "the resync target is marked inconsistent on disk: {m}"
+    );
+    pair.start(B);
+    let b = pair.vol(B, VOLUME);
+    assert_eq!(b["role"], "secondary");
+    assert_eq!(
+        b["consistent"], false,
+        "still inconsistent after the restart: {b}"
+    );
+    let out = pair.promote(B, false);
+    assert_eq!(out.code, Some(1), "an unfinished resync target: {out}");
+    pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(90), |v| {
+        v["sync"] == "in-sync" && v["peer"] == "connected"
+    });
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// The primary writes alone, then crashes: its dirty map (durable before each write was
+/// acknowledged) survives, and when both come back the changes reach the peer.
+#[test]
+fn dirty_map_survives_a_crash_of_the_degraded_primary() {
+    let mut pair = Pair::new();
+    pair.start_with_a_primary();
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0x5e 20M 3M", "write -P 0x5f 50M 64k"],
+    ));
+    pair.kill9(A);
+    let m = pair.inspect(A);
+    assert!(
+        m["dirty_bytes"].as_u64().unwrap() >= 3 * MIB + 65536,
+        "the dirty map on disk covers what was written alone: {m}"
+    );
+    pair.start(A);
+    pair.start(B);
+    let a = pair.vol(A, VOLUME);
+    assert_eq!(a["role"], "secondary", "{a}");
+    // node-a holds the newer generation: it resyncs node-b by itself, both secondary.
+    let a = pair.wait_in_sync(A);
+    let b = pair.wait_in_sync(B);
+    let sent = num(&a, "resync_bytes_sent");
+    assert!(
+        (3 * MIB..=12 * MIB).contains(&sent),
+        "resync of the dirty map (and hot extents) only: {a}"
+    );
+    assert_eq!(num(&b, "resync_bytes_received"), sent, "{b}");
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    assert!(read_file_range(&pair.image(B), 20 * MIB, 3 * MIB as usize)
+        .iter()
+        .all(|&x| x == 0x5e));
+}
+
+/// The secondary flaps (killed and restarted three times) while fio writes and verifies
+/// through the primary: fio never sees an error, the images end identical.
+#[test]
+fn flapping_secondary_under_verified_load() {
+    let mut pair = Pair::with_size("128M");
+    pair.start_with_a_primary();
+    let uri = pair.uri(A);
+    let load = fio_args(
+        &uri,
+        &[
+            "--name=flap",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--iodepth=16",
+            "--size=96m",
+            "--io_size=400m",
+            "--verify=crc32c",
+            "--do_verify=1",
+        ],
+    );
+    let load: Vec<&str> = load.iter().map(String::as_str).collect();
+    let bg = pair.env.spawn(&load);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        pair.kill9(B);
+        std::thread::sleep(Duration::from_millis(700));
+        pair.start(B);
+    }
+    let out = bg.wait(Duration::from_secs(240));
+    assert_fio_ok(&out);
+    pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(120), |v| {
+        v["sync"] == "in-sync" && v["peer"] == "connected"
+    });
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
