@@ -113,6 +113,9 @@ pub struct PairOptions {
     pub extra: String,
     /// `--log-level` of the daemons.
     pub log_level: String,
+    /// Route the replication link through a [`LinkProxy`] of the test (node-a's `peer`
+    /// becomes the proxy's address), so the link can be cut with both daemons running.
+    pub proxy: bool,
 }
 
 impl Default for PairOptions {
@@ -121,6 +124,7 @@ impl Default for PairOptions {
             size: "64M".into(),
             extra: String::new(),
             log_level: "info".into(),
+            proxy: false,
         }
     }
 }
@@ -148,6 +152,8 @@ pub struct Pair {
     opts: PairOptions,
     /// tmpfs mounted by [`Pair::mount_tmpfs`], unmounted on drop.
     mounts: Vec<PathBuf>,
+    /// The link proxy, with [`PairOptions::proxy`].
+    pub proxy: Option<LinkProxy>,
     /// Volume size in bytes.
     pub size: u64,
     // Last: dropped after the daemons are gone.
@@ -169,11 +175,15 @@ impl Pair {
 
     pub fn with_options(opts: PairOptions) -> Pair {
         let env = TestEnv::new();
+        let proxy = opts
+            .proxy
+            .then(|| LinkProxy::start(&env, PROXY_ADDR, B.replication_addr()));
         let pair = Pair {
             daemons: [None, None],
             logs: Vec::new(),
             starts: [0, 0],
             mounts: Vec::new(),
+            proxy,
             size: parse_size(&opts.size),
             opts,
             env,
@@ -185,13 +195,19 @@ impl Pair {
     }
 
     fn write_config(&self, node: Node, secret: &str, file_stem: &str) -> PathBuf {
-        let text = config_text(
+        let mut text = config_text(
             node,
             secret,
             &format!("data-{}", file_stem),
             &self.opts.size,
             &self.opts.extra,
         );
+        if self.opts.proxy && node == A {
+            text = text.replace(
+                &format!("peer = \"{}\"", B.replication_addr()),
+                &format!("peer = \"{PROXY_ADDR}\""),
+            );
+        }
         let path = self.env.path(&format!("{file_stem}.toml"));
         fs::write(&path, text).expect("cannot write a node config");
         path
@@ -700,6 +716,9 @@ impl Drop for Pair {
                 let _ = c.wait();
             }
         }
+        if let Some(p) = &self.proxy {
+            p.stop();
+        }
         for m in self.mounts.drain(..).rev() {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
@@ -893,4 +912,107 @@ pub fn missing_acked_blocks(image: &Path, acked: &[u64]) -> Vec<u64> {
             data.get(off..off + 4096) != Some(&ack_block(i)[..])
         })
         .collect()
+}
+
+/// Where node-a dials node-b through the [`LinkProxy`] (it sorts after 7801, so node-a
+/// still dials).
+pub const PROXY_ADDR: &str = "127.0.0.1:7810";
+
+/// A TCP relay in the test's namespace between node-a's dialer and node-b's replication
+/// port. `cut()` drops every relayed connection and refuses new ones (both daemons see a
+/// dead link while they keep running); `restore()` lets connections through again.
+pub struct LinkProxy {
+    state: std::sync::Arc<ProxyState>,
+}
+
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    conns: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl LinkProxy {
+    pub fn start(env: &TestEnv, listen: &str, target: &str) -> LinkProxy {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let state = Arc::new(ProxyState {
+            cut: false.into(),
+            stop: false.into(),
+            conns: std::sync::Mutex::new(Vec::new()),
+        });
+        let listen = listen.to_string();
+        let target = target.to_string();
+        let ns_path = env.ns.ns_path();
+        let st = state.clone();
+        // The relay's threads join the namespace once; sockets they make stay in it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let file = fs::File::open(&ns_path).expect("open the namespace");
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let l = std::net::TcpListener::bind(&listen).expect("bind the link proxy");
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !st.stop.load(Ordering::Relaxed) {
+                let (client, _) = match l.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                if st.cut.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut conns = st.conns.lock().unwrap();
+                    conns.push(client.try_clone().unwrap());
+                    conns.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the link proxy did not start");
+        LinkProxy { state }
+    }
+
+    /// Drops every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in self.state.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Lets new connections through again.
+    pub fn restore(&self) {
+        self.state
+            .cut
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn stop(&self) {
+        self.cut();
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

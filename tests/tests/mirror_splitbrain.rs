@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use nbdmirror_tests::data::{assert_files_equal, read_file_range};
-use nbdmirror_tests::pair::{file_digest, num, Pair, A, B, MIB, STATE_TIMEOUT, VOLUME};
+use nbdmirror_tests::pair::{
+    file_digest, num, Pair, PairOptions, A, B, MIB, STATE_TIMEOUT, VOLUME,
+};
 use nbdmirror_tests::{assert_qemu_io_ok, qemu_io};
 
 #[test]
@@ -173,4 +175,100 @@ fn both_primary_alone_is_split_brain_until_resolved() {
     pair.wait_in_sync(A);
     pair.wait_in_sync(B);
     assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// The link is cut while both daemons run; node-b is promoted (the operator believes node-a
+/// is down, but it is not) and both write. When the link returns, both report split brain,
+/// neither copy is touched, and the resolution keeps node-a's data.
+#[test]
+fn link_cut_with_both_running_then_both_primary_is_split_brain() {
+    let mut pair = Pair::with_options(PairOptions {
+        proxy: true,
+        extra: "peer_timeout = \"2s\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x11 0 4M"]));
+    pair.proxy.as_ref().unwrap().cut();
+    pair.wait_disconnected(A);
+    pair.wait_disconnected(B);
+    // node-a goes on alone.
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0xaa 4M 2M", "flush"],
+    ));
+    // node-b was in sync when it lost its peer: promotion is allowed, with a warning.
+    let out = pair.promote(B, false);
+    out.ok();
+    assert!(
+        !out.stderr.trim().is_empty(),
+        "promoting alone should warn that the old primary must be down: {out}"
+    );
+    pair.wait_export(B);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(B),
+        &["write -P 0xbb 10M 1M", "write -P 0xcc 4M 64k", "flush"],
+    ));
+    let digest_a = file_digest(&pair.image(A));
+    let digest_b = file_digest(&pair.image(B));
+
+    pair.proxy.as_ref().unwrap().restore();
+    for node in [A, B] {
+        let v = pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+            v["sync"] == "split-brain"
+        });
+        assert_eq!(v["role"], "primary", "{}: {v}", node.name());
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for node in [A, B] {
+        let v = pair.vol(node, VOLUME);
+        assert_eq!(v["sync"], "split-brain", "{}: {v}", node.name());
+        assert_eq!(num(&v, "resync_bytes_sent"), 0, "{}: {v}", node.name());
+        assert_eq!(num(&v, "resync_bytes_received"), 0, "{}: {v}", node.name());
+    }
+    assert_eq!(
+        file_digest(&pair.image(A)),
+        digest_a,
+        "node-a's image changed"
+    );
+    assert_eq!(
+        file_digest(&pair.image(B)),
+        digest_b,
+        "node-b's image changed"
+    );
+    // Writes on either primary during the split brain must not reach the other.
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0xa1 20M 64k"],
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        read_file_range(&pair.image(B), 20 * MIB, 65536)
+            .iter()
+            .all(|&x| x == 0),
+        "a write on node-a reached node-b during the split brain"
+    );
+
+    pair.demote(B).ok();
+    pair.wait_export_closed(B);
+    pair.resolve(B, B, false).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    let img = pair.image(B);
+    assert!(read_file_range(&img, 4 * MIB, 2 * MIB as usize)
+        .iter()
+        .all(|&x| x == 0xaa));
+    assert!(read_file_range(&img, 10 * MIB, MIB as usize)
+        .iter()
+        .all(|&x| x == 0));
+    assert!(read_file_range(&img, 20 * MIB, 65536)
+        .iter()
+        .all(|&x| x == 0xa1));
 }
