@@ -19,7 +19,24 @@ fn primary_killed_under_load_loses_no_acknowledged_write() {
     let mut pair = Pair::with_size("256M");
     pair.start_with_a_primary();
     let log = pair.env.path("acked.log");
-    let max_blocks = pair.size / 4096;
+    // The logged writer covers 0..128M; fio keeps many other requests in flight on
+    // 160M..224M, so the crash hits a busy primary.
+    let max_blocks = 128 * MIB / 4096;
+    let load = fio_args(
+        &pair.uri(A),
+        &[
+            "--name=busy",
+            "--rw=randwrite",
+            "--bsrange=4k-256k",
+            "--iodepth=32",
+            "--offset=160m",
+            "--size=64m",
+            "--time_based=1",
+            "--runtime=60",
+        ],
+    );
+    let load: Vec<&str> = load.iter().map(String::as_str).collect();
+    let busy = pair.env.spawn(&load);
     let writer = spawn_ack_writer(&pair.env, &pair.uri(A), &log, max_blocks);
     // Let it acknowledge a few hundred writes, then crash the primary.
     poll(
@@ -32,6 +49,7 @@ fn primary_killed_under_load_loses_no_acknowledged_write() {
     );
     pair.kill9(A);
     let (out, _) = writer.wait_or_kill(Duration::from_secs(30));
+    let _ = busy.wait_or_kill(Duration::from_secs(30));
     eprintln!("writer: {out}");
     let acked = read_ack_log(&log);
     assert!(acked.len() >= 300, "{} acked", acked.len());
