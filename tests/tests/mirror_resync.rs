@@ -335,3 +335,143 @@ fn flapping_secondary_under_verified_load() {
     pair.wait_in_sync(B);
     assert_files_equal(&pair.image(A), &pair.image(B));
 }
+
+/// The resync source (node-a, newer, both secondary) is killed midway: node-b stays
+/// inconsistent and may not be promoted without --force; node-a restarts and the resync
+/// finishes from where its dirty map stands.
+#[test]
+fn resync_source_killed_midway_then_resumes() {
+    let mut pair = Pair::with_options(PairOptions {
+        size: "128M".into(),
+        extra: "resync_rate = \"4M\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0x2a 0 40M", "flush"],
+    ));
+    pair.start(B);
+    pair.wait_for(
+        B,
+        VOLUME,
+        "syncing with some data received",
+        Duration::from_secs(30),
+        |v| v["sync"] == "syncing" && num(v, "resync_bytes_received") > 0,
+    );
+    pair.kill9(A);
+    let b = pair.wait_disconnected(B);
+    assert_eq!(b["consistent"], false, "{b}");
+    let out = pair.promote(B, false);
+    assert_eq!(out.code, Some(1), "an unfinished resync target: {out}");
+    let left = pair.inspect(A)["dirty_bytes"].as_u64().unwrap();
+    eprintln!("node-a's dirty map after its crash: {left} bytes");
+    assert!(left > 0 && left < 40 * MIB + 8 * MIB, "{left}");
+    pair.start(A);
+    let a = pair.vol(A, VOLUME);
+    assert_eq!(a["role"], "secondary", "{a}");
+    let a = pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(90), |v| {
+        v["sync"] == "in-sync" && v["peer"] == "connected"
+    });
+    let b = pair.wait_in_sync(B);
+    assert_eq!(b["consistent"], true, "{b}");
+    let sent = num(&a, "resync_bytes_sent");
+    assert!(
+        sent <= left + 8 * MIB,
+        "after the restart, resync sent {sent} for {left} left: {a}"
+    );
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// Trims and write-zeroes made while the peer is away reach it through the resync: data
+/// it holds in those regions becomes zero.
+#[test]
+fn trims_and_zeroes_while_degraded_are_resynced() {
+    let mut pair = Pair::new();
+    pair.start_with_a_primary();
+    let uri = pair.uri(A);
+    assert_qemu_io_ok(&qemu_io(&pair.env, &uri, &["write -P 0x77 0 16M", "flush"]));
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &uri,
+        &[
+            "discard 1M 2M",
+            "write -z 5M 1M",
+            "write -z -u 9M 3M",
+            "write -z 13M 4097",
+            "flush",
+        ],
+    ));
+    pair.start(B);
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    let img = pair.image(B);
+    for (off, len) in [
+        (MIB, 2 * MIB),
+        (5 * MIB, MIB),
+        (9 * MIB, 3 * MIB),
+        (13 * MIB, 4097),
+    ] {
+        assert!(
+            read_file_range(&img, off, len as usize)
+                .iter()
+                .all(|&x| x == 0),
+            "{off}+{len} should be zero on node-b"
+        );
+    }
+    assert!(read_file_range(&img, 4 * MIB, MIB as usize)
+        .iter()
+        .all(|&x| x == 0x77));
+}
+
+/// With resync_checksum, regions marked dirty whose data the peer already holds are not
+/// carried again.
+#[test]
+fn checksum_pass_skips_regions_the_peer_already_has() {
+    let mut pair = Pair::with_options(PairOptions {
+        extra: "resync_checksum = true".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    let uri = pair.uri(A);
+    assert_qemu_io_ok(&qemu_io(&pair.env, &uri, &["write -P 0x66 0 16M", "flush"]));
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    // The same bytes again (dirty, but equal on both), and 1 MiB that really changes.
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &uri,
+        &["write -P 0x66 0 16M", "write -P 0x67 20M 1M", "flush"],
+    ));
+    let dirty = num(&pair.vol(A, VOLUME), "dirty_bytes");
+    assert!(dirty >= 17 * MIB, "{dirty}");
+    pair.start(B);
+    let a = pair.wait_in_sync(A);
+    let b = pair.wait_in_sync(B);
+    let sent = num(&a, "resync_bytes_sent");
+    let received = num(&b, "resync_bytes_received");
+    eprintln!("checksum pass: {dirty} dirty, {sent} sent, {received} received");
+    assert!(
+        received <= 4 * MIB,
+        "the 16 MiB the peer already had should be skipped: node-b received {received}: {b}"
+    );
+    // Both counters are "image bytes carried by resync": equal blocks are not carried.
+    assert!(
+        sent <= 4 * MIB,
+        "resync_bytes_sent counts blocks the checksum pass skipped: sent {sent}, \
+         received {received}, dirty {dirty}: {a}"
+    );
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
