@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use nbdmirror_tests::data::{assert_files_equal, read_file_range};
 use nbdmirror_tests::pair::{
-    ack_block, fio_args, num, read_ack_log, spawn_ack_writer, Pair, A, B, MIB, STATE_TIMEOUT,
-    VOLUME,
+    ack_block, fio_args, missing_acked_blocks, num, read_ack_log, spawn_ack_writer, Pair, A, B,
+    MIB, STATE_TIMEOUT, VOLUME,
 };
 use nbdmirror_tests::poll;
 
@@ -204,4 +204,55 @@ fn primary_killed_and_restarted_resyncs_only_hot_extents() {
     pair.wait_in_sync(A);
     pair.wait_in_sync(B);
     assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// Both daemons killed at once under load: both come back secondary (nobody takes the
+/// primary role by itself), the operator promotes node-a, the hot extents are resynced,
+/// and every acknowledged write is on both.
+#[test]
+fn both_nodes_killed_under_load_come_back_secondary() {
+    let mut pair = Pair::with_size("128M");
+    pair.start_with_a_primary();
+    let log = pair.env.path("acked.log");
+    let writer = spawn_ack_writer(&pair.env, &pair.uri(A), &log, 16384);
+    poll("300 acknowledged writes", Duration::from_secs(60), || {
+        (read_ack_log(&log).len() >= 300).then_some(())
+    });
+    pair.kill9(B);
+    pair.kill9(A);
+    let _ = writer.wait_or_kill(Duration::from_secs(30));
+    let acked = read_ack_log(&log);
+    pair.start(A);
+    pair.start(B);
+    pair.wait_connected(A);
+    pair.wait_connected(B);
+    std::thread::sleep(Duration::from_secs(1));
+    for node in [A, B] {
+        let v = pair.vol(node, VOLUME);
+        assert_eq!(v["role"], "secondary", "{}: {v}", node.name());
+        assert!(!pair.export_answers(node));
+    }
+    pair.promote(A, false).ok();
+    pair.wait_for(
+        A,
+        VOLUME,
+        "primary, in-sync",
+        Duration::from_secs(60),
+        |v| v["role"] == "primary" && v["sync"] == "in-sync",
+    );
+    let b = pair.wait_in_sync(B);
+    assert!(
+        num(&b, "resync_bytes_received") < pair.size / 4,
+        "only hot extents are resynced: {b}"
+    );
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    let missing = missing_acked_blocks(&pair.image(B), &acked);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes missing",
+        missing.len()
+    );
 }

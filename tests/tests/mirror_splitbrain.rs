@@ -272,3 +272,55 @@ fn link_cut_with_both_running_then_both_primary_is_split_brain() {
         .iter()
         .all(|&x| x == 0xa1));
 }
+
+/// A forced second primary while the link is up: split brain at once; writes on either
+/// primary never reach the other's image.
+#[test]
+fn forced_second_primary_while_connected_overwrites_nothing() {
+    let mut pair = Pair::new();
+    pair.start_with_a_primary();
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x11 0 1M"]));
+    let refused = pair.promote(B, false);
+    assert_eq!(refused.code, Some(1), "the peer is primary: {refused}");
+    pair.promote(B, true).ok();
+    for node in [A, B] {
+        pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+            v["sync"] == "split-brain"
+        });
+    }
+    pair.wait_export(B);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0xa2 8M 1M", "flush"],
+    ));
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(B),
+        &["write -P 0xb2 16M 1M", "flush"],
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        read_file_range(&pair.image(B), 8 * MIB, MIB as usize)
+            .iter()
+            .all(|&x| x == 0),
+        "node-a's write reached node-b's image during the split brain"
+    );
+    assert!(
+        read_file_range(&pair.image(A), 16 * MIB, MIB as usize)
+            .iter()
+            .all(|&x| x == 0),
+        "node-b's write reached node-a's image during the split brain"
+    );
+    pair.demote(B).ok();
+    pair.resolve(A, B, false).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    assert!(read_file_range(&pair.image(B), 8 * MIB, MIB as usize)
+        .iter()
+        .all(|&x| x == 0xa2));
+}
