@@ -500,3 +500,96 @@ fn clean_stop_of_a_degraded_primary_keeps_its_dirty_map() {
     assert!(num(&a, "resync_bytes_sent") >= 2 * MIB, "{a}");
     assert_files_equal(&pair.image(A), &pair.image(B));
 }
+
+/// The VM never stops writing: the resync must still make progress (application I/O has
+/// priority, but may not starve the resync forever).
+#[test]
+fn resync_progresses_under_continuous_application_writes() {
+    let mut pair = Pair::with_size("128M");
+    pair.start_with_a_primary();
+    let uri = pair.uri(A);
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(&pair.env, &uri, &["write -P 0x4b 0 16M", "flush"]));
+    // Continuous writes elsewhere, 25 s.
+    let load = fio_args(
+        &uri,
+        &[
+            "--name=steady",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=4",
+            "--offset=64m",
+            "--size=32m",
+            "--time_based=1",
+            "--runtime=25",
+        ],
+    );
+    let load: Vec<&str> = load.iter().map(String::as_str).collect();
+    let bg = pair.env.spawn(&load);
+    std::thread::sleep(Duration::from_secs(1));
+    pair.start(B);
+    let started = Instant::now();
+    let a = pair.wait_for(
+        A,
+        VOLUME,
+        "in-sync while the load runs",
+        Duration::from_secs(20),
+        |v| v["sync"] == "in-sync" && v["peer"] == "connected",
+    );
+    eprintln!(
+        "in sync {:?} after the peer returned, under load: {a}",
+        started.elapsed()
+    );
+    let out = bg.wait(Duration::from_secs(90));
+    assert_fio_ok(&out);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// resync_rate bounds the copy's speed, and status shows bytes left and an ETA meanwhile.
+#[test]
+fn resync_rate_limits_the_copy_and_status_shows_progress() {
+    let mut pair = Pair::with_options(PairOptions {
+        extra: "resync_rate = \"8M\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0x1d 0 32M", "flush"],
+    ));
+    pair.start(B);
+    let started = Instant::now();
+    let mid = pair.wait_for(
+        A,
+        VOLUME,
+        "syncing with progress",
+        Duration::from_secs(20),
+        |v| v["sync"] == "syncing" && num(v, "resync_bytes_sent") > 0,
+    );
+    let mid_b = pair.vol(B, VOLUME);
+    eprintln!("mid-resync: node-a {mid}\nnode-b {mid_b}");
+    assert!(num(&mid, "resync_bytes_left") > 0, "{mid}");
+    assert!(
+        mid["resync_eta_seconds"].is_u64(),
+        "an ETA while syncing with progress: {mid}"
+    );
+    assert_eq!(mid_b["sync"], "syncing", "{mid_b}");
+    pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(60), |v| {
+        v["sync"] == "in-sync" && v["peer"] == "connected"
+    });
+    let took = started.elapsed();
+    eprintln!("32 MiB at 8 MiB/s took {took:?}");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "32 MiB at resync_rate 8M took only {took:?}"
+    );
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
