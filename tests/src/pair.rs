@@ -116,6 +116,9 @@ pub struct PairOptions {
     /// Route the replication link through a [`LinkProxy`] of the test (node-a's `peer`
     /// becomes the proxy's address), so the link can be cut with both daemons running.
     pub proxy: bool,
+    /// A second volume [`VOLUME2`] of the same size, exported on node-a at
+    /// 127.0.0.1:10819 and on node-b at 127.0.0.1:10820.
+    pub second_volume: bool,
 }
 
 impl Default for PairOptions {
@@ -125,6 +128,7 @@ impl Default for PairOptions {
             extra: String::new(),
             log_level: "info".into(),
             proxy: false,
+            second_volume: false,
         }
     }
 }
@@ -202,6 +206,18 @@ impl Pair {
             &self.opts.size,
             &self.opts.extra,
         );
+        if self.opts.second_volume {
+            text.push_str(&format!(
+                "\n[[volume]]\n\
+                 name = \"{VOLUME2}\"\n\
+                 image = \"data-{stem}/{VOLUME2}.img\"\n\
+                 size = \"{size}\"\n\
+                 listen = \"{listen}\"\n",
+                stem = file_stem,
+                size = self.opts.size,
+                listen = export_addr2(node),
+            ));
+        }
         if self.opts.proxy && node == A {
             text = text.replace(
                 &format!("peer = \"{}\"", B.replication_addr()),
@@ -237,6 +253,20 @@ impl Pair {
     /// The node's metadata file (`<data_dir>/<volume>.meta`).
     pub fn metadata(&self, node: Node) -> PathBuf {
         self.data_dir(node).join(format!("{VOLUME}.meta"))
+    }
+
+    /// The node's image file of `volume`.
+    pub fn image_of(&self, node: Node, volume: &str) -> PathBuf {
+        self.data_dir(node).join(format!("{volume}.img"))
+    }
+
+    /// The NBD URI of `volume` on the node (with [`PairOptions::second_volume`]).
+    pub fn uri_of(&self, node: Node, volume: &str) -> String {
+        if volume == VOLUME {
+            self.uri(node)
+        } else {
+            format!("nbd://{}/{volume}", export_addr2(node))
+        }
     }
 
     /// `nbd://127.0.0.1:1080x/disk0`: the node's export while it is primary.
@@ -722,6 +752,17 @@ impl Drop for Pair {
         for m in self.mounts.drain(..).rev() {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
+    }
+}
+
+/// The second volume of [`PairOptions::second_volume`].
+pub const VOLUME2: &str = "disk1";
+
+/// The NBD listen address of [`VOLUME2`] on the node.
+pub fn export_addr2(node: Node) -> &'static str {
+    match node {
+        A => "127.0.0.1:10819",
+        B => "127.0.0.1:10820",
     }
 }
 

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use nbdmirror_tests::data::{assert_files_equal, read_file_range};
 use nbdmirror_tests::pair::{
-    missing_acked_blocks, num, read_ack_log, spawn_ack_writer, Pair, A, B, MIB, STATE_TIMEOUT,
-    VOLUME,
+    missing_acked_blocks, num, read_ack_log, spawn_ack_writer, Pair, PairOptions, A, B, MIB,
+    STATE_TIMEOUT, VOLUME, VOLUME2,
 };
 use nbdmirror_tests::{assert_qemu_io_ok, poll, qemu_io};
 
@@ -97,4 +97,75 @@ fn clean_role_swaps_copy_nothing_and_keep_images_identical() {
         assert_eq!(num(&v, "resync_bytes_sent"), 0, "{v}");
     }
     assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// Two volumes, primary on different nodes (node-a for disk0, node-b for disk1): each is
+/// mirrored its own way; when node-b dies, node-a keeps disk0 and takes over disk1.
+#[test]
+fn two_volumes_primary_on_different_nodes() {
+    let mut pair = Pair::with_options(PairOptions {
+        second_volume: true,
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    pair.wait_for(B, VOLUME2, "peer connected", STATE_TIMEOUT, |v| {
+        v["peer"] == "connected"
+    });
+    pair.promote_volume(B, VOLUME2, false).ok();
+    pair.wait_for(B, VOLUME2, "primary in sync", STATE_TIMEOUT, |v| {
+        v["role"] == "primary" && v["sync"] == "in-sync"
+    });
+    let v2_b = pair.uri_of(B, VOLUME2);
+    wait_accepting(&pair, "127.0.0.1:10820");
+    assert!(
+        pair.env.ns.connect_tcp("127.0.0.1:10819").is_err(),
+        "node-a is secondary for disk1: no export"
+    );
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0xd0 0 2M"]));
+    assert_qemu_io_ok(&qemu_io(&pair.env, &v2_b, &["write -P 0xd1 0 2M"]));
+    let a_st = pair.status(A);
+    assert_eq!(a_st["volumes"].as_array().unwrap().len(), 2, "{a_st}");
+
+    pair.kill9(B);
+    pair.wait_for(A, VOLUME2, "peer gone", STATE_TIMEOUT, |v| {
+        v["peer"] == "disconnected"
+    });
+    pair.promote_volume(A, VOLUME2, false).ok();
+    wait_accepting(&pair, "127.0.0.1:10819");
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri_of(A, VOLUME2),
+        &["read -P 0xd1 0 2M", "write -P 0xd2 4M 1M"],
+    ));
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0xd3 4M 1M"]));
+    pair.start(B);
+    for vol in [VOLUME, VOLUME2] {
+        for node in [A, B] {
+            pair.wait_for(node, vol, "in-sync", STATE_TIMEOUT, |v| {
+                v["sync"] == "in-sync" && v["peer"] == "connected"
+            });
+        }
+        pair.demote_volume(A, vol).ok();
+    }
+    for vol in [VOLUME, VOLUME2] {
+        for node in [A, B] {
+            pair.wait_for(node, vol, "in-sync", STATE_TIMEOUT, |v| {
+                v["sync"] == "in-sync" && v["peer"] == "connected"
+            });
+        }
+        assert_files_equal(&pair.image_of(A, vol), &pair.image_of(B, vol));
+    }
+    assert!(
+        read_file_range(&pair.image_of(B, VOLUME2), 4 * MIB, MIB as usize)
+            .iter()
+            .all(|&x| x == 0xd2)
+    );
+}
+
+fn wait_accepting(pair: &Pair, addr: &'static str) {
+    poll(
+        &format!("{addr} to accept"),
+        Duration::from_secs(20),
+        || pair.env.ns.connect_tcp(addr).ok().map(|_| ()),
+    );
 }
