@@ -257,6 +257,8 @@ fn cli_errors_are_one_line_and_secondary_export_stays_closed() {
     }
     // Resolving for a node that does not exist is refused too.
     assert_cli_error(&pair.cli(A, &["resolve", VOLUME, "--discard-on", "node-z"]));
+    // There is no split brain to resolve.
+    assert_cli_error(&pair.cli(A, &["resolve", VOLUME, "--discard-on", "node-b"]));
     // Nothing of that changed the roles.
     assert_eq!(pair.vol(A, VOLUME)["role"], "primary");
     assert_eq!(pair.vol(B, VOLUME)["role"], "secondary");
@@ -265,6 +267,14 @@ fn cli_errors_are_one_line_and_secondary_export_stays_closed() {
 
     // A CLI without a daemon behind its control socket fails the same way.
     pair.stop(B);
+    // verify cannot compare without the peer: it must not report the copies equal.
+    pair.wait_disconnected(A);
+    let v = pair.verify(A);
+    assert_ne!(
+        v.code,
+        Some(0),
+        "verify without the peer must not succeed: {v}"
+    );
     assert_cli_error(&pair.cli(B, &["status", "--json"]));
     assert_cli_error(&pair.cli(B, &["promote", VOLUME]));
 }
