@@ -119,6 +119,9 @@ pub struct PairOptions {
     /// A second volume [`VOLUME2`] of the same size, exported on node-a at
     /// 127.0.0.1:10819 and on node-b at 127.0.0.1:10820.
     pub second_volume: bool,
+    /// `replication_listen = "0.0.0.0:PORT"` instead of 127.0.0.1 (the peer addresses stay
+    /// 127.0.0.1), as a real node listening on all its interfaces would be configured.
+    pub listen_any: bool,
 }
 
 impl Default for PairOptions {
@@ -129,6 +132,7 @@ impl Default for PairOptions {
             log_level: "info".into(),
             proxy: false,
             second_volume: false,
+            listen_any: false,
         }
     }
 }
@@ -217,6 +221,15 @@ impl Pair {
                 size = self.opts.size,
                 listen = export_addr2(node),
             ));
+        }
+        if self.opts.listen_any {
+            text = text.replace(
+                &format!("replication_listen = \"{}\"", node.replication_addr()),
+                &format!(
+                    "replication_listen = \"{}\"",
+                    node.replication_addr().replace("127.0.0.1", "0.0.0.0")
+                ),
+            );
         }
         if self.opts.proxy && node == A {
             text = text.replace(

@@ -169,3 +169,47 @@ fn wait_accepting(pair: &Pair, addr: &'static str) {
         || pair.env.ns.connect_tcp(addr).ok().map(|_| ()),
     );
 }
+
+/// Nodes that listen on all interfaces (`replication_listen = "0.0.0.0:PORT"`, the usual
+/// set-up) must still build one stable link: exactly one side dials.
+#[test]
+fn replication_listen_on_all_interfaces_gives_one_stable_link() {
+    let mut pair = Pair::with_options(PairOptions {
+        listen_any: true,
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    let before = [A, B].map(|n| pair.log(n).matches("peer connected").count());
+    let out = nbdmirror_tests::pair::fio(
+        &pair.env,
+        &pair.uri(A),
+        &[
+            "--name=steady",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=16m",
+            "--time_based=1",
+            "--runtime=5",
+        ],
+    );
+    nbdmirror_tests::pair::assert_fio_ok(&out);
+    let after = [A, B].map(|n| pair.log(n).matches("peer connected").count());
+    for (i, node) in [A, B].into_iter().enumerate() {
+        assert_eq!(
+            after[i],
+            before[i],
+            "{}: the link was rebuilt {} times in 5 s (both nodes dial when they listen on \
+             0.0.0.0); log:\n{}",
+            node.name(),
+            after[i] - before[i],
+            pair.log(node)
+        );
+    }
+    let a = pair.vol(A, VOLUME);
+    assert_eq!(num(&a, "resync_bytes_sent"), 0, "{a}");
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
