@@ -444,3 +444,31 @@ fn overlapping_writes_in_flight_end_identical_on_both_nodes() {
         .iter()
         .any(|&x| x != 0));
 }
+
+/// Every command that prints takes --json and then prints one JSON object.
+#[test]
+fn every_printing_command_takes_json() {
+    let mut pair = Pair::new();
+    pair.start(A);
+    pair.start(B);
+    pair.wait_connected(A);
+    pair.wait_connected(B);
+    let json = |out: CmdOutput| -> Value {
+        out.ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"))
+    };
+    let p = json(pair.cli(A, &["promote", VOLUME, "--json"]));
+    assert!(p.is_object(), "{p}");
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    let v = json(pair.cli(A, &["verify", VOLUME, "--json"]));
+    assert!(v.is_object(), "{v}");
+    let d = json(pair.cli(A, &["demote", VOLUME, "--json"]));
+    assert!(d.is_object(), "{d}");
+    let s = json(pair.cli(B, &["status", "--json"]));
+    assert_eq!(s["node"], "node-b");
+    // Errors stay on stderr, one line, also with --json.
+    let e = pair.cli(A, &["promote", "nope", "--json"]);
+    assert_cli_error(&e);
+}
