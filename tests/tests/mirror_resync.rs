@@ -593,3 +593,46 @@ fn resync_rate_limits_the_copy_and_status_shows_progress() {
     pair.wait_in_sync(B);
     assert_files_equal(&pair.image(A), &pair.image(B));
 }
+
+/// Full write load for 10 s with a short peer_timeout: the link must not be declared dead
+/// (no false "peer lost", nothing dirty, no resync).
+#[test]
+fn heavy_load_does_not_trip_the_peer_timeout() {
+    let mut pair = Pair::with_options(PairOptions {
+        size: "256M".into(),
+        extra: "peer_timeout = \"2s\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    let out = fio(
+        &pair.env,
+        &pair.uri(A),
+        &[
+            "--name=heavy",
+            "--rw=write",
+            "--bs=4m",
+            "--iodepth=32",
+            "--size=256m",
+            "--time_based=1",
+            "--runtime=10",
+            "--numjobs=2",
+            "--name=small",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=64",
+            "--size=64m",
+        ],
+    );
+    assert_fio_ok(&out);
+    for node in [A, B] {
+        let log = pair.log(node);
+        assert!(
+            !log.contains("peer lost"),
+            "{} lost its peer under load:\n{log}",
+            node.name()
+        );
+    }
+    let a = pair.vol(A, VOLUME);
+    assert_eq!(a["sync"], "in-sync", "{a}");
+    assert_eq!(num(&a, "resync_bytes_sent"), 0, "{a}");
+}
