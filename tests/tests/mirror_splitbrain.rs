@@ -1,0 +1,326 @@
+//! Both nodes promoted alone and written: on reconnection both report split brain, no byte
+//! is copied either way, and `resolve --discard-on node-b` then resyncs node-a -> node-b.
+
+use std::time::Duration;
+
+use nbdmirror_tests::data::{assert_files_equal, read_file_range};
+use nbdmirror_tests::pair::{
+    file_digest, num, Pair, PairOptions, A, B, MIB, STATE_TIMEOUT, VOLUME,
+};
+use nbdmirror_tests::{assert_qemu_io_ok, qemu_io};
+
+#[test]
+fn both_primary_alone_is_split_brain_until_resolved() {
+    let mut pair = Pair::new();
+    pair.start_with_a_primary();
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x11 0 8M"]));
+
+    // node-b goes away; node-a writes alone; node-a goes away.
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0xaa 8M 4M", "flush"],
+    ));
+    pair.stop(A);
+
+    // node-b comes back alone, is promoted and writes alone.
+    pair.start(B);
+    let b = pair.vol(B, VOLUME);
+    assert_eq!(b["role"], "secondary", "{b}");
+    let promoted = pair.promote(B, false);
+    if !promoted.success() {
+        // Allowed by the contract only if node-b considers itself stale; note it.
+        eprintln!("promote without --force was refused on node-b alone: {promoted}");
+        pair.promote(B, true).ok();
+    }
+    pair.wait_export(B);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(B),
+        &["write -P 0xbb 20M 2M", "write -P 0xcc 8M 1M", "flush"],
+    ));
+    let digest_a = file_digest(&pair.image(A));
+    let digest_b = file_digest(&pair.image(B));
+
+    // node-a returns: both must see the split brain, and nothing is copied.
+    pair.start(A);
+    let a = pair.wait_for(A, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+        v["sync"] == "split-brain"
+    });
+    let b = pair.wait_for(B, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+        v["sync"] == "split-brain"
+    });
+    assert_eq!(a["role"], "secondary", "{a}");
+    assert_eq!(b["role"], "primary", "{b}");
+    // Give a wrong resync time to happen, then check that none did.
+    std::thread::sleep(Duration::from_secs(3));
+    for node in [A, B] {
+        let v = pair.vol(node, VOLUME);
+        assert_eq!(v["sync"], "split-brain", "{}: {v}", node.name());
+        assert_eq!(num(&v, "resync_bytes_sent"), 0, "{}: {v}", node.name());
+        assert_eq!(num(&v, "resync_bytes_received"), 0, "{}: {v}", node.name());
+    }
+    assert_eq!(
+        file_digest(&pair.image(A)),
+        digest_a,
+        "node-a's image changed"
+    );
+    assert_eq!(
+        file_digest(&pair.image(B)),
+        digest_b,
+        "node-b's image changed"
+    );
+    for node in [A, B] {
+        assert!(
+            pair.log(node).to_lowercase().contains("split"),
+            "{} should log the split brain",
+            node.name()
+        );
+    }
+
+    // Promoting node-a now (it would be a second primary) is refused.
+    let second = pair.promote(A, false);
+    assert_eq!(second.code, Some(1), "{second}");
+
+    // Resolve: node-b gives up its writes. It must be secondary first.
+    let refused = pair.resolve(A, B, false);
+    assert_eq!(
+        refused.code,
+        Some(1),
+        "resolve while node-b is primary must be refused: {refused}"
+    );
+    pair.demote(B).ok();
+    pair.wait_for(B, VOLUME, "secondary", STATE_TIMEOUT, |v| {
+        v["role"] == "secondary"
+    });
+    pair.wait_export_closed(B);
+
+    let dry = pair.cli(
+        A,
+        &["resolve", VOLUME, "--discard-on", "node-b", "--dry-run"],
+    );
+    dry.ok();
+    assert!(
+        dry.stdout.chars().any(|c| c.is_ascii_digit()),
+        "the dry run prints the bytes that would be discarded: {dry}"
+    );
+    let dry_json = pair.cli(
+        A,
+        &[
+            "resolve",
+            VOLUME,
+            "--discard-on",
+            "node-b",
+            "--dry-run",
+            "--json",
+        ],
+    );
+    dry_json.ok();
+    let parsed: serde_json::Value = serde_json::from_str(&dry_json.stdout)
+        .unwrap_or_else(|e| panic!("resolve --dry-run --json is not JSON ({e}): {dry_json}"));
+    eprintln!("resolve --dry-run --json: {parsed}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        pair.vol(A, VOLUME)["sync"],
+        "split-brain",
+        "a dry run changes nothing"
+    );
+    assert_eq!(file_digest(&pair.image(A)), digest_a);
+    assert_eq!(file_digest(&pair.image(B)), digest_b);
+
+    let res = pair.resolve(A, B, false);
+    res.ok();
+    assert!(
+        res.stdout.chars().any(|c| c.is_ascii_digit()),
+        "resolve prints the bytes discarded: {res}"
+    );
+    let a = pair.wait_in_sync(A);
+    let b = pair.wait_in_sync(B);
+    let sent = num(&a, "resync_bytes_sent");
+    assert!(sent > 0, "node-a -> node-b resync: {a}");
+    assert!(
+        sent <= 16 * MIB,
+        "only both sides' changed regions (7 MiB) are copied, not {sent}: {a}"
+    );
+    assert!(num(&b, "resync_bytes_received") > 0, "{b}");
+    assert_eq!(
+        num(&b, "resync_bytes_sent"),
+        0,
+        "nothing goes node-b -> node-a: {b}"
+    );
+    assert_eq!(
+        file_digest(&pair.image(A)),
+        digest_a,
+        "node-a's data is kept"
+    );
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    let img = pair.image(B);
+    assert!(read_file_range(&img, 0, 8 * MIB as usize)
+        .iter()
+        .all(|&x| x == 0x11));
+    assert!(read_file_range(&img, 8 * MIB, 4 * MIB as usize)
+        .iter()
+        .all(|&x| x == 0xaa));
+    assert!(read_file_range(&img, 20 * MIB, 2 * MIB as usize)
+        .iter()
+        .all(|&x| x == 0));
+
+    // And the pair works again: node-a primary, writes mirrored.
+    pair.promote(A, false).ok();
+    pair.wait_export(A);
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x5d 30M 1M"]));
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// The link is cut while both daemons run; node-b is promoted (the operator believes node-a
+/// is down, but it is not) and both write. When the link returns, both report split brain,
+/// neither copy is touched, and the resolution keeps node-a's data.
+#[test]
+fn link_cut_with_both_running_then_both_primary_is_split_brain() {
+    let mut pair = Pair::with_options(PairOptions {
+        proxy: true,
+        extra: "peer_timeout = \"2s\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x11 0 4M"]));
+    pair.proxy.as_ref().unwrap().cut();
+    pair.wait_disconnected(A);
+    pair.wait_disconnected(B);
+    // node-a goes on alone.
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0xaa 4M 2M", "flush"],
+    ));
+    // node-b was in sync when it lost its peer: promotion is allowed, with a warning.
+    let out = pair.promote(B, false);
+    out.ok();
+    assert!(
+        !out.stderr.trim().is_empty(),
+        "promoting alone should warn that the old primary must be down: {out}"
+    );
+    pair.wait_export(B);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(B),
+        &["write -P 0xbb 10M 1M", "write -P 0xcc 4M 64k", "flush"],
+    ));
+    let digest_a = file_digest(&pair.image(A));
+    let digest_b = file_digest(&pair.image(B));
+
+    pair.proxy.as_ref().unwrap().restore();
+    for node in [A, B] {
+        let v = pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+            v["sync"] == "split-brain"
+        });
+        assert_eq!(v["role"], "primary", "{}: {v}", node.name());
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for node in [A, B] {
+        let v = pair.vol(node, VOLUME);
+        assert_eq!(v["sync"], "split-brain", "{}: {v}", node.name());
+        assert_eq!(num(&v, "resync_bytes_sent"), 0, "{}: {v}", node.name());
+        assert_eq!(num(&v, "resync_bytes_received"), 0, "{}: {v}", node.name());
+    }
+    assert_eq!(
+        file_digest(&pair.image(A)),
+        digest_a,
+        "node-a's image changed"
+    );
+    assert_eq!(
+        file_digest(&pair.image(B)),
+        digest_b,
+        "node-b's image changed"
+    );
+    // Writes on either primary during the split brain must not reach the other.
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0xa1 20M 64k"],
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        read_file_range(&pair.image(B), 20 * MIB, 65536)
+            .iter()
+            .all(|&x| x == 0),
+        "a write on node-a reached node-b during the split brain"
+    );
+
+    pair.demote(B).ok();
+    pair.wait_export_closed(B);
+    pair.resolve(B, B, false).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    let img = pair.image(B);
+    assert!(read_file_range(&img, 4 * MIB, 2 * MIB as usize)
+        .iter()
+        .all(|&x| x == 0xaa));
+    assert!(read_file_range(&img, 10 * MIB, MIB as usize)
+        .iter()
+        .all(|&x| x == 0));
+    assert!(read_file_range(&img, 20 * MIB, 65536)
+        .iter()
+        .all(|&x| x == 0xa1));
+}
+
+/// A forced second primary while the link is up: split brain at once; writes on either
+/// primary never reach the other's image.
+#[test]
+fn forced_second_primary_while_connected_overwrites_nothing() {
+    let mut pair = Pair::new();
+    pair.start_with_a_primary();
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x11 0 1M"]));
+    let refused = pair.promote(B, false);
+    assert_eq!(refused.code, Some(1), "the peer is primary: {refused}");
+    pair.promote(B, true).ok();
+    for node in [A, B] {
+        pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+            v["sync"] == "split-brain"
+        });
+    }
+    pair.wait_export(B);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0xa2 8M 1M", "flush"],
+    ));
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(B),
+        &["write -P 0xb2 16M 1M", "flush"],
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        read_file_range(&pair.image(B), 8 * MIB, MIB as usize)
+            .iter()
+            .all(|&x| x == 0),
+        "node-a's write reached node-b's image during the split brain"
+    );
+    assert!(
+        read_file_range(&pair.image(A), 16 * MIB, MIB as usize)
+            .iter()
+            .all(|&x| x == 0),
+        "node-b's write reached node-a's image during the split brain"
+    );
+    pair.demote(B).ok();
+    pair.resolve(A, B, false).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    assert!(read_file_range(&pair.image(B), 8 * MIB, MIB as usize)
+        .iter()
+        .all(|&x| x == 0xa2));
+}
