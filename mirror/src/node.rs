@@ -75,6 +75,27 @@ pub struct NodeStatus {
     pub volumes: Vec<VolumeStatus>,
 }
 
+/// Whether this node dials its peer (the other accepts), so the two never race to build two
+/// links. Both decide from the same pair of addresses: the lower one dials. A wildcard listen
+/// address (0.0.0.0) stands for the local address that routes to the peer, found with an
+/// unconnected-UDP lookup that sends nothing.
+pub fn should_dial(listen: &str, peer: &str) -> bool {
+    use std::net::{SocketAddr, UdpSocket};
+    let (Ok(mut mine), Ok(theirs)) = (listen.parse::<SocketAddr>(), peer.parse::<SocketAddr>())
+    else {
+        return listen < peer;
+    };
+    if mine.ip().is_unspecified() {
+        let local = UdpSocket::bind(SocketAddr::new(mine.ip(), 0))
+            .and_then(|u| u.connect(theirs).map(|_| u))
+            .and_then(|u| u.local_addr());
+        if let Ok(l) = local {
+            mine.set_ip(l.ip());
+        }
+    }
+    (mine.ip(), mine.port()) < (theirs.ip(), theirs.port())
+}
+
 impl Node {
     /// Binds the replication port, opens every volume (secondary), and starts talking to the
     /// peer. Binding comes first so a wrong address fails before anything else happens.
@@ -102,7 +123,7 @@ impl Node {
         tokio::spawn(node.clone().accept_loop(listener));
         // One side dials, the other accepts, so the two never race to build two links. Both
         // compute the same answer from the two addresses in their configs.
-        let dial = spec.replication_listen < spec.peer;
+        let dial = should_dial(&spec.replication_listen, &spec.peer);
         for (v, _) in &node.volumes {
             if dial {
                 tokio::spawn(node.clone().dial_loop(v.clone()));
@@ -316,5 +337,28 @@ impl Node {
         if vol.role() == Role::Primary {
             info!(volume = %vol.name, "the primary keeps serving alone; changes are tracked in the dirty map");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::should_dial;
+
+    #[test]
+    fn exactly_one_side_dials() {
+        for (a, b) in [
+            ("127.0.0.1:7801", "127.0.0.1:7802"),
+            ("0.0.0.0:7801", "127.0.0.1:7802"),
+            ("10.0.0.9:7800", "10.0.0.10:7800"),
+        ] {
+            // The peer listens on `b` and dials (or not) towards `a`'s concrete address.
+            let a_seen = a.replace("0.0.0.0", "127.0.0.1");
+            assert_ne!(should_dial(a, b), should_dial(b, &a_seen), "{a} {b}");
+        }
+        // Numeric, not textual: 10.0.0.9 < 10.0.0.10.
+        assert!(should_dial("10.0.0.9:7800", "10.0.0.10:7800"));
+        // A wildcard listen address resolves to the local address towards the peer.
+        assert!(should_dial("0.0.0.0:7801", "127.0.0.1:7802"));
+        assert!(!should_dial("0.0.0.0:7802", "127.0.0.1:7801"));
     }
 }

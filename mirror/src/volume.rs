@@ -159,6 +159,9 @@ pub struct Volume {
     alone_deadline: Mutex<Option<Instant>>,
     /// The link dropped while the pair was in sync (this copy had every acknowledged write).
     in_sync_at_loss: AtomicBool,
+    /// Secondary: a write of the primary failed here since the last resync started, so a
+    /// `ResyncDone` must not make this copy consistent.
+    failed_since_resync_start: AtomicBool,
 }
 
 /// [`Volume::set_alone_allowed`] value: writing alone needs nobody's permission.
@@ -303,6 +306,7 @@ impl Volume {
             alone_gate: tokio::sync::watch::channel(ALONE_ALWAYS).0,
             alone_deadline: Mutex::new(None),
             in_sync_at_loss: AtomicBool::new(false),
+            failed_since_resync_start: AtomicBool::new(false),
         }))
     }
 
@@ -534,7 +538,7 @@ impl Volume {
                     Ok(()) => sh.last_resync_failure = None,
                     Err(e) => {
                         sh.last_resync_failure = Some(Instant::now());
-                        warn!(volume = %vol.name, error = %e, "resync to the peer stopped; it resumes when the peer is back");
+                        warn!(volume = %vol.name, error = %e, "resync to the peer stopped; retried in 10 s, or when the peer reconnects");
                     }
                 }
             });
@@ -919,7 +923,19 @@ impl Volume {
             }
             Err(e) => {
                 error!(volume = %self.name, offset, len, error = %e, "local I/O error applying the primary's write; this copy is now inconsistent");
+                self.failed_since_resync_start
+                    .store(true, Ordering::Release);
+                // Our own dirty map lists the range before the peer hears we are
+                // inconsistent: its resync copies the union of both maps, so the range is
+                // copied even if the primary has not yet recorded the failed write itself.
+                if len > 0 {
+                    if let Err(me) = self.meta.mark_dirty(offset, len) {
+                        error!(volume = %self.name, error = %me, "cannot record the failed range");
+                    }
+                }
+                lock(&self.shared).target_progress = None;
                 self.become_inconsistent("a mirrored write failed");
+                self.announce();
                 Message::Ack {
                     errno: errno_of(&e),
                 }
@@ -949,6 +965,8 @@ impl Volume {
     }
 
     fn resync_target_start(&self, bytes: u64) -> Message {
+        self.failed_since_resync_start
+            .store(false, Ordering::Release);
         if let Err(e) = self
             .meta
             .update_header(|h| h.flags.set(Flags::CONSISTENT, false))
@@ -1003,6 +1021,14 @@ impl Volume {
     }
 
     async fn resync_target_done(&self, generations: Generations) -> Message {
+        if self.failed_since_resync_start.load(Ordering::Acquire) {
+            warn!(volume = %self.name, "a write failed here during the resync: staying inconsistent until the next one");
+            lock(&self.shared).target_progress = None;
+            self.announce();
+            return Message::Ack {
+                errno: libc::EIO as u32,
+            };
+        }
         if let Err(e) = self.image.flush().await {
             self.become_inconsistent("the flush at the end of the resync failed");
             return Message::Ack {
@@ -1081,6 +1107,27 @@ impl Volume {
 
     // ----- resync source -----
 
+    fn union_peer_dirty_map(&self) -> Result<(), VolumeError> {
+        let merr = |source| VolumeError::Metadata {
+            volume: self.name.clone(),
+            source,
+        };
+        let peer_map = lock(&self.shared)
+            .peer
+            .as_ref()
+            .map(|p| p.dirty_map.clone());
+        if let Some(map) = peer_map {
+            let g = u64::from(self.meta.granularity());
+            for r in map.bits().runs() {
+                let b = bitmap::bits_to_bytes(r, g, self.size);
+                self.meta
+                    .mark_dirty(b.start, b.end - b.start)
+                    .map_err(merr)?;
+            }
+        }
+        Ok(())
+    }
+
     async fn run_resync_source(
         self: &Arc<Self>,
         link: &Arc<Link>,
@@ -1097,21 +1144,9 @@ impl Volume {
         if full {
             self.meta.mark_all_dirty().map_err(merr)?;
         }
-        // The union of both dirty maps: what the peer lists may differ here too.
-        let peer_map = lock(&self.shared)
-            .peer
-            .as_ref()
-            .map(|p| p.dirty_map.clone());
-        if let Some(map) = peer_map {
-            let g = u64::from(self.meta.granularity());
-            for r in map.bits().runs() {
-                let b = bitmap::bits_to_bytes(r, g, self.size);
-                self.meta
-                    .mark_dirty(b.start, b.end - b.start)
-                    .map_err(merr)?;
-            }
-        }
         loop {
+            // Once before (so the target's progress counts it), once after the acknowledgement.
+            self.union_peer_dirty_map()?;
             let total = self.meta.dirty_bytes();
             match link
                 .request(&Message::ResyncStart { bytes: total })
@@ -1126,6 +1161,11 @@ impl Volume {
                     })
                 }
             }
+            // The union of both dirty maps, read after the peer acknowledged ResyncStart: a
+            // write that failed on the peer before that is in the state it announced first
+            // (frames arrive in order); one that fails later keeps it inconsistent.
+            self.union_peer_dirty_map()?;
+            let total = self.meta.dirty_bytes();
             info!(volume = %self.name, peer = %link.peer_node, bytes = total, full, "resync to the peer started");
             lock(&self.shared).source_progress = Some(Progress {
                 total,
@@ -1233,7 +1273,8 @@ impl Volume {
                     .await
                     .map_err(verr)?
                 {
-                    self.chunk_done(offset, len);
+                    // Equal on both sides: progress, but no data carried.
+                    self.chunk_done(offset, len, false);
                     return Ok(());
                 }
             }
@@ -1261,7 +1302,7 @@ impl Volume {
         };
         match reply {
             Message::Ack { errno: 0 } => {
-                self.chunk_done(offset, len);
+                self.chunk_done(offset, len, true);
                 Ok(())
             }
             other => Err(VolumeError::Refused {
@@ -1271,9 +1312,11 @@ impl Volume {
         }
     }
 
-    fn chunk_done(&self, offset: u64, len: u64) {
+    fn chunk_done(&self, offset: u64, len: u64, carried: bool) {
         let _ = self.meta.clear_dirty(offset, len);
-        self.resync_sent.fetch_add(len, Ordering::Relaxed);
+        if carried {
+            self.resync_sent.fetch_add(len, Ordering::Relaxed);
+        }
         if let Some(p) = lock(&self.shared).source_progress.as_mut() {
             p.done += len;
         }

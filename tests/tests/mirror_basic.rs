@@ -76,7 +76,17 @@ fn assert_status_shape(pair: &Pair, node: Node, st: &Value) {
 /// Exit code 1 and one line on stderr starting with "error: ".
 #[track_caller]
 fn assert_cli_error(out: &CmdOutput) {
-    assert_eq!(out.code, Some(1), "expected exit code 1: {out}");
+    // `verify` exits 2 when it cannot compare (1 means "the copies differ"), like cmp(1).
+    let expected = if out.cmdline.contains(" verify ") {
+        2
+    } else {
+        1
+    };
+    assert_eq!(
+        out.code,
+        Some(expected),
+        "expected exit code {expected}: {out}"
+    );
     let lines: Vec<&str> = out.stderr.trim_end().lines().collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr: {out}");
     assert!(

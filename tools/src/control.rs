@@ -161,7 +161,8 @@ pub struct ResolveArgs {
     about = "Compare both copies of a volume by checksum, online",
     long_about = "Compare both copies of VOLUME block by block (BLAKE3 of 1 MiB blocks) while \
         it stays in use. Differing blocks are marked dirty and resynchronised from the \
-        primary. Exits with status 1 when differences were found."
+        primary. Exit status: 0 identical, 1 differences found, 2 the comparison failed \
+        (e.g. the peer is not connected)."
 )]
 pub struct VerifyArgs {
     pub volume: String,

@@ -70,10 +70,14 @@ fn main() -> ExitCode {
         Command::Demote(args) => control::demote(args),
         Command::Resolve(args) => control::resolve(args),
         Command::Swap(args) => control::swap(args),
+        // Like cmp(1): 0 identical, 1 different, 2 could not compare.
         Command::Verify(args) => match control::verify(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
         },
         Command::Export(args) => export::run(args),
         Command::Bitmap(args) => bitmap::run(args),
