@@ -71,6 +71,14 @@ pub fn create_image(path: &Path, size: u64) -> Result<(), ImageError> {
         })
 }
 
+/// Small buffered writes are done inline with pwrite(2) on the calling thread. Through the
+/// page cache a 4 KiB pwrite is a copy of a few microseconds, while io_uring cannot issue a
+/// buffered write on ext4 without blocking and hands each one to an io-wq worker thread: two
+/// thread switches that cost more than the copy (measured: QD1 4 KiB writes 1.5-3x faster
+/// inline). Larger writes, FUA writes (RWF_DSYNC) and everything else stay on io_uring. The
+/// cost: a write that hits dirty-page throttling holds this data-plane thread for a while.
+const INLINE_WRITE_MAX: usize = 64 * 1024;
+
 pub struct ImageFile {
     file: Arc<File>,
     engine: Engine,
@@ -144,6 +152,13 @@ impl ImageFile {
 
     async fn write_all(&self, mut data: Vec<u8>, offset: u64, dsync: bool) -> BackendResult<()> {
         let len = data.len();
+        if !dsync && len <= INLINE_WRITE_MAX {
+            use std::os::unix::fs::FileExt;
+            return self
+                .file
+                .write_all_at(&data, offset)
+                .map_err(|e| BackendError::io("write", offset, len as u64, e));
+        }
         let mut done = 0;
         while done < len {
             let (buf, r) = self

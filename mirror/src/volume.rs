@@ -675,7 +675,8 @@ impl Volume {
         let result = match self.mirror_link() {
             Some(link) => {
                 let peer = link.request_frame(frame(&payload));
-                let (l, p) = futures::join!(local(payload), peer);
+                // The peer first: its frame is queued before a small local write runs inline.
+                let (p, l) = futures::join!(peer, local(payload));
                 let peer_ok = match p {
                     Ok(Message::Ack { errno: 0 }) => true,
                     Ok(other) => {
