@@ -10,6 +10,7 @@
 //! - Processes started by a test are killed when their guard is dropped, even on panic.
 
 pub mod data;
+pub mod lab;
 pub mod pair;
 pub mod raw;
 
