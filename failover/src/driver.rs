@@ -569,10 +569,10 @@ impl Failover {
                 match w.vote(&g.spec.name, round, gen).await {
                     Ok(VoteOutcome::Granted(_)) => lock(&g.rt).registered_generation = gen,
                     Ok(VoteOutcome::Denied(rec)) => {
-                        warn!(group = %g.spec.name, record = ?rec, "the witness refused this node's new generation");
-                        let mut rt = lock(&g.rt);
-                        rt.lease_holder = Some(false);
-                        rt.witness_seen = Some(Instant::now());
+                        // During a handover the old holder's lease has to lapse first; the
+                        // lease answer below says whether this node was really deposed.
+                        tracing::debug!(group = %g.spec.name, record = ?rec, "the witness has not registered this node's generation yet");
+                        lock(&g.rt).witness_seen = Some(Instant::now());
                     }
                     Err(e) => warn!(group = %g.spec.name, error = %e, "witness unreachable"),
                 }
@@ -581,7 +581,13 @@ impl Failover {
                 Ok(l) => {
                     let mut rt = lock(&g.rt);
                     rt.witness_seen = Some(Instant::now());
-                    rt.lease_holder = Some(l.holder);
+                    // Deposed only by a newer round (or another holder of ours). A round
+                    // older than ours is a handover whose registration waits for the old
+                    // holder's lease to lapse: not a reason to give the group back.
+                    let deposed = l.record.as_ref().is_some_and(|r| {
+                        r.round > round || (r.round == round && r.holder != self.node_name)
+                    });
+                    rt.lease_holder = Some(!deposed);
                     if l.holder && rt.registered_generation == gen {
                         rt.lease_until = Some(sent + LEASE_VALIDITY);
                     }
@@ -783,6 +789,16 @@ impl Failover {
                         "the fence hook did not confirm the peer is off",
                     );
                     return;
+                }
+            }
+        }
+        if quorum != Quorum::PeerConsent {
+            // The heartbeats say the peer is gone; its replication links may not have timed
+            // out yet (a peer that lost power closes nothing): do not wait for them.
+            for v in &g.spec.volumes {
+                if let Ok(vol) = self.node.volume(v) {
+                    vol.disconnect_peer("the heartbeats declared the peer dead")
+                        .await;
                 }
             }
         }

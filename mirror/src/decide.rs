@@ -24,6 +24,8 @@ pub struct Side {
     pub has_data: bool,
     /// Whether the dirty map has any bit set.
     pub dirty: bool,
+    /// Its current generation holds only unacknowledged writes made alone.
+    pub unconfirmed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,10 +143,13 @@ fn decide_unguarded(local: &Side, peer: &Side) -> Plan {
         (false, true) => (Who::Peer, peer, local),
         _ => {
             // Diverged. An operator's resolve (or an interrupted resync) marked exactly one
-            // side inconsistent: that side is the target.
-            return match (local.consistent, peer.consistent) {
-                (true, false) if peer.role == Secondary => source_is(Who::Local),
-                (false, true) if local.role == Secondary => source_is(Who::Peer),
+            // side inconsistent: that side is the target. So is a side whose writes alone
+            // were never acknowledged (an isolated primary held them): discarding them loses
+            // nothing a client was told is written.
+            let expendable = |s: &Side| !s.consistent || s.unconfirmed;
+            return match (expendable(local), expendable(peer)) {
+                (false, true) if peer.role == Secondary => source_is(Who::Local),
+                (true, false) if local.role == Secondary => source_is(Who::Peer),
                 _ => Plan::SplitBrain {
                     why: "both nodes wrote without the other",
                 },
@@ -292,6 +297,7 @@ mod tests {
             consistent: true,
             has_data: true,
             dirty: false,
+            unconfirmed: false,
         }
     }
 
@@ -329,6 +335,11 @@ mod tests {
         assert!(matches!(decide(&a, &b), Plan::SplitBrain { .. }));
         b.consistent = false;
         assert_eq!(decide(&a, &b), source_is(Who::Local));
+        // A side that never had a write alone acknowledged gives way by itself.
+        let mut c = side(Secondary, g(8, &[7]));
+        c.unconfirmed = true;
+        assert_eq!(decide(&a, &c), source_is(Who::Local));
+        assert_eq!(decide(&c, &a), source_is(Who::Peer));
     }
 
     #[test]
@@ -409,14 +420,18 @@ mod tests {
             any::<bool>(),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
         )
-            .prop_map(|(p, cur, hist, consistent, has_data, dirty)| Side {
-                role: if p { Primary } else { Secondary },
-                generations: g(cur, &hist),
-                consistent,
-                has_data,
-                dirty,
-            })
+            .prop_map(
+                |(p, cur, hist, consistent, has_data, dirty, unconfirmed)| Side {
+                    role: if p { Primary } else { Secondary },
+                    generations: g(cur, &hist),
+                    consistent,
+                    has_data,
+                    dirty,
+                    unconfirmed,
+                },
+            )
     }
 
     fn mirror(p: Plan) -> Plan {

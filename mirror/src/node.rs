@@ -205,6 +205,7 @@ impl Node {
     /// Stops the export (clients are disconnected after their requests finish), then demotes.
     pub async fn demote(&self, name: &str) -> Result<(), NodeError> {
         let vol = self.volume(name)?.clone();
+        vol.begin_demote();
         let mut exports = self.exports.lock().await;
         if let Some(e) = exports.remove(name) {
             let _ = e.stop.send(true);

@@ -162,6 +162,8 @@ pub struct Volume {
     /// Secondary: a write of the primary failed here since the last resync started, so a
     /// `ResyncDone` must not make this copy consistent.
     failed_since_resync_start: AtomicBool,
+    /// A demotion is under way: writes waiting for permission to go alone give up at once.
+    demoting: AtomicBool,
 }
 
 /// [`Volume::set_alone_allowed`] value: writing alone needs nobody's permission.
@@ -307,6 +309,7 @@ impl Volume {
             alone_deadline: Mutex::new(None),
             in_sync_at_loss: AtomicBool::new(false),
             failed_since_resync_start: AtomicBool::new(false),
+            demoting: AtomicBool::new(false),
         }))
     }
 
@@ -338,6 +341,7 @@ impl Volume {
             consistent: self.meta.flags().contains(Flags::CONSISTENT),
             has_data: self.has_data_cache.load(Ordering::Relaxed),
             dirty: self.meta.dirty_count() > 0,
+            unconfirmed: self.meta.flags().contains(Flags::UNCONFIRMED),
         }
     }
 
@@ -350,6 +354,7 @@ impl Volume {
             role: side.role,
             consistent: side.consistent,
             has_data: side.has_data,
+            unconfirmed: side.unconfirmed,
             generations: side.generations,
             granularity: self.meta.granularity(),
             dirty_map,
@@ -439,6 +444,7 @@ impl Volume {
                 consistent: state.consistent,
                 has_data: state.has_data,
                 dirty: bits.bits().count() > 0,
+                unconfirmed: state.unconfirmed,
             },
             dirty_map: Arc::new(bits),
             dirty_bytes: dirty_bytes.min(state.size),
@@ -548,6 +554,15 @@ impl Volume {
     /// Both copies are equal: the solo period (if any) is over.
     fn mark_in_sync(&self) {
         let g = self.meta.generations();
+        if self.meta.flags().contains(Flags::UNCONFIRMED) {
+            // Both copies hold the same data now: nothing left to discard.
+            if let Err(e) = self
+                .meta
+                .update_header(|h| h.flags.set(Flags::UNCONFIRMED, false))
+            {
+                error!(volume = %self.name, error = %e, "cannot clear the unconfirmed flag");
+            }
+        }
         if g.sync != g.current {
             if let Err(e) = self
                 .meta
@@ -567,7 +582,12 @@ impl Volume {
         let g = self.meta.generations();
         if g.current == g.sync || g.current == 0 {
             let new = self.meta.start_new_generation()?;
-            info!(volume = %self.name, generation = %format_gen(new), "writing without the peer: new generation");
+            // With a witness, nothing of this generation is acknowledged until it confirms
+            // it: until then its writes may be discarded safely (see decide()).
+            let gated = *self.alone_gate.borrow() != ALONE_ALWAYS;
+            self.meta
+                .update_header(|h| h.flags.set(Flags::UNCONFIRMED, gated))?;
+            info!(volume = %self.name, generation = %format_gen(new), unconfirmed = gated, "writing without the peer: new generation");
         }
         Ok(())
     }
@@ -584,6 +604,19 @@ impl Volume {
     /// (no witness: the peer is never promoted by itself), the generation a witness confirmed,
     /// or 0 to suspend: writes without the peer then wait, neither failed nor acknowledged.
     pub fn set_alone_allowed(&self, generation: u64) {
+        if generation != 0
+            && (generation == ALONE_ALWAYS || generation == self.meta.generations().current)
+            && self.meta.flags().contains(Flags::UNCONFIRMED)
+        {
+            // The witness confirmed this generation: this node is its legitimate writer.
+            if let Err(e) = self
+                .meta
+                .update_header(|h| h.flags.set(Flags::UNCONFIRMED, false))
+            {
+                error!(volume = %self.name, error = %e, "cannot record the confirmed generation");
+                return;
+            }
+        }
         self.alone_gate.send_replace(generation);
     }
 
@@ -603,13 +636,36 @@ impl Volume {
             if allowed == ALONE_ALWAYS
                 || (allowed == self.meta.generations().current && before_deadline)
             {
+                if self.meta.flags().contains(Flags::UNCONFIRMED) {
+                    // Durable before the first acknowledgement of this generation.
+                    self.meta
+                        .update_header(|h| h.flags.set(Flags::UNCONFIRMED, false))
+                        .map_err(meta_io)?;
+                }
                 return Ok(());
             }
-            if self.role() != Role::Primary {
+            if self.role() != Role::Primary || self.demoting.load(Ordering::Acquire) {
+                // Never acknowledged: the client sees an error, nothing is lost.
                 return Err(BackendError::ShuttingDown);
             }
             // Re-check the role now and then: a demotion does not touch the gate.
             let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+        }
+    }
+
+    /// First step of a demotion (before the export drains): writes held back waiting for the
+    /// witness fail now instead of holding the export's shutdown.
+    pub fn begin_demote(&self) {
+        self.demoting.store(true, Ordering::Release);
+        self.alone_gate.send_modify(|_| {});
+    }
+
+    /// Drops the replication link now (the heartbeats say the peer is gone), instead of
+    /// waiting for the link's own timeout; a promotion can then proceed alone.
+    pub async fn disconnect_peer(self: &Arc<Self>, why: &str) {
+        let link = lock(&self.shared).link.clone();
+        if let Some(l) = link {
+            self.link_down(&l, why).await;
         }
     }
 
@@ -1043,6 +1099,7 @@ impl Volume {
                 h.generations = generations;
                 h.generations.sync = generations.current;
                 h.flags.set(Flags::CONSISTENT, true);
+                h.flags.set(Flags::UNCONFIRMED, false);
             })
         });
         if let Err(e) = r {
@@ -1330,6 +1387,7 @@ impl Volume {
         if self.role() == Role::Primary {
             return Ok(Some("already primary".into()));
         }
+        self.demoting.store(false, Ordering::Release);
         let local = self.local_side();
         let (peer, link) = {
             let sh = lock(&self.shared);
@@ -1347,6 +1405,10 @@ impl Volume {
         };
         if effect.new_generation {
             let g = self.meta.start_new_generation().map_err(merr)?;
+            let gated = *self.alone_gate.borrow() != ALONE_ALWAYS;
+            self.meta
+                .update_header(|h| h.flags.set(Flags::UNCONFIRMED, gated))
+                .map_err(merr)?;
             info!(volume = %self.name, generation = %format_gen(g), "new generation");
         }
         if effect.all_dirty {
@@ -1413,6 +1475,7 @@ impl Volume {
                 volume: self.name.clone(),
                 source,
             })?;
+        self.demoting.store(false, Ordering::Release);
         info!(volume = %self.name, "demoted to secondary");
         self.announce();
         self.redecide();

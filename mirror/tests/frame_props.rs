@@ -64,6 +64,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         role: if p { Role::Primary } else { Role::Secondary },
                         consistent,
                         has_data,
+                        unconfirmed: granularity % 2 == 1,
                         generations,
                         granularity,
                         dirty_map,

@@ -8,12 +8,6 @@ use nbdmirror_tests::data::assert_files_equal;
 use nbdmirror_tests::lab::{group_field, Host, Lab, GROUP};
 
 #[test]
-#[ignore = "daemon bug: with a witness, swap away from the preferred node fails: node-b \
-            promotes with the peer's consent, the witness refuses its registration vote \
-            (node-a's lease is still fresh), node-b demotes ('the witness says another node \
-            holds a newer round') and node-a takes the group back as the preferred node; \
-            `nbdmirror swap vm1` then never returns (killed after 30 s). Run: cargo test \
-            --release -p nbdmirror-tests --test failover_swap -- --ignored"]
 fn swap_on_a_healthy_pair_moves_the_group_once() {
     let mut lab = Lab::new();
     lab.start_all();

@@ -37,7 +37,7 @@ enum BitmapCommand {
 /// JSON keys (stable): `path`, `format_version`, `header_slot`, `header_sequence`,
 /// `standby_header_error` (string or null), `node_name`, `peer_name`, `volume_size`,
 /// `dirty_granularity`, `activity_extent_size`, `activity_capacity`,
-/// `flags` {`consistent`, `clean_shutdown`, `primary`},
+/// `flags` {`consistent`, `clean_shutdown`, `primary`, `unconfirmed`},
 /// `generations` {`current`, `sync`, `history`} (each "0x" and 16 hex digits, since JSON
 /// numbers lose precision past 2^53), `counters` {`created_unix`, `opens`, `unclean_opens`},
 /// `dirty_bits`, `total_bits`, `dirty_bytes`, `dirty_percent`, `dirty_ranges_total`,
@@ -101,6 +101,7 @@ struct FlagsJson {
     consistent: bool,
     clean_shutdown: bool,
     primary: bool,
+    unconfirmed: bool,
 }
 
 #[derive(Serialize)]
@@ -161,6 +162,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             consistent: h.flags.contains(Flags::CONSISTENT),
             clean_shutdown: h.flags.contains(Flags::CLEAN_SHUTDOWN),
             primary: h.flags.contains(Flags::PRIMARY),
+            unconfirmed: h.flags.contains(Flags::UNCONFIRMED),
         },
         generations: GenerationsJson {
             current: gen(h.generations.current),
@@ -244,6 +246,9 @@ fn text(r: &Report, snap: &Snapshot) -> String {
     });
     if r.flags.primary {
         flags.push("primary");
+    }
+    if r.flags.unconfirmed {
+        flags.push("unconfirmed (writes made alone, none acknowledged)");
     }
     let _ = writeln!(o, "flags           {}", flags.join(", "));
     let _ = writeln!(

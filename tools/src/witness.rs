@@ -198,13 +198,15 @@ async fn serve(cfg: WitnessConfig) -> anyhow::Result<()> {
         state_file: cfg.state_file.clone(),
     })
     .await?;
+    // Like the daemon's data_dir: the state file's folder is made on first start.
     if let Some(dir) = cfg.state_file.parent() {
-        anyhow::ensure!(
-            dir.is_dir(),
-            "state_file {}: folder {} does not exist",
-            cfg.state_file.display(),
-            dir.display()
-        );
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "state_file {}: cannot create its folder {}",
+                cfg.state_file.display(),
+                dir.display()
+            )
+        })?;
     }
     info!(listen = %server.local_addr(), state_file = %cfg.state_file.display(), "serving witness");
     let signal = crate::export::wait_for_signal().await;

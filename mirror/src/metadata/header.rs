@@ -78,7 +78,11 @@ impl Flags {
     pub const CLEAN_SHUTDOWN: Flags = Flags(1 << 1);
     /// This node was primary when the header was last written.
     pub const PRIMARY: Flags = Flags(1 << 2);
-    const KNOWN: u32 = 0b111;
+    /// The current generation was started by writing alone and the witness never confirmed
+    /// it, so none of its writes was acknowledged: its changes may be discarded without
+    /// losing anything a client was told is written.
+    pub const UNCONFIRMED: Flags = Flags(1 << 3);
+    const KNOWN: u32 = 0b1111;
 
     /// No flag set.
     pub const fn empty() -> Flags {

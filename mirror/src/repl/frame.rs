@@ -75,6 +75,9 @@ pub struct VolumeState {
     /// The image holds data (SEEK_DATA finds some); only consulted before the first
     /// generation exists, to protect an existing image from an empty one.
     pub has_data: bool,
+    /// The current generation holds only unacknowledged writes made alone (see
+    /// `Flags::UNCONFIRMED`): in a split brain this side may be discarded automatically.
+    pub unconfirmed: bool,
     pub generations: Generations,
     pub granularity: u32,
     /// The dirty map, zstd-compressed little-endian words (regions the peer may lack).
@@ -354,7 +357,11 @@ fn encode_body(msg: &Message, out: &mut Vec<u8>) {
                 Role::Primary => 1,
                 Role::Secondary => 0,
             });
-            out.push(u8::from(s.consistent) | (u8::from(s.has_data) << 1));
+            out.push(
+                u8::from(s.consistent)
+                    | (u8::from(s.has_data) << 1)
+                    | (u8::from(s.unconfirmed) << 2),
+            );
             put_generations(out, &s.generations);
             out.extend_from_slice(&s.granularity.to_be_bytes());
             out.extend_from_slice(&(s.dirty_map.len() as u32).to_be_bytes());
@@ -561,7 +568,7 @@ pub fn decode_body(h: &FrameHeader, body: Vec<u8>) -> Result<Message, FrameError
                 _ => return Err(r.err("bad role")),
             };
             let bits = r.u8()?;
-            if bits & !3 != 0 {
+            if bits & !7 != 0 {
                 return Err(r.err("unknown state flags"));
             }
             let generations = r.generations()?;
@@ -576,6 +583,7 @@ pub fn decode_body(h: &FrameHeader, body: Vec<u8>) -> Result<Message, FrameError
                 role,
                 consistent: bits & 1 != 0,
                 has_data: bits & 2 != 0,
+                unconfirmed: bits & 4 != 0,
                 generations,
                 granularity,
                 dirty_map,
