@@ -6,7 +6,8 @@ Usage: mirror-wait.py NBDMIRROR CFG [--volume NAME] [--timeout S] [--since EPOCH
 
 Conditions are on the volume's element of `volumes` (the first one unless --volume), e.g.
 `peer=connected sync=in-sync role=primary`; all must hold in the same status answer. A
-condition `KEY=VALUE` compares the JSON value's string form (true/false for booleans).
+condition `KEY=VALUE` compares the JSON value's string form (true/false for booleans);
+`KEY>=NUMBER` compares a numeric field (e.g. `resync_bytes_sent>=1048576`).
 
 Prints, on success (exit 0):
     elapsed S          seconds from --since (a `date +%s.%N` stamp; default: this program's
@@ -41,9 +42,13 @@ def main():
             since, a = float(a[1]), a[2:]
         elif a[0] == "--interval":
             interval, a = float(a[1]), a[2:]
+        elif ">=" in a[0]:
+            k, _, v = a[0].partition(">=")
+            conds.append((k, ">=", float(v)))
+            a = a[1:]
         elif "=" in a[0]:
             k, _, v = a[0].partition("=")
-            conds.append((k, v))
+            conds.append((k, "=", v))
             a = a[1:]
         else:
             sys.exit(f"bad argument {a[0]!r}\n\n{__doc__}")
@@ -69,12 +74,17 @@ def main():
             if vol is not None:
                 last = p.stdout.strip().replace("\n", " ")
                 ok = True
-                for k, v in conds:
+                for k, op, v in conds:
                     got = vol.get(k)
-                    got_s = json.dumps(got) if isinstance(got, bool) or got is None else str(got)
-                    if got_s == v:
+                    if op == ">=":
+                        holds = isinstance(got, (int, float)) and not isinstance(got, bool) and got >= v
+                        label = f"{k}>={v:g}"
+                    else:
+                        got_s = json.dumps(got) if isinstance(got, bool) or got is None else str(got)
+                        holds, label = got_s == v, f"{k}={v}"
+                    if holds:
                         # the answer reflects the state somewhere in [now, t]: take the midpoint
-                        first.setdefault(f"{k}={v}", (now + t) / 2 - base)
+                        first.setdefault(label, (now + t) / 2 - base)
                     else:
                         ok = False
                 if ok:
