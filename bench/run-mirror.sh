@@ -334,16 +334,16 @@ start_server() {
       echo "setup_connected_seconds $(sed -n 's/^elapsed //p' <<<"$out")" >>"$turn"
       echo "status_before_promote $(sed -n 's/^status //p' <<<"$out")" >>"$turn"
       t0=$(date +%s.%N)
-      if ! "$NBDMIRROR" promote disk0 --config "$CFG_A" >"$rdir/$s.promote.txt" 2>&1; then
+      if ! "$NBDMIRROR" promote disk0 --config "$CFG_A" >"$rdir/$s.promote.out" 2>&1; then
         if [ "$PROMOTED_ONCE" = 0 ]; then
           # a first promotion over a peer image holding data (here: preallocated zeroes) may
           # be refused by design (issue 3, point 7); the bench's images are equal, so force it
-          echo "note: promote refused ($(tr '\n' ' ' <"$rdir/$s.promote.txt")); retrying with --force" >&2
-          echo "note promote refused, retried with --force: $(tr '\n' ' ' <"$rdir/$s.promote.txt")" >>"$turn"
-          "$NBDMIRROR" promote disk0 --config "$CFG_A" --force >>"$rdir/$s.promote.txt" 2>&1 \
-            || { cat "$rdir/$s.promote.txt" >&2; return 1; }
+          echo "note: promote refused ($(tr '\n' ' ' <"$rdir/$s.promote.out")); retrying with --force" >&2
+          echo "note promote refused, retried with --force: $(tr '\n' ' ' <"$rdir/$s.promote.out")" >>"$turn"
+          "$NBDMIRROR" promote disk0 --config "$CFG_A" --force >>"$rdir/$s.promote.out" 2>&1 \
+            || { cat "$rdir/$s.promote.out" >&2; return 1; }
         else
-          cat "$rdir/$s.promote.txt" >&2; return 1
+          cat "$rdir/$s.promote.out" >&2; return 1
         fi
       fi
       PROMOTED_ONCE=1

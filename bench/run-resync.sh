@@ -18,7 +18,8 @@
 #             peer=disconnected, DIRTY_PCT % of the volume written through node-a's export as
 #             random BLOCK writes (fio, nbd engine, each block once), then node-b restarted;
 #             timed: from node-b's start to node-a reporting peer=connected and sync=in-sync
-#             (also reported: from the first status answer with peer=connected to in-sync)
+#             and resync_bytes_sent above its value before (also reported: from the first
+#             status answer with peer=connected to in-sync)
 #   check     both daemons stopped, `cmp` of the two images (a fast resync that copied nothing
 #             would be worthless): a difference fails the round
 # Before each timed step, the images involved are written back and evicted from the page cache
@@ -39,7 +40,7 @@
 #                    copied next to the images at start, every round runs that copy
 #   SERVE_ARGS=      extra arguments for `nbdmirror serve`
 #   MIRROR_EXTRA_TOML=  extra top-level TOML lines for both configs (e.g. 'resync_checksum = true')
-#   SYNC_TIMEOUT=600 seconds to wait for each state
+#   SYNC_TIMEOUT=180 seconds to wait for each state (a stuck resync fails the round)
 #   STEPS="nbdcopy pair"  what to run each round (nbdcopy alone works without the daemon)
 #
 # Network isolation: re-executes itself under `unshare --net`; all ports are private.
@@ -83,7 +84,7 @@ KEEP_IMAGES=${KEEP_IMAGES:-0}
 NBDMIRROR=${NBDMIRROR:-$REPO/target/release/nbdmirror}
 SERVE_ARGS=${SERVE_ARGS:-}
 MIRROR_EXTRA_TOML=${MIRROR_EXTRA_TOML:-}
-SYNC_TIMEOUT=${SYNC_TIMEOUT:-600}
+SYNC_TIMEOUT=${SYNC_TIMEOUT:-180}
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUTDIR=${OUTDIR:-$REPO/bench/results-resync-$STAMP}
 
@@ -250,6 +251,7 @@ step_full() {
   st=$(field status "$out"); echo "$st" >"$rdir/status-full-after.json"
   echo "full_sync_seconds $(field elapsed "$out") s" >>"$RES"
   echo "full_resync_bytes_sent $(jget resync_bytes_sent "$st") bytes" >>"$RES"
+  [ "$(jget resync_bytes_sent "$st")" != 0 ] || echo "note full sync reported in-sync with resync_bytes_sent 0" >>"$RES"
   echo "full_status_polls $(field polls "$out") n" >>"$RES"
   "$NBDMIRROR" status --config "$CFG_B" --json >"$rdir/status-full-after-b.json" 2>&1 || true
   echo "    full sync: $(field elapsed "$out") s, resync_bytes_sent $(jget resync_bytes_sent "$st")"
@@ -271,8 +273,10 @@ step_dirty() {
   evict "$IMG_A"; evict "$IMG_B"
   t0=$(now)
   start_node b "$rdir/node-b.log"
-  out=$("${WAIT[@]}" "$CFG_A" --since "$t0" --timeout "$SYNC_TIMEOUT" peer=connected sync=in-sync role=primary) \
-    || { echo "error: resync never finished: $out" >&2; return 1; }
+  # resync_bytes_sent must have moved: an in-sync answer from before the resync started (stale
+  # state right after reconnection) must not stop the clock
+  out=$("${WAIT[@]}" "$CFG_A" --since "$t0" --timeout "$SYNC_TIMEOUT" peer=connected sync=in-sync role=primary \
+    "resync_bytes_sent>=$((sent0 + 1))") || { echo "error: resync never finished: $out" >&2; return 1; }
   st=$(field status "$out"); echo "$st" >"$rdir/status-dirty-after.json"
   echo "dirty_resync_seconds $(field elapsed "$out") s" >>"$RES"
   echo "dirty_first_connected_seconds $(field first_peer=connected "$out") s" >>"$RES"
@@ -301,10 +305,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
   for step in "${order[@]}"; do
     [[ " $STEPS " == *" $step "* ]] || continue
     if [ "$step" = nbdcopy ]; then
-      step_nbdcopy "$rdir" || { FAILED=1; echo "round_error nbdcopy flag" >>"$RES"; stop_all; }
+      step_nbdcopy "$rdir" || { FAILED=1; echo "note round failed in step nbdcopy (see stderr)" >>"$RES"; stop_all; }
     else
       if step_full "$rdir" && step_dirty "$rdir" && step_check; then :; else
-        FAILED=1; echo "round_error pair flag" >>"$RES"; stop_all
+        FAILED=1; echo "note round failed in step pair (see stderr)" >>"$RES"; stop_all
       fi
     fi
   done

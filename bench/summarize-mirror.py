@@ -82,8 +82,8 @@ def load(outdir):
                             kv[k] = v
                 turns[(r, fn[: -len(".turn")])] = kv
                 continue
-            if not fn.endswith(".txt"):
-                continue
+            if not fn.endswith(".txt") or "." in fn[: -len(".txt")]:
+                continue  # only SERVER.txt: the battery's figures
             server = fn[: -len(".txt")]
             servers.add(server)
             with open(path) as f:
