@@ -22,6 +22,8 @@ RATIOS = [
     # label, numerator, denominator, goal (op, threshold) or None
     ("1 % dirty resync (from node-b's start) / full sync", "dirty_resync_seconds", "full_sync_seconds", ("<", 0.03)),
     ("1 % dirty resync (from reconnection) / full sync", "dirty_resync_after_connect_seconds", "full_sync_seconds", ("<", 0.03)),
+    ("1 % dirty resync / full sync, the daemon's own took= (resync start to end)", "dirty_resync_took_seconds", "full_resync_took_seconds", ("<", 0.03)),
+    ("1 % dirty resync / full sync, polling clocks (cross-check)", "dirty_resync_poll_seconds", "full_sync_poll_seconds", None),
     ("nbdcopy time / full sync time (>= 1: full sync as fast)", "nbdcopy_seconds", "full_sync_seconds", (">=", 1.0)),
     ("nbdcopy --flush time / full sync time", "nbdcopy_flush_seconds", "full_sync_seconds", (">=", 1.0)),
     ("1 % resync bytes sent / bytes written while node-b was away", "dirty_resync_bytes_sent", "dirty_written_bytes", None),
