@@ -18,6 +18,8 @@
 #               against nbd://127.0.0.1:10820/disk0. The pair's state (images, metadata) is kept
 #               across rounds, as a real pair would; each turn ends with SIGTERM to node-a, then
 #               node-b. Enabled by default only when `nbdmirror serve --help` works.
+# The pair and the qsd mirror each do their initial copy at start-up, before any test; every
+# server's image(s) are evicted from the page cache before it starts.
 # Every image is a 1 GiB fully allocated raw file (qemu-img create -f raw -o preallocation=full),
 # created once per invocation and reused by every round (the mirror's two images included).
 #
@@ -28,6 +30,12 @@
 #
 # Environment knobs:
 #   ROUNDS=3        interleaved rounds; round r starts with the r-th server of SERVERS
+#   INTERLEAVE=test test: every round starts all servers at once (distinct ports; idle ones
+#                   cost next to nothing), then runs each test against every server back to
+#                   back, the order rotating from test to test, so the figures a ratio compares
+#                   are taken ~RUNTIME s apart, not a whole battery apart (this 2-core machine's
+#                   background load changes within a minute). server: one server at a time,
+#                   the whole battery, as run-peers.sh does
 #   RUNTIME=6       measured seconds per fio test          RAMP=1  ramp seconds per test
 #   TESTS="..."     subset of bench-nbd.sh's tests (default: the 4 figures of issue 3:
 #                   randwrite_4k_qd1 randwrite_4k_qd1_flush randwrite_4k_qd32 seqwrite_1m_qd8)
@@ -46,14 +54,16 @@
 #
 # Network isolation: re-executes itself under `unshare --net` (a private network namespace with
 # only `lo`), so the fixed ports above never touch the host's. It stays the parent of every
-# server and stops each one (SIGTERM, wait; SIGKILL only after 30 s) at the end of its turn.
+# server and stops each one (SIGTERM, wait; SIGKILL only after 30 s) at the end of its round
+# (INTERLEAVE=test) or turn (server).
 #
 # Output in OUTDIR:
 #   meta.md                     command line, date, CPUs, kernel, versions, exact server commands
 #   roundN/SERVER.txt           the battery's `name value unit` lines for that round
 #   roundN/SERVER.err           the battery's stderr;  roundN/SERVER*.log  the server logs
-#   roundN/SERVER.turn          load average, set-up timings (mirror: connect/promote/in-sync
-#                               seconds and status JSON before and after), exit status, stop time
+#   roundN/SERVER.turn          load average around each test, set-up timings (mirror: connect/
+#                               promote/in-sync seconds and status JSON before and after), exit
+#                               status, stop time
 #   roundN/fio/SERVER/TEST.json raw fio JSON
 #   mirror/                     the pair's configs
 #   summary.md                  medians and per-round ratios against the issue's goals
@@ -64,7 +74,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
-KNOBS="ROUNDS RUNTIME RAMP TESTS SERVERS OUTDIR IMGDIR CACHE KEEP_IMAGES NBDMIRROR NBDMIRROR_ARGS SERVE_ARGS MIRROR_EXTRA_TOML SYNC_TIMEOUT"
+KNOBS="INTERLEAVE ROUNDS RUNTIME RAMP TESTS SERVERS OUTDIR IMGDIR CACHE KEEP_IMAGES NBDMIRROR NBDMIRROR_ARGS SERVE_ARGS MIRROR_EXTRA_TOML SYNC_TIMEOUT"
 
 case "${1:-}" in
   -h|--help) sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -97,6 +107,7 @@ RUNTIME=${RUNTIME:-6}
 RAMP=${RAMP:-1}
 TESTS=${TESTS:-$DEFAULT_TESTS}
 CACHE=${CACHE:-cold}
+INTERLEAVE=${INTERLEAVE:-test}
 KEEP_IMAGES=${KEEP_IMAGES:-0}
 NBDMIRROR=${NBDMIRROR:-$REPO/target/release/nbdmirror}
 NBDMIRROR_ARGS=${NBDMIRROR_ARGS:-}
@@ -122,6 +133,7 @@ fi
 [[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "RUNTIME must be a positive integer (seconds)"
 [[ "$RAMP" =~ ^[0-9]+$ ]] || die "RAMP must be a non-negative integer (seconds)"
 case "$CACHE" in cold|keep) ;; *) die "CACHE must be cold or keep" ;; esac
+case "$INTERLEAVE" in test|server) ;; *) die "INTERLEAVE must be test or server" ;; esac
 for s in $SERVERS; do [[ " $ALL_SERVERS " == *" $s "* ]] || die "unknown server '$s' (known: $ALL_SERVERS)"; done
 for t in $TESTS; do [[ " $ALL_TESTS " == *" $t "* ]] || die "unknown test '$t' (known: $ALL_TESTS)"; done
 if [[ " $SERVERS " == *" mirror "* ]] && [ "$HAVE_SERVE" != 1 ]; then die "SERVERS has mirror but '$NBDMIRROR serve --help' fails"; fi
@@ -206,7 +218,7 @@ QSD_ADD='{"execute":"blockdev-add","arguments":{"driver":"nbd","node-name":"peer
 QSD_MIRROR='{"execute":"blockdev-mirror","arguments":{"job-id":"m0","device":"src","target":"peer","sync":"full","copy-mode":"write-blocking","filter-node-name":"mtop","auto-finalize":false,"auto-dismiss":false}}'
 
 # ---- 3. cleanup: stop what we started, delete the images -----------------------------------
-SPIDS=()     # PIDs of the current turn's processes, stopped in this order
+SPIDS=()     # PIDs of the running servers' processes (SPID_LABELS, SPID_SERVERS alongside)
 stop_pid() {  # stop_pid PID LABEL TURNFILE: SIGTERM, wait (<= 30 s), SIGKILL as a last resort
   local pid=$1 rc=0 t0 t1 killed=0
   t0=$(date +%s.%N)
@@ -221,12 +233,20 @@ stop_pid() {  # stop_pid PID LABEL TURNFILE: SIGTERM, wait (<= 30 s), SIGKILL as
   fi
   [ "$killed" -eq 0 ] || echo "warning: $2 ignored SIGTERM for 30 s, killed" >&2
 }
-stop_turn() {  # stop_turn TURNFILE: every process of the turn, in start order... see SPID_LABELS
-  local i
-  for i in "${!SPIDS[@]}"; do stop_pid "${SPIDS[$i]}" "${SPID_LABELS[$i]}" "${1:-}"; done
-  SPIDS=(); SPID_LABELS=()
+stop_server_procs() {  # stop_server_procs SERVER TURNFILE: that server's processes, in start order
+  local i keep_p=() keep_l=() keep_s=()
+  for i in "${!SPIDS[@]}"; do
+    if [ "${SPID_SERVERS[$i]}" = "$1" ]; then stop_pid "${SPIDS[$i]}" "${SPID_LABELS[$i]}" "${2:-}"
+    else keep_p+=("${SPIDS[$i]}"); keep_l+=("${SPID_LABELS[$i]}"); keep_s+=("${SPID_SERVERS[$i]}"); fi
+  done
+  SPIDS=("${keep_p[@]}"); SPID_LABELS=("${keep_l[@]}"); SPID_SERVERS=("${keep_s[@]}")
 }
-SPID_LABELS=()
+stop_all() {  # every process we started, in start order (interrupted runs)
+  local i
+  for i in "${!SPIDS[@]}"; do stop_pid "${SPIDS[$i]}" "${SPID_LABELS[$i]}" ""; done
+  SPIDS=(); SPID_LABELS=(); SPID_SERVERS=()
+}
+SPID_LABELS=(); SPID_SERVERS=()
 BPID=""
 cleanup() {
   local rc=$?
@@ -235,7 +255,7 @@ cleanup() {
     kill -TERM "$BPID" 2>/dev/null || true
     wait "$BPID" 2>/dev/null || true
   fi
-  stop_turn ""
+  stop_all
   if [ "$KEEP_IMAGES" != 1 ]; then
     for s in $ALL_SERVERS; do for i in $(imgs_of "$s"); do rm -f "$i"; done; done
     rm -rf "$MDIR" "$QSD_QMP"
@@ -253,7 +273,7 @@ trap 'exit 143' TERM
   echo "# run-mirror.sh run $STAMP"
   echo
   echo "- command: \`${RUN_MIRROR_CMDLINE:-bench/run-mirror.sh}\`"
-  echo "- effective: \`ROUNDS=$ROUNDS RUNTIME=$RUNTIME RAMP=$RAMP CACHE=$CACHE SERVERS='$SERVERS' TESTS='$TESTS'\`"
+  echo "- effective: \`INTERLEAVE=$INTERLEAVE ROUNDS=$ROUNDS RUNTIME=$RUNTIME RAMP=$RAMP CACHE=$CACHE SERVERS='$SERVERS' TESTS='$TESTS'\`"
   echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "- host: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/^Mem:/{print $2}') GiB RAM, kernel $(uname -r), load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "- network: private namespace (unshare --net), loopback only"
@@ -299,13 +319,13 @@ PROMOTED_ONCE=0
 
 # start_server SERVER RDIR TURNFILE: starts it and leaves it ready for the battery; SPIDS set.
 start_server() {
-  local s=$1 rdir=$2 turn=$3 t0 out
+  local s=$1 rdir=$2 turn=$3 t0 out base=${#SPIDS[@]}
   case "$s" in
     export)
       "$NBDMIRROR" export --image "$IMGDIR/export.raw" --listen 127.0.0.1:10809 "${NBDMIRROR_EXTRA[@]}" \
         </dev/null >"$rdir/$s.log" 2>&1 &
-      SPIDS+=($!); SPID_LABELS+=(export)
-      wait_nbd "$(uri_of "$s")" "${SPIDS[0]}" ;;
+      SPIDS+=($!); SPID_LABELS+=(export); SPID_SERVERS+=("$s")
+      wait_nbd "$(uri_of "$s")" "${SPIDS[$base]}" ;;
     qsd-mirror)
       rm -f "$QSD_QMP"
       # the peer first: qemu-storage-daemon is stopped before it (SPIDS order)
@@ -313,8 +333,8 @@ start_server() {
         </dev/null >"$rdir/$s.peer.log" 2>&1 &
       local ppid=$!
       qemu-storage-daemon "${QSD_ARGS[@]}" </dev/null >"$rdir/$s.log" 2>&1 &
-      SPIDS+=($!); SPID_LABELS+=(qsd)
-      SPIDS+=("$ppid"); SPID_LABELS+=(peer)
+      SPIDS+=($!); SPID_LABELS+=(qsd); SPID_SERVERS+=("$s")
+      SPIDS+=("$ppid"); SPID_LABELS+=(peer); SPID_SERVERS+=("$s")
       wait_nbd nbd://127.0.0.1:10911/ "$ppid" || return 1
       for _ in $(seq 1 100); do [ -S "$QSD_QMP" ] && break; sleep 0.1; done
       python3 "$QMP_PY" "$QSD_QMP" "$QSD_ADD" >>"$rdir/$s.log" || return 1
@@ -322,12 +342,12 @@ start_server() {
       python3 "$QMP_PY" "$QSD_QMP" "$QSD_MIRROR" --wait-event BLOCK_JOB_READY --timeout "$SYNC_TIMEOUT" \
         >"$rdir/$s.mirror-start.qmp" || { cat "$rdir/$s.mirror-start.qmp" >&2; return 1; }
       echo "setup_initial_sync_seconds $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')" >>"$turn"
-      wait_nbd "$(uri_of "$s")" "${SPIDS[0]}" ;;
+      wait_nbd "$(uri_of "$s")" "${SPIDS[$base]}" ;;
     mirror)
       ( cd "$MDIR" && exec "$NBDMIRROR" serve --config "$CFG_A" "${SERVE_EXTRA[@]}" ) </dev/null >"$rdir/$s.node-a.log" 2>&1 &
-      SPIDS+=($!); SPID_LABELS+=(node_a)
+      SPIDS+=($!); SPID_LABELS+=(node_a); SPID_SERVERS+=("$s")
       ( cd "$MDIR" && exec "$NBDMIRROR" serve --config "$CFG_B" "${SERVE_EXTRA[@]}" ) </dev/null >"$rdir/$s.node-b.log" 2>&1 &
-      SPIDS+=($!); SPID_LABELS+=(node_b)
+      SPIDS+=($!); SPID_LABELS+=(node_b); SPID_SERVERS+=("$s")
       t0=$(date +%s.%N)
       out=$(python3 "$HERE/mirror-wait.py" "$NBDMIRROR" "$CFG_A" --since "$t0" --timeout "$SYNC_TIMEOUT" peer=connected) \
         || { echo "error: node-a never saw its peer: $out" >&2; return 1; }
@@ -351,56 +371,88 @@ start_server() {
         role=primary peer=connected sync=in-sync) || { echo "error: never in sync: $out" >&2; return 1; }
       echo "setup_promote_to_in_sync_seconds $(sed -n 's/^elapsed //p' <<<"$out")" >>"$turn"
       echo "status_after_promote $(sed -n 's/^status //p' <<<"$out")" >>"$turn"
-      wait_nbd "$(uri_of "$s")" "${SPIDS[0]}" ;;
+      wait_nbd "$(uri_of "$s")" "${SPIDS[$base]}" ;;
   esac
 }
 
 # ---- 6. rounds ----------------------------------------------------------------------------
 FAILED=0
+turn_start() {  # turn_start SERVER: evict its images, start it; 1 if it did not come up
+  local s=$1 turn="$rdir/$1.turn"
+  : >"$turn"; : >"$rdir/$s.txt"; : >"$rdir/$s.err"
+  if [ "$CACHE" = cold ]; then for img in $(imgs_of "$s"); do evict "$img"; done; fi
+  echo "--- start $s ($(date -u +%H:%M:%S))"
+  if ! start_server "$s" "$rdir" "$turn"; then
+    echo "error: $s did not come up; its logs:" >&2
+    for l in "$rdir/$s".*log "$rdir/$s.log"; do [ -f "$l" ] || continue; echo "  == $l" >&2; tail -n 30 "$l" | sed 's/^/  /' >&2; done
+    echo "server_start_error 1 flag" >"$rdir/$s.txt"
+    stop_server_procs "$s" "$turn"; FAILED=1; return 1
+  fi
+  grep '^setup_' "$turn" | sed 's/^/    /' || true
+}
+turn_battery() {  # turn_battery SERVER TESTS: run (part of) the battery, append the figures
+  local s=$1 t=$2 turn="$rdir/$1.turn" rc=0 out
+  out=$(mktemp)
+  echo "loadavg_before_${t// /+} $(cut -d' ' -f1-3 /proc/loadavg)" >>"$turn"
+  # In the background plus `wait`, so that SIGINT/SIGTERM reach the traps at once.
+  OUTDIR="$rdir/fio/$s" RUNTIME="$RUNTIME" RAMP="$RAMP" TESTS="$t" \
+    bash "$HERE/bench-nbd.sh" "$(uri_of "$s")" >"$out" 2>>"$rdir/$s.err" &
+  BPID=$!
+  wait "$BPID" || rc=$?
+  BPID=""
+  echo "loadavg_after_${t// /+} $(cut -d' ' -f1-3 /proc/loadavg)" >>"$turn"
+  echo "battery_exit_status_${t// /+} $rc" >>"$turn"
+  sed "s/^/    $s: /" "$out"; cat "$out" >>"$rdir/$s.txt"; rm -f "$out"
+  if [ "$rc" -ne 0 ] || grep -q '_error ' "$rdir/$s.txt"; then
+    echo "warning: $s round $r had errors, see $rdir/$s.err" >&2; FAILED=1
+  fi
+}
+turn_end() {  # turn_end SERVER: check it is still up, record state, stop it
+  local s=$1 turn="$rdir/$1.turn" i
+  for i in "${!SPIDS[@]}"; do
+    [ "${SPID_SERVERS[$i]}" = "$s" ] || continue
+    if ! kill -0 "${SPIDS[$i]}" 2>/dev/null; then
+      echo "warning: $s (${SPID_LABELS[$i]}) exited during its turn; see $rdir/$s*.log" >&2; FAILED=1
+    fi
+  done
+  if [ "$s" = mirror ]; then
+    echo "status_after_battery $("$NBDMIRROR" status --config "$CFG_A" --json 2>&1 | tr '\n' ' ')" >>"$turn"
+    echo "status_b_after_battery $("$NBDMIRROR" status --config "$CFG_B" --json 2>&1 | tr '\n' ' ')" >>"$turn"
+  fi
+  if [ "$s" = qsd-mirror ]; then  # still a synchronous mirror at the end? (job state, errors)
+    echo "qsd_jobs $(python3 "$QMP_PY" "$QSD_QMP" '{"execute":"query-block-jobs"}' 2>&1 | tr '\n' ' ')" >>"$turn"
+  fi
+  stop_server_procs "$s" "$turn"
+}
+rotate() {  # rotate K WORDS...: the words, starting with the K-th (0-based, modulo)
+  local k=$1; shift; local a=("$@") n=$# i
+  for ((i = 0; i < n; i++)); do printf '%s ' "${a[$(((k + i) % n))]}"; done
+}
 n=${#SERVER_LIST[@]}
+read -r -a TEST_LIST <<<"$TESTS"
 for ((r = 1; r <= ROUNDS; r++)); do
   rdir="$OUTDIR/round$r"; mkdir -p "$rdir"
-  order=(); for ((i = 0; i < n; i++)); do order+=("${SERVER_LIST[$(((r - 1 + i) % n))]}"); done
-  echo "=== round $r/$ROUNDS: ${order[*]} ($(date -u +%H:%M:%S))"
+  read -r -a order <<<"$(rotate $((r - 1)) "${SERVER_LIST[@]}")"
+  echo "=== round $r/$ROUNDS: ${order[*]} ($(date -u +%H:%M:%S), interleave by $INTERLEAVE)"
   echo "- round $r order: ${order[*]}" >>"$OUTDIR/meta.md"
-  for s in "${order[@]}"; do
-    turn="$rdir/$s.turn"; : >"$turn"
-    if [ "$CACHE" = cold ]; then for img in $(imgs_of "$s"); do evict "$img"; done; fi
-    echo "--- $s ($(date -u +%H:%M:%S))"
-    if ! start_server "$s" "$rdir" "$turn"; then
-      echo "error: $s did not come up; its logs:" >&2
-      for l in "$rdir/$s".*log; do echo "  == $l" >&2; tail -n 30 "$l" | sed 's/^/  /' >&2; done
-      echo "server_start_error 1 flag" >"$rdir/$s.txt"
-      stop_turn "$turn"; FAILED=1; continue
-    fi
-    grep '^setup_' "$turn" | sed 's/^/    /' || true
-    echo "loadavg_before $(cut -d' ' -f1-3 /proc/loadavg)" >>"$turn"
-    rc=0
-    OUTDIR="$rdir/fio/$s" RUNTIME="$RUNTIME" RAMP="$RAMP" TESTS="$TESTS" \
-      bash "$HERE/bench-nbd.sh" "$(uri_of "$s")" >"$rdir/$s.txt" 2>"$rdir/$s.err" &
-    BPID=$!
-    wait "$BPID" || rc=$?
-    BPID=""
-    echo "loadavg_after $(cut -d' ' -f1-3 /proc/loadavg)" >>"$turn"
-    echo "battery_exit_status $rc" >>"$turn"
-    sed 's/^/    /' "$rdir/$s.txt"
-    if [ "$rc" -ne 0 ] || grep -q '_error ' "$rdir/$s.txt"; then
-      echo "warning: $s round $r had errors, see $rdir/$s.err" >&2; FAILED=1
-    fi
-    for i in "${!SPIDS[@]}"; do
-      if ! kill -0 "${SPIDS[$i]}" 2>/dev/null; then
-        echo "warning: $s (${SPID_LABELS[$i]}) exited during its turn; see $rdir/$s*.log" >&2; FAILED=1
-      fi
+  if [ "$INTERLEAVE" = server ]; then
+    for s in "${order[@]}"; do
+      turn_start "$s" || continue
+      turn_battery "$s" "$TESTS"
+      turn_end "$s"
     done
-    if [ "$s" = mirror ]; then
-      echo "status_after_battery $("$NBDMIRROR" status --config "$CFG_A" --json 2>&1 | tr '\n' ' ')" >>"$turn"
-      echo "status_b_after_battery $("$NBDMIRROR" status --config "$CFG_B" --json 2>&1 | tr '\n' ' ')" >>"$turn"
-    fi
-    if [ "$s" = qsd-mirror ]; then  # still a synchronous mirror at the end? (job state, errors)
-      echo "qsd_jobs $(python3 "$QMP_PY" "$QSD_QMP" '{"execute":"query-block-jobs"}' 2>&1 | tr '\n' ' ')" >>"$turn"
-    fi
-    stop_turn "$turn"
-  done
+  else
+    up=()
+    for s in "${order[@]}"; do if turn_start "$s"; then up+=("$s"); fi; done
+    for ((k = 0; k < ${#TEST_LIST[@]}; k++)); do
+      t=${TEST_LIST[$k]}
+      [ "${#up[@]}" -gt 0 ] || break
+      read -r -a torder <<<"$(rotate "$k" "${up[@]}")"
+      echo "  -- $t: ${torder[*]} ($(date -u +%H:%M:%S))"
+      for s in "${torder[@]}"; do turn_battery "$s" "$t"; done
+    done
+    for s in "${up[@]}"; do turn_end "$s"; done
+  fi
 done
 echo "- load average at end $(cut -d' ' -f1-3 /proc/loadavg), finished $(date -u '+%H:%M:%S UTC')" >>"$OUTDIR/meta.md"
 

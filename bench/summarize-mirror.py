@@ -215,8 +215,8 @@ def main():
         print()
         print("### Turns: set-up, machine load (1-min load average), shutdown")
         print()
-        print("| round | server | set-up (s) | loadavg before | after | exit status | stop s | notes |")
-        print("|---:|---|---|---|---|---|---|---|")
+        print("| round | server | set-up (s) | loadavg (1 min) seen around its tests | exit status | stop s | notes |")
+        print("|---:|---|---|---|---|---|---|")
         for (r, s), kv in sorted(turns.items()):
             setup = ", ".join(
                 f"{k[len('setup_'):].replace('_seconds', '')} {v}" for k, v in kv.items()
@@ -228,9 +228,13 @@ def main():
             notes = list(kv.get("notes", []))
             if killed:
                 notes.append("SIGKILLed: " + ", ".join(killed))
+            loads = [float(v.split(" ")[0]) for k, v in kv.items() if k.startswith("loadavg_")]
+            load_s = f"{min(loads):.2f}–{max(loads):.2f}" if loads else "–"
+            bad = [k for k, v in kv.items() if k.startswith("battery_exit_status") and v != "0"]
+            if bad:
+                notes.append("battery failed: " + ", ".join(bad))
             print(
-                f"| {r} | {s} | {setup} | {kv.get('loadavg_before', '–').split(' ')[0]} | "
-                f"{kv.get('loadavg_after', '–').split(' ')[0]} | {exits or '–'} | {stops or '–'} | "
+                f"| {r} | {s} | {setup} | {load_s} | {exits or '–'} | {stops or '–'} | "
                 f"{'; '.join(notes)} |"
             )
 
