@@ -59,7 +59,9 @@
 #
 # Output in OUTDIR:
 #   meta.md                     command line, date, CPUs, kernel, versions, exact server commands
-#   roundN/SERVER.txt           the battery's `name value unit` lines for that round
+#   roundN/SERVER.txt           the battery's `name value unit` lines for that round, plus
+#                               TEST_server_cpu_per_io (per_mib for 1 MiB writes): CPU time of
+#                               the server's processes per I/O, in us (INTERLEAVE=test only)
 #   roundN/SERVER.err           the battery's stderr;  roundN/SERVER*.log  the server logs
 #   roundN/SERVER.turn          load average around each test, set-up timings (mirror: connect/
 #                               promote/in-sync seconds and status JSON before and after), exit
@@ -390,18 +392,40 @@ turn_start() {  # turn_start SERVER: evict its images, start it; 1 if it did not
   fi
   grep '^setup_' "$turn" | sed 's/^/    /' || true
 }
+cpu_ticks() {  # cpu_ticks SERVER: user+system clock ticks used so far by that server's processes
+  local i tot=0 v
+  for i in "${!SPIDS[@]}"; do
+    [ "${SPID_SERVERS[$i]}" = "$1" ] || continue
+    v=$(awk '{ print $14 + $15 }' "/proc/${SPIDS[$i]}/stat" 2>/dev/null) || v=0
+    tot=$((tot + ${v:-0}))
+  done
+  echo "$tot"
+}
+CLK_TCK=$(getconf CLK_TCK)
 turn_battery() {  # turn_battery SERVER TESTS: run (part of) the battery, append the figures
-  local s=$1 t=$2 turn="$rdir/$1.turn" rc=0 out
+  local s=$1 t=$2 turn="$rdir/$1.turn" rc=0 out c0 c1 one
   out=$(mktemp)
   echo "loadavg_before_${t// /+} $(cut -d' ' -f1-3 /proc/loadavg)" >>"$turn"
+  c0=$(cpu_ticks "$s")
   # In the background plus `wait`, so that SIGINT/SIGTERM reach the traps at once.
   OUTDIR="$rdir/fio/$s" RUNTIME="$RUNTIME" RAMP="$RAMP" TESTS="$t" \
     bash "$HERE/bench-nbd.sh" "$(uri_of "$s")" >"$out" 2>>"$rdir/$s.err" &
   BPID=$!
   wait "$BPID" || rc=$?
   BPID=""
+  c1=$(cpu_ticks "$s")
   echo "loadavg_after_${t// /+} $(cut -d' ' -f1-3 /proc/loadavg)" >>"$turn"
   echo "battery_exit_status_${t// /+} $rc" >>"$turn"
+  # Server CPU per I/O (per MiB for the 1 MiB test): the CPU time of all of this server's
+  # processes (both daemons; qemu-storage-daemon and its qemu-nbd peer) over the test, ramp
+  # included, divided by rate x (RUNTIME + RAMP). Robust to other load on the machine, which
+  # slows a server down but hardly changes what each write costs it.
+  if [ "${#TEST_LIST[@]}" -gt 0 ] && [[ "$t" != *" "* ]]; then
+    one=$(awk -v t="$t" -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v d="$((RUNTIME + RAMP))" '
+      $1 == t "_iops" && $2 > 0 { printf "%s_server_cpu_per_io %.1f us\n", t, c / hz * 1e6 / ($2 * d) }
+      $1 == t "_bw" && $2 > 0   { printf "%s_server_cpu_per_mib %.1f us\n", t, c / hz * 1e6 / ($2 * d) }' "$out")
+    [ -z "$one" ] || echo "$one" >>"$out"
+  fi
   sed "s/^/    $s: /" "$out"; cat "$out" >>"$rdir/$s.txt"; rm -f "$out"
   if [ "$rc" -ne 0 ] || grep -q '_error ' "$rdir/$s.txt"; then
     echo "warning: $s round $r had errors, see $rdir/$s.err" >&2; FAILED=1
