@@ -418,8 +418,9 @@ turn_battery() {  # turn_battery SERVER TESTS: run (part of) the battery, append
   echo "battery_exit_status_${t// /+} $rc" >>"$turn"
   # Server CPU per I/O (per MiB for the 1 MiB test): the CPU time of all of this server's
   # processes (both daemons; qemu-storage-daemon and its qemu-nbd peer) over the test, ramp
-  # included, divided by rate x (RUNTIME + RAMP). Robust to other load on the machine, which
-  # slows a server down but hardly changes what each write costs it.
+  # included, divided by rate x (RUNTIME + RAMP). It tells what a write costs the server, but
+  # it is not immune to other load: a starved server batches more per wake-up and spends less
+  # per I/O (the pair's QD32 figure moved 2.5x between two loaded runs).
   if [ "${#TEST_LIST[@]}" -gt 0 ] && [[ "$t" != *" "* ]]; then
     one=$(awk -v t="$t" -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v d="$((RUNTIME + RAMP))" '
       $1 == t "_iops" && $2 > 0 { printf "%s_server_cpu_per_io %.1f us\n", t, c / hz * 1e6 / ($2 * d) }
