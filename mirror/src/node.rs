@@ -268,6 +268,8 @@ impl Node {
 
     async fn dial_loop(self: Arc<Self>, vol: Arc<Volume>) {
         let mut failures: u64 = 0;
+        // A restarted peer is back within milliseconds: retry fast first, then every second.
+        let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = async {
                 let mut s = tokio::time::timeout(
@@ -286,20 +288,22 @@ impl Node {
             match attempt.await {
                 Ok((s, peer)) => {
                     failures = 0;
+                    backoff = Duration::from_millis(50);
                     info!(volume = %vol.name, peer = %peer, addr = %self.peer_addr, "connected to the peer");
                     self.run_connection(vol.clone(), s, peer).await;
                 }
                 Err(e) => {
                     // Say it once, then now and then: a peer that is down is a normal state.
                     if failures.is_multiple_of(60) {
-                        info!(volume = %vol.name, addr = %self.peer_addr, error = %e, "cannot reach the peer; retrying every second");
+                        info!(volume = %vol.name, addr = %self.peer_addr, error = %e, "cannot reach the peer; retrying (at most every second)");
                     } else {
                         debug!(volume = %vol.name, error = %e, "peer still unreachable");
                     }
                     failures += 1;
                 }
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -335,7 +339,7 @@ impl Node {
             warn!(volume = %vol.name, peer = %link.peer_node, error = %e, "bad frame from the peer; link closed");
         }
         vol.link_down(&link, &end.to_string()).await;
-        if vol.role() == Role::Primary {
+        if vol.role() == Role::Primary && !vol.is_shutting_down() {
             info!(volume = %vol.name, "the primary keeps serving alone; changes are tracked in the dirty map");
         }
     }

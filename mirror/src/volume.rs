@@ -164,6 +164,10 @@ pub struct Volume {
     failed_since_resync_start: AtomicBool,
     /// A demotion is under way: writes waiting for permission to go alone give up at once.
     demoting: AtomicBool,
+    shutting_down: AtomicBool,
+    /// Consecutive resync chunks that zstd could not shrink: past a few, most chunks are sent
+    /// raw without trying (random or encrypted data would only cost CPU).
+    incompressible_streak: AtomicU64,
 }
 
 /// [`Volume::set_alone_allowed`] value: writing alone needs nobody's permission.
@@ -310,6 +314,8 @@ impl Volume {
             in_sync_at_loss: AtomicBool::new(false),
             failed_since_resync_start: AtomicBool::new(false),
             demoting: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            incompressible_streak: AtomicU64::new(0),
         }))
     }
 
@@ -1338,16 +1344,31 @@ impl Volume {
             }
             let raw_crc = crc32fast::hash(&data);
             let raw_len = data.len() as u32;
-            let (compressed, payload) =
+            // After a run of incompressible chunks, try only one chunk in 16 (to notice when
+            // the data changes): compressing random data costs CPU for nothing.
+            let streak = self.incompressible_streak.load(Ordering::Relaxed);
+            let try_zstd = streak < 4 || (offset / CHUNK).is_multiple_of(16);
+            let (compressed, payload) = if try_zstd {
                 tokio::task::spawn_blocking(move || match zstd::bulk::compress(&data, 1) {
-                    Ok(c) if c.len() < data.len() => (true, c),
+                    // Worth it only if it saves at least an eighth.
+                    Ok(c) if c.len() < data.len() - data.len() / 8 => (true, c),
                     _ => (false, data),
                 })
                 .await
                 .map_err(|e| VolumeError::Refused {
                     volume: self.name.clone(),
                     what: format!("compression task failed: {e}"),
-                })?;
+                })?
+            } else {
+                (false, data)
+            };
+            if try_zstd {
+                if compressed {
+                    self.incompressible_streak.store(0, Ordering::Relaxed);
+                } else {
+                    self.incompressible_streak.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             link.request(&Message::ResyncData {
                 offset,
                 raw_len,
@@ -1626,8 +1647,13 @@ impl Volume {
         Ok((self.size, differing))
     }
 
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
     /// Clean shutdown: flush the image, leave the metadata clean.
     pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
         if let Some(l) = lock(&self.shared).link.take() {
             l.close();
         }
