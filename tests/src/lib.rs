@@ -13,6 +13,7 @@ pub mod data;
 pub mod lab;
 pub mod pair;
 pub mod raw;
+pub mod vm;
 
 use std::fs;
 use std::io::Read;
