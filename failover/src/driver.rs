@@ -53,6 +53,8 @@ pub struct FailoverSpec {
     pub node: String,
     pub groups: Vec<GroupSpec>,
     pub interval: Duration,
+    /// The heartbeat failure timeout.
+    pub timeout: Duration,
     pub witness: Option<SocketAddr>,
     pub witness_key: [u8; 32],
 }
@@ -196,6 +198,10 @@ pub struct Failover {
     heartbeats: Heartbeats,
     witness: Option<WitnessClient>,
     interval: Duration,
+    /// The peer's death can only be declared a heartbeat timeout after start: before that,
+    /// "no heartbeat yet" says nothing (two nodes started together once both took the group).
+    started: Instant,
+    peer_timeout: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -269,6 +275,8 @@ impl Failover {
             heartbeats,
             witness,
             interval: spec.interval,
+            started: Instant::now(),
+            peer_timeout: spec.timeout,
         });
         for g in &f.groups {
             // Writes alone wait for the witness from the start (a group volume is never
@@ -502,6 +510,14 @@ impl Failover {
 
     async fn tick(&self, g: &Arc<GroupRuntime>) {
         let peer: PeerView = self.heartbeats.subscribe().borrow().clone();
+        if !peer.alive && self.started.elapsed() < self.peer_timeout + self.interval {
+            self.transition(
+                g,
+                GroupState::Waiting,
+                "just started: listening for the peer's heartbeats before deciding anything",
+            );
+            return;
+        }
         let entry = peer
             .last_payload
             .as_deref()

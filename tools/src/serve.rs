@@ -116,7 +116,21 @@ fn precheck_addresses(cfg: &NodeConfig) -> anyhow::Result<()> {
 
 fn nbd_uri(volume: &str, listen: &[ListenAddr]) -> String {
     match listen.first() {
-        Some(ListenAddr::Tcp(a)) => format!("nbd://{a}/{volume}"),
+        // A wildcard listen address is no address to connect to: the hooks get loopback.
+        Some(ListenAddr::Tcp(a)) => match a.parse::<std::net::SocketAddr>() {
+            Ok(sa) if sa.ip().is_unspecified() => {
+                let lo: std::net::IpAddr = if sa.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                };
+                format!(
+                    "nbd://{}/{volume}",
+                    std::net::SocketAddr::new(lo, sa.port())
+                )
+            }
+            _ => format!("nbd://{a}/{volume}"),
+        },
         Some(ListenAddr::Unix(p)) => format!("nbd+unix:///{volume}?socket={}", p.display()),
         None => String::new(),
     }
@@ -268,6 +282,7 @@ async fn start_failover(
             node: cfg.node.clone(),
             groups: group_specs(cfg),
             interval: hb.interval,
+            timeout: hb.timeout,
             witness,
             witness_key: failover::witness::witness_key(&cfg.secret.0),
         },
