@@ -184,6 +184,8 @@ struct Runtime {
     registered_generation: u64,
     transitions: VecDeque<Transition>,
     ready: bool,
+    /// This node fenced the peer since it last lost it (fence-only quorum).
+    peer_fenced: bool,
 }
 
 pub struct GroupRuntime {
@@ -264,6 +266,7 @@ impl Failover {
                         registered_generation: 0,
                         transitions: VecDeque::new(),
                         ready: false,
+                        peer_fenced: false,
                     }),
                 })
             })
@@ -542,6 +545,10 @@ impl Failover {
         });
         let facts = {
             let mut rt = lock(&g.rt);
+            if data == DataState::UpToDate {
+                // Replicating again: the peer is back, a later loss needs a new fence.
+                rt.peer_fenced = false;
+            }
             if let Some(p) = &peer_facts {
                 if p.state.is_primary() {
                     rt.handing_over = false;
@@ -560,6 +567,8 @@ impl Failover {
                 peer: peer_facts,
                 witness,
                 fence_configured: g.spec.fence.is_some(),
+                peer_silent_long: !peer.alive && peer.since.elapsed() >= self.peer_timeout,
+                peer_fenced: rt.peer_fenced,
                 vm_failed: rt.vm_failed,
                 swap_requested: rt.swap_requested
                     || entry.is_some_and(|a| a.wants_group && rt.state.is_primary()),
@@ -695,13 +704,19 @@ impl Failover {
                 reason,
             } => self.promote(g, round, quorum, &reason, peer_name).await,
             Decision::Serve { state, reason } => {
-                self.set_gates(
-                    g,
-                    Some(match &self.witness {
-                        None => ALONE_ALWAYS,
-                        Some(_) => lock(&g.rt).registered_generation,
-                    }),
-                );
+                let fence_only = self.witness.is_none() && g.spec.fence.is_some();
+                if fence_only && !lock(&g.rt).peer_fenced {
+                    // Fence-only quorum: nothing is acknowledged alone before the peer is off.
+                    self.set_gates(g, None);
+                } else {
+                    self.set_gates(
+                        g,
+                        Some(match &self.witness {
+                            None => ALONE_ALWAYS,
+                            Some(_) => lock(&g.rt).registered_generation,
+                        }),
+                    );
+                }
                 if self.witness.is_some() {
                     // Only the generation the witness confirmed may be written alone.
                     let confirmed = lock(&g.rt).registered_generation == self.group_generation(g);
@@ -714,6 +729,20 @@ impl Failover {
                 }
                 self.transition(g, state, &reason);
                 self.monitor(g).await;
+            }
+            Decision::FencePeer { reason } => {
+                // Writes alone wait (never failed, never acknowledged) until the peer is off.
+                self.set_gates(g, None);
+                self.transition(g, GroupState::Suspended, &reason);
+                if self
+                    .run_hook(g, &g.spec.fence, HookAction::Fence, peer_name)
+                    .await
+                {
+                    warn!(group = %g.spec.name, "the peer is fenced: serving alone");
+                    lock(&g.rt).peer_fenced = true;
+                    self.set_gates(g, Some(ALONE_ALWAYS));
+                    self.transition(g, GroupState::Alone, "the peer is fenced: serving alone");
+                }
             }
             Decision::Suspend { reason } => {
                 self.set_gates(g, None);

@@ -121,6 +121,11 @@ pub struct Facts {
     pub peer: Option<PeerFacts>,
     pub witness: Witness,
     pub fence_configured: bool,
+    /// The peer has been silent for a second failure timeout: the grace a primary gets to
+    /// fence first (so two nodes never fence each other at once).
+    pub peer_silent_long: bool,
+    /// This node (primary) fenced the peer since it lost it.
+    pub peer_fenced: bool,
     /// The VM failed its monitor and used up its local restarts.
     pub vm_failed: bool,
     /// An operator asked to move the group to the other node.
@@ -146,6 +151,10 @@ pub enum Decision {
     Demote { reason: String },
     /// Primary without quorum: keep the role but let no write be acknowledged alone.
     Suspend { reason: String },
+    /// Primary that lost its peer, with a fence hook and no witness: fence the peer before
+    /// acknowledging any write alone (the peer fences only after a grace period, so the
+    /// primary wins the race when it is alive; writes wait meanwhile).
+    FencePeer { reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,11 +267,15 @@ pub fn decide(f: &Facts) -> Decision {
                     quorum: Quorum::WitnessVote,
                     reason: "the peer is gone: asking the witness".into(),
                 },
-                (_, true) => Decision::Promote {
+                (_, true) if f.peer_silent_long => Decision::Promote {
                     round: next_round,
                     quorum: Quorum::Fence,
                     reason: "the peer is gone: fencing it".into(),
                 },
+                (_, true) => stay(
+                    GroupState::Waiting,
+                    "the peer is gone: giving a live primary the time to fence first",
+                ),
                 (Witness::Unreachable, false) => stay(
                     GroupState::Waiting,
                     "the peer and the witness are unreachable: no quorum to take over",
@@ -308,6 +321,17 @@ fn decide_as_primary(f: &Facts) -> Decision {
             reason: "the witness says another node holds a newer round".into(),
         };
     }
+    if f.witness == Witness::None
+        && f.fence_configured
+        && !f.peer_fenced
+        && f.data != DataState::UpToDate
+    {
+        // Fence-only quorum and the replication link is down (whatever the heartbeats say):
+        // like DRBD's resource-and-stonith, writes wait until the peer is fenced.
+        return Decision::FencePeer {
+            reason: "the replication link is down: fencing the peer before writing alone".into(),
+        };
+    }
     match (f.peer, f.witness) {
         (Some(_), _) => Decision::Serve {
             state: if f.data == DataState::UpToDate {
@@ -320,6 +344,13 @@ fn decide_as_primary(f: &Facts) -> Decision {
             } else {
                 "serving; the replication link to the peer is down: changes are tracked".into()
             },
+        },
+        (None, Witness::None) if f.fence_configured && !f.peer_fenced => Decision::FencePeer {
+            reason: "the peer is away: fencing it before writing alone".into(),
+        },
+        (None, Witness::None) if f.fence_configured => Decision::Serve {
+            state: GroupState::Alone,
+            reason: "the peer is away and fenced: serving alone".into(),
         },
         (None, Witness::None) => Decision::Serve {
             state: GroupState::Alone,
@@ -355,6 +386,8 @@ mod tests {
             peer: None,
             witness: Witness::None,
             fence_configured: false,
+            peer_silent_long: false,
+            peer_fenced: false,
             vm_failed: false,
             swap_requested: false,
             handing_over: false,
@@ -415,6 +448,12 @@ mod tests {
             fence_configured: true,
             ..base()
         };
+        // The secondary leaves a live primary the time to fence first.
+        assert!(matches!(decide(&fence), Decision::Stay { .. }));
+        let fence = Facts {
+            peer_silent_long: true,
+            ..fence
+        };
         assert!(matches!(
             decide(&fence),
             Decision::Promote {
@@ -458,6 +497,27 @@ mod tests {
             ..f
         };
         assert!(matches!(decide(&deposed), Decision::Demote { .. }));
+    }
+
+    #[test]
+    fn a_primary_with_a_fence_hook_fences_before_writing_alone() {
+        let f = Facts {
+            state: GroupState::Primary,
+            fence_configured: true,
+            ..base()
+        };
+        assert!(matches!(decide(&f), Decision::FencePeer { .. }));
+        let fenced = Facts {
+            peer_fenced: true,
+            ..f
+        };
+        assert!(matches!(
+            decide(&fenced),
+            Decision::Serve {
+                state: GroupState::Alone,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -553,10 +613,12 @@ mod tests {
         fn arb_facts()(state in arb_state(), round in 0u64..5, pref in any::<bool>(), afb in any::<bool>(),
                        data in arb_data(), witness in arb_witness(), fence in any::<bool>(),
                        vm_failed in any::<bool>(), swap in any::<bool>(), handing in any::<bool>(),
+                       long in any::<bool>(), fenced in any::<bool>(),
                        peer in proptest::option::of((arb_state(), 0u64..5, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())))
                        -> Facts {
             Facts { state, round, is_preferred: pref, auto_failback: afb, data, witness,
-                    fence_configured: fence, vm_failed, swap_requested: swap, handing_over: handing,
+                    fence_configured: fence, peer_silent_long: long, peer_fenced: fenced,
+                    vm_failed, swap_requested: swap, handing_over: handing,
                     peer: peer.map(|(state, round, newer, equal, handing_over, ready)| PeerFacts {
                         state, round, data_newer: newer && !equal, data_equal: equal && !newer, handing_over, ready }) }
         }

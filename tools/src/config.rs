@@ -204,6 +204,35 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
+/// The shared secret from `secret` or `secret_file` (already resolved), checked for length.
+/// Shared by the node and witness configs; `whose` completes "set secret_file (or secret)
+/// to ...".
+pub fn shared_secret(
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    read_secret: &dyn Fn(&Path) -> std::io::Result<String>,
+    whose: &str,
+) -> Result<String, String> {
+    let secret = match (inline, file) {
+        (Some(_), Some(_)) => return Err("set either secret or secret_file, not both".into()),
+        (None, None) => {
+            return Err(format!(
+                "no shared secret: set secret_file (or secret) to {whose}"
+            ))
+        }
+        (Some(s), None) => s,
+        (None, Some(file)) => read_secret(&file)
+            .map_err(|e| format!("cannot read secret_file {}: {e}", file.display()))?,
+    };
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(format!(
+            "the shared secret is {} characters; use at least {MIN_SECRET_LEN}",
+            secret.len()
+        ));
+    }
+    Ok(secret)
+}
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -260,28 +289,13 @@ pub fn parse(
             raw.node
         )));
     }
-    let secret = match (raw.secret, raw.secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(invalid("set either secret or secret_file, not both".into()))
-        }
-        (None, None) => {
-            return Err(invalid(
-                "no shared secret: set secret_file (or secret) to the same long random string on both nodes".into(),
-            ))
-        }
-        (Some(s), None) => s,
-        (None, Some(file)) => {
-            let file = resolve(&file);
-            read_secret(&file)
-                .map_err(|e| invalid(format!("cannot read secret_file {}: {e}", file.display())))?
-        }
-    };
-    if secret.len() < MIN_SECRET_LEN {
-        return Err(invalid(format!(
-            "the shared secret is {} characters; use at least {MIN_SECRET_LEN}",
-            secret.len()
-        )));
-    }
+    let secret = shared_secret(
+        raw.secret,
+        raw.secret_file.map(|f| resolve(&f)),
+        read_secret,
+        "the same long random string on both nodes",
+    )
+    .map_err(invalid)?;
     check_tcp_addr("replication_listen", &raw.replication_listen).map_err(invalid)?;
     check_tcp_addr("peer", &raw.peer).map_err(invalid)?;
     if raw.replication_listen == raw.peer {

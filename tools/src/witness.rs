@@ -21,7 +21,7 @@ use failover::witness::{
 use serde::Deserialize;
 use tracing::info;
 
-use crate::config::{ConfigError, Secret, MIN_SECRET_LEN};
+use crate::config::{ConfigError, Secret};
 
 #[derive(Args, Debug)]
 #[command(
@@ -137,28 +137,13 @@ pub fn parse(
             raw.listen
         ))
     })?;
-    let secret = match (raw.secret, raw.secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(invalid("set either secret or secret_file, not both".into()))
-        }
-        (None, None) => {
-            return Err(invalid(
-                "no shared secret: set secret_file (or secret) to the nodes' shared secret".into(),
-            ))
-        }
-        (Some(s), None) => s,
-        (None, Some(file)) => {
-            let file = resolve(&file);
-            read_secret(&file)
-                .map_err(|e| invalid(format!("cannot read secret_file {}: {e}", file.display())))?
-        }
-    };
-    if secret.len() < MIN_SECRET_LEN {
-        return Err(invalid(format!(
-            "the shared secret is {} characters; use at least {MIN_SECRET_LEN}",
-            secret.len()
-        )));
-    }
+    let secret = crate::config::shared_secret(
+        raw.secret,
+        raw.secret_file.map(|f| resolve(&f)),
+        read_secret,
+        "the nodes' shared secret",
+    )
+    .map_err(invalid)?;
     if raw.state_file.as_os_str().is_empty() {
         return Err(invalid("state_file is empty".into()));
     }

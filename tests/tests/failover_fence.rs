@@ -1,0 +1,92 @@
+//! Issue 4, quorum by fencing: no witness, a `fence` hook on each node that powers off the
+//! other (here: `lab.sh kill`, SIGKILL to every process of the host and its links down).
+//! - The primary dies: the survivor gives a live primary one more failure timeout to fence
+//!   first, then fences the dead one (harmless) and takes over.
+//! - The primary is cut off but alive: it fences the secondary first and serves alone (never
+//!   two primaries); writes it makes alone wait until the fence succeeded.
+
+use std::time::{Duration, Instant};
+
+use nbdmirror_tests::assert_qemu_io_ok;
+use nbdmirror_tests::lab::{group_field, group_state, Host, Lab, Link};
+
+/// Both configs: no witness; node-a's fence kills node-b and node-b's kills node-a.
+fn fence_lab() -> Lab {
+    let lab = Lab::new();
+    let script = lab.path().join("fence.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n# NBDMIRROR_PEER names the node to power off.\n\
+             case \"$NBDMIRROR_PEER\" in node-a) h=a ;; node-b) h=b ;; *) exit 1 ;; esac\n\
+             echo \"fencing $NBDMIRROR_PEER\" >> {log}\n\
+             exec bash {lab_sh} kill $h\n",
+            log = lab.path().join("fence.log").display(),
+            lab_sh = nbdmirror_tests::lab::example_dir().join("lab.sh").display(),
+        ),
+    )
+    .unwrap();
+    for f in ["node-a.toml", "node-b.toml"] {
+        lab.patch(f, "witness = \"10.99.0.10:7790\"\n", "");
+        lab.patch(
+            f,
+            "vip_interface = \"pub0\"\n",
+            &format!(
+                "vip_interface = \"pub0\"\nhooks = {{ fence = \"sh {}\", timeout = \"20s\" }}\n",
+                script.display()
+            ),
+        );
+    }
+    lab
+}
+
+fn fence_log(lab: &Lab) -> String {
+    std::fs::read_to_string(lab.path().join("fence.log")).unwrap_or_default()
+}
+
+#[test]
+fn a_dead_primary_is_fenced_and_the_survivor_takes_over() {
+    let mut lab = fence_lab();
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x5a 0 4M", "flush"]));
+    let t0 = Instant::now();
+    lab.kill(Host::A);
+    // Heartbeat timeout (3 s) + the primary's grace (3 s) + fence + promotion.
+    let took = lab.wait_handshake(t0, Duration::from_secs(30));
+    eprintln!("dead primary fenced, survivor answers after {took:?}");
+    assert!(
+        took >= Duration::from_secs(5),
+        "node-b must leave a live primary time to fence first: {took:?}"
+    );
+    assert!(
+        fence_log(&lab).contains("fencing node-a"),
+        "{}",
+        fence_log(&lab)
+    );
+    let b = lab.status(Host::B);
+    assert_eq!(group_field(&b, "primary_node"), "node-b", "{b}");
+    assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x5a 0 4M"]));
+}
+
+#[test]
+fn an_isolated_live_primary_fences_its_peer_first() {
+    let mut lab = fence_lab();
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.cut(Link::All, Host::A, true);
+    let t0 = Instant::now();
+    // node-a loses node-b after the heartbeat timeout and fences it at once; node-b would
+    // only fence after a second timeout, by which time it is gone.
+    lab.wait_for("node-a fences node-b", Duration::from_secs(20), |lab| {
+        fence_log(lab).contains("fencing node-b").then_some(())
+    });
+    eprintln!("node-a fenced node-b after {:?}", t0.elapsed());
+    let a = lab.wait_group_state(Host::A, &["alone"], Duration::from_secs(20));
+    assert_eq!(group_state(&a), "alone", "{a}");
+    assert!(
+        !fence_log(&lab).contains("fencing node-a"),
+        "both nodes fenced: {}",
+        fence_log(&lab)
+    );
+}
