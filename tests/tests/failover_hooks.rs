@@ -1,0 +1,102 @@
+//! Issue 4, the VM hooks and failback, with stand-in hooks (shell scripts that record what
+//! they are asked to do; the real QEMU hook has its own test, failover_vm.rs):
+//! - a VM that dies on a healthy primary is restarted there (bounded retries), then the group
+//!   fails over to the peer;
+//! - `auto_failback = true` moves the group back to the preferred node once it is in sync.
+
+use std::time::{Duration, Instant};
+
+use nbdmirror_tests::lab::{group_field, Host, Lab};
+
+/// A hook that keeps a marker per node: start creates it, stop removes it, monitor fails when
+/// it is missing or when `broken-NODE` exists. Every call is appended to hooks.log.
+fn hook_lab(extra: &str) -> Lab {
+    let lab = Lab::new();
+    let dir = lab.path().to_path_buf();
+    let script = dir.join("hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nd={d}\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> $d/hooks.log\n\
+             case \"$NBDMIRROR_ACTION\" in\n\
+             start) touch $d/vm-$NBDMIRROR_NODE ;;\n\
+             stop) rm -f $d/vm-$NBDMIRROR_NODE ;;\n\
+             monitor) test -f $d/vm-$NBDMIRROR_NODE && test ! -f $d/broken-$NBDMIRROR_NODE ;;\n\
+             esac\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let hooks = format!(
+        "hooks = {{ start = \"sh {s}\", stop = \"sh {s}\", monitor = \"sh {s}\", \
+         monitor_interval = \"1s\", restart_attempts = 1, timeout = \"10s\" }}\n{extra}",
+        s = script.display()
+    );
+    for f in ["node-a.toml", "node-b.toml"] {
+        lab.patch(
+            f,
+            "vip_interface = \"pub0\"\n",
+            &format!("vip_interface = \"pub0\"\n{hooks}"),
+        );
+    }
+    lab
+}
+
+fn hooks_log(lab: &Lab) -> String {
+    std::fs::read_to_string(lab.path().join("hooks.log")).unwrap_or_default()
+}
+
+fn primary_node(lab: &Lab, host: Host) -> String {
+    lab.try_status(host)
+        .map(|s| group_field(&s, "primary_node"))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_failing_vm_is_restarted_then_the_group_fails_over() {
+    let mut lab = hook_lab("");
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.wait_for("the VM started on node-a", Duration::from_secs(10), |lab| {
+        hooks_log(lab).contains("node-a start").then_some(())
+    });
+    // The VM on node-a breaks for good.
+    std::fs::write(lab.path().join("broken-node-a"), b"").unwrap();
+    lab.wait_for("the group on node-b", Duration::from_secs(40), |lab| {
+        (primary_node(lab, Host::B) == "node-b" && hooks_log(lab).contains("node-b start"))
+            .then_some(())
+    });
+    let log = hooks_log(&lab);
+    // Restarted once on node-a (stop + start after the first failed monitor), then moved.
+    let a_starts = log.matches("node-a start").count();
+    assert!(
+        a_starts >= 2,
+        "node-a's VM was not restarted before the failover:\n{log}"
+    );
+    assert!(log.contains("node-a stop"), "{log}");
+    let a = lab.status(Host::A);
+    assert_ne!(group_field(&a, "state"), "primary", "{a}");
+}
+
+#[test]
+fn auto_failback_returns_the_group_to_the_preferred_node() {
+    let mut lab = hook_lab("auto_failback = true\n");
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.kill(Host::A);
+    lab.wait_for("the group on node-b", Duration::from_secs(20), |lab| {
+        (primary_node(lab, Host::B) == "node-b").then_some(())
+    });
+    // node-a returns: it resyncs, then the group comes back to it by itself.
+    lab.cut(nbdmirror_tests::lab::Link::All, Host::A, false);
+    lab.start_node(Host::A);
+    lab.wait_for("the group back on node-a", Duration::from_secs(60), |lab| {
+        (primary_node(lab, Host::A) == "node-a" && primary_node(lab, Host::B) == "node-a")
+            .then_some(())
+    });
+    let log = hooks_log(&lab);
+    assert!(
+        log.contains("node-b stop"),
+        "node-b's VM was not stopped: {log}"
+    );
+}
