@@ -261,6 +261,26 @@ fn check_tcp_addr(field: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// Deserializes a TOML config, with a one-line syntax error naming the file.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        reason: e.to_string().trim_end().replace('\n', " "),
+    })
+}
+
+/// `p` as written in the config at `config`: relative paths are relative to its folder.
+pub fn relative_to(config: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        config.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
 /// Parses config `text` that was read from `path`. `read_secret` reads a `secret_file`.
 pub fn parse(
     path: &Path,
@@ -271,18 +291,8 @@ pub fn parse(
         path: path.to_owned(),
         reason,
     };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-        path: path.to_owned(),
-        reason: e.to_string().trim_end().replace('\n', " "),
-    })?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let resolve = |p: &Path| {
-        if p.is_absolute() {
-            p.to_owned()
-        } else {
-            base.join(p)
-        }
-    };
+    let raw: RawConfig = parse_toml(path, text)?;
+    let resolve = |p: &Path| relative_to(path, p);
     if !valid_name(&raw.node) {
         return Err(invalid(format!(
             "node name '{}' must be 1-63 letters, digits, '-', '_' or '.'",

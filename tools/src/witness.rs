@@ -119,18 +119,8 @@ pub fn parse(
         path: path.to_owned(),
         reason,
     };
-    let raw: RawWitnessConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-        path: path.to_owned(),
-        reason: e.to_string().trim_end().replace('\n', " "),
-    })?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let resolve = |p: &Path| {
-        if p.is_absolute() {
-            p.to_owned()
-        } else {
-            base.join(p)
-        }
-    };
+    let raw: RawWitnessConfig = crate::config::parse_toml(path, text)?;
+    let resolve = |p: &Path| crate::config::relative_to(path, p);
     let listen: SocketAddr = raw.listen.parse().map_err(|_| {
         invalid(format!(
             "listen = '{}': expected IP:PORT, such as 10.99.0.10:7790 or [fd00::10]:7790",
