@@ -1237,8 +1237,10 @@ impl Volume {
                 started: Some(Instant::now()),
             });
             let limiter = RateLimiter::new(self.resync.rate);
-            let mut inflight = futures::stream::FuturesUnordered::new();
-            use futures::StreamExt;
+            // Tasks, not a FuturesUnordered: chunks must make progress while this loop
+            // waits for the rate limiter or for a slot (futures in a set that is not being
+            // polled stall, and did: a rate-limited resync sent nothing until its end).
+            let mut inflight = tokio::task::JoinSet::new();
             for (off, len) in self.meta.dirty_ranges() {
                 let mut c = off;
                 while c < off + len {
@@ -1249,17 +1251,18 @@ impl Volume {
                         RESYNC_DEPTH
                     };
                     while inflight.len() >= depth {
-                        if let Some(r) = inflight.next().await {
-                            r?;
+                        if let Some(r) = inflight.join_next().await {
+                            self.chunk_task_result(r)?;
                         }
                     }
                     limiter.take(n).await;
-                    inflight.push(self.send_chunk(link, c, n));
+                    let (me, link) = (self.clone(), link.clone());
+                    inflight.spawn(async move { me.send_chunk(&link, c, n).await });
                     c += n;
                 }
             }
-            while let Some(r) = inflight.next().await {
-                r?;
+            while let Some(r) = inflight.join_next().await {
+                self.chunk_task_result(r)?;
             }
             if self.meta.dirty_count() == 0 {
                 break;
@@ -1325,9 +1328,32 @@ impl Volume {
             .await
             .map_err(verr)?
         } else {
-            let data = self.image.read(offset, len as usize).await.map_err(ioerr)?;
-            if self.resync.checksum {
-                let hash = *blake3::hash(&data).as_bytes();
+            // Read, checksum and (maybe) compress off the runtime thread: these are the
+            // copies that bound a full sync, and chunks in flight run them in parallel.
+            let reader = self.image.blocking_reader();
+            let checksum = self.resync.checksum;
+            // After a run of incompressible chunks, try only one chunk in 16 (to notice when
+            // the data changes): compressing random data costs CPU for nothing. With the
+            // checksum pass, compress only once the peer said it needs the data.
+            let streak = self.incompressible_streak.load(Ordering::Relaxed);
+            let try_zstd = streak < 4 || (offset / CHUNK).is_multiple_of(16);
+            let prepared = blocking(&self.name, move || {
+                reader.read(offset, len as usize).map(|data| {
+                    let hash = checksum.then(|| *blake3::hash(&data).as_bytes());
+                    let raw_crc = crc32fast::hash(&data);
+                    let chunk = if try_zstd && !checksum {
+                        compress(data)
+                    } else {
+                        (false, data)
+                    };
+                    (hash, raw_crc, chunk)
+                })
+            })
+            .await?
+            .map_err(|e| ioerr(BackendError::io("resync read", offset, len, e)))?;
+            let (hash, raw_crc, (mut compressed, mut payload)) = prepared;
+            let raw_len = len as u32;
+            if let Some(hash) = hash {
                 if let Message::HashMatch { equal: true } = link
                     .request(&Message::ResyncHash {
                         offset,
@@ -1341,27 +1367,10 @@ impl Volume {
                     self.chunk_done(offset, len, false);
                     return Ok(());
                 }
+                if try_zstd {
+                    (compressed, payload) = blocking(&self.name, move || compress(payload)).await?;
+                }
             }
-            let raw_crc = crc32fast::hash(&data);
-            let raw_len = data.len() as u32;
-            // After a run of incompressible chunks, try only one chunk in 16 (to notice when
-            // the data changes): compressing random data costs CPU for nothing.
-            let streak = self.incompressible_streak.load(Ordering::Relaxed);
-            let try_zstd = streak < 4 || (offset / CHUNK).is_multiple_of(16);
-            let (compressed, payload) = if try_zstd {
-                tokio::task::spawn_blocking(move || match zstd::bulk::compress(&data, 1) {
-                    // Worth it only if it saves at least an eighth.
-                    Ok(c) if c.len() < data.len() - data.len() / 8 => (true, c),
-                    _ => (false, data),
-                })
-                .await
-                .map_err(|e| VolumeError::Refused {
-                    volume: self.name.clone(),
-                    what: format!("compression task failed: {e}"),
-                })?
-            } else {
-                (false, data)
-            };
             if try_zstd {
                 if compressed {
                     self.incompressible_streak.store(0, Ordering::Relaxed);
@@ -1389,6 +1398,16 @@ impl Volume {
                 what: format!("the peer failed a resync chunk at offset {offset}: {other:?}"),
             }),
         }
+    }
+
+    fn chunk_task_result(
+        &self,
+        r: Result<Result<(), VolumeError>, tokio::task::JoinError>,
+    ) -> Result<(), VolumeError> {
+        r.map_err(|e| VolumeError::Refused {
+            volume: self.name.clone(),
+            what: format!("a resync task failed: {e}"),
+        })?
     }
 
     fn chunk_done(&self, offset: u64, len: u64, carried: bool) {
@@ -1723,6 +1742,27 @@ impl Volume {
             reason: sh.reason.clone(),
         }
     }
+}
+
+/// zstd level 1 when it saves at least an eighth; otherwise the data as it is.
+fn compress(data: Vec<u8>) -> (bool, Vec<u8>) {
+    match zstd::bulk::compress(&data, 1) {
+        Ok(c) if c.len() < data.len() - data.len() / 8 => (true, c),
+        _ => (false, data),
+    }
+}
+
+/// Runs `work` on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    volume: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, VolumeError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| VolumeError::Refused {
+            volume: volume.to_owned(),
+            what: format!("a resync worker task failed: {e}"),
+        })
 }
 
 fn encoded(m: &Message) -> Vec<u8> {
