@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -308,12 +309,21 @@ impl Node {
     }
 
     async fn run_connection(&self, vol: Arc<Volume>, stream: TcpStream, peer_node: String) {
+        // A second descriptor of the same (non-blocking) socket, for senders that write
+        // their frames themselves; without it, every frame goes through the writer task.
+        let direct = match stream.as_fd().try_clone_to_owned() {
+            Ok(fd) => Some(std::net::TcpStream::from(fd)),
+            Err(e) => {
+                debug!(volume = %vol.name, error = %e, "no direct socket handle; frames go through the writer task");
+                None
+            }
+        };
         let (rd, wr) = stream.into_split();
         // A request unanswered for this long means a wedged peer (its disk hangs): give up on
         // it and go on alone rather than stall the VM.
         let request_timeout = (self.peer_timeout * 6).max(Duration::from_secs(10));
-        let (link, rx) = Link::new(peer_node, request_timeout);
-        tokio::spawn(link::writer_task(link.clone(), rx, wr));
+        let link = Link::new(peer_node, request_timeout, direct);
+        tokio::spawn(link::writer_task(link.clone(), wr));
         tokio::spawn(link::pinger(
             link.clone(),
             (self.peer_timeout / 4).max(Duration::from_millis(100)),

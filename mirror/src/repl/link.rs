@@ -3,13 +3,13 @@
 //! that routes responses to their waiters and hands requests to the volume, and liveness
 //! (pings; silence longer than the peer timeout closes the link).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use super::auth::{self, AuthKey, Transcript};
 use super::frame::{self, FrameError, FrameHeader, Message, HEADER_LEN, VERSION};
@@ -213,32 +213,118 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
 /// The sending side of a live connection, shared by everyone who talks to the peer.
 pub struct Link {
     pub peer_node: String,
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer task when frames wait in the outbox.
+    queued: Notify,
     pending: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
     next_seq: AtomicU64,
     closed: AtomicBool,
     closed_notify: Notify,
     request_timeout: Duration,
+    /// Requests from the peer being handled here (see [`Link::answering`]).
+    answering: AtomicUsize,
+}
+
+/// Frames on their way to the socket. A sender whose frame has nothing queued ahead of it
+/// writes it to the socket itself, on its own thread: a mirrored write leaves from the NBD
+/// thread that received it, with no wake-up of the writer task (a thread switch per write
+/// on the way out). When frames are queued, the writer task is busy, or the socket is full,
+/// the frame joins the queue instead, so the order of frames on the wire is the order in
+/// which senders took the lock.
+struct Outbox {
+    queue: VecDeque<Vec<u8>>,
+    /// Bytes of the queue's first frame already on the wire (a direct write stopped short).
+    head_sent: usize,
+    /// The writer task holds frames it took from the queue and has not written yet.
+    writer_busy: bool,
+    /// The connection's socket, for direct writes (its own descriptor: the link drops it on
+    /// close, so a late sender can never write to a descriptor number reused elsewhere).
+    direct: Option<std::net::TcpStream>,
+    closed: bool,
+}
+
+impl Outbox {
+    /// Queues `frame`, or writes it now when nothing is ahead of it and the sender is
+    /// `alone` (no other exchange in progress). Returns whether the writer task must be woken.
+    fn push(&mut self, frame: Vec<u8>, alone: bool) -> Result<bool, LinkError> {
+        if self.closed {
+            return Err(LinkError::Down);
+        }
+        let mut sent = 0;
+        if alone && self.queue.is_empty() && !self.writer_busy {
+            if let Some(socket) = self.direct.as_mut() {
+                sent = write_nonblocking(socket, &frame);
+                if sent == frame.len() {
+                    return Ok(false);
+                }
+            }
+        }
+        if self.queue.is_empty() {
+            self.head_sent = sent;
+        }
+        self.queue.push_back(frame);
+        Ok(true)
+    }
+}
+
+/// Writes what the socket takes without blocking. Errors are left for the writer task,
+/// which meets them again and closes the link.
+fn write_nonblocking(socket: &mut std::net::TcpStream, frame: &[u8]) -> usize {
+    use std::io::Write;
+    let mut sent = 0;
+    // Bounded: each round either makes progress or stops.
+    while sent < frame.len() {
+        match socket.write(&frame[sent..]) {
+            Ok(0) => break,
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    sent
 }
 
 impl Link {
+    /// `direct` is a second handle on the connection's socket (non-blocking) for senders
+    /// that write their frames themselves; without it every frame goes through the writer
+    /// task.
     pub fn new(
         peer_node: String,
         request_timeout: Duration,
-    ) -> (Arc<Link>, mpsc::UnboundedReceiver<Vec<u8>>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Arc::new(Link {
-                peer_node,
-                out: tx,
-                pending: Mutex::new(HashMap::new()),
-                next_seq: AtomicU64::new(1),
-                closed: AtomicBool::new(false),
-                closed_notify: Notify::new(),
-                request_timeout,
+        direct: Option<std::net::TcpStream>,
+    ) -> Arc<Link> {
+        Arc::new(Link {
+            peer_node,
+            outbox: Mutex::new(Outbox {
+                queue: VecDeque::new(),
+                head_sent: 0,
+                writer_busy: false,
+                direct,
+                closed: false,
             }),
-            rx,
-        )
+            queued: Notify::new(),
+            pending: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            closed_notify: Notify::new(),
+            request_timeout,
+            answering: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock_outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `alone`: this frame is the only exchange in progress on the link. Only then is a
+    /// direct write worth it: with many in flight, a loopback or LAN send costs more than
+    /// the wake-up it saves, and the writer task gathers the frames into few writes.
+    fn push_frame(&self, frame: Vec<u8>, alone: bool) -> Result<(), LinkError> {
+        let wake = self.lock_outbox().push(frame, alone)?;
+        if wake {
+            self.queued.notify_one();
+        }
+        Ok(())
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Message>>> {
@@ -253,6 +339,12 @@ impl Link {
     /// stops, and the connection task ends.
     pub fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
+            {
+                let mut outbox = self.lock_outbox();
+                outbox.closed = true;
+                outbox.direct = None;
+                outbox.queue.clear();
+            }
             self.lock_pending().clear();
             self.closed_notify.notify_waiters();
         }
@@ -272,7 +364,15 @@ impl Link {
     pub fn send(&self, seq: u64, m: &Message) {
         let mut out = Vec::new();
         frame::encode(seq, m, &mut out);
-        let _ = self.out.send(out);
+        let alone = self.answering.load(Ordering::Relaxed) <= 1 && self.lock_pending().is_empty();
+        let _ = self.push_frame(out, alone);
+    }
+
+    /// Counts a request from the peer as being handled until the guard drops; its response
+    /// goes out directly only when it is the only one.
+    pub fn answering(self: &Arc<Self>) -> Answering {
+        self.answering.fetch_add(1, Ordering::Relaxed);
+        Answering(self.clone())
     }
 
     fn register(&self) -> Result<(u64, oneshot::Receiver<Message>), LinkError> {
@@ -303,7 +403,12 @@ impl Link {
     /// Sends a request and waits for its response.
     pub async fn request(&self, m: &Message) -> Result<Message, LinkError> {
         let (seq, rx) = self.register()?;
-        self.send(seq, m);
+        let mut out = Vec::new();
+        frame::encode(seq, m, &mut out);
+        if let Err(e) = self.push_frame(out, self.alone_in_flight()) {
+            self.lock_pending().remove(&seq);
+            return Err(e);
+        }
         self.wait(seq, rx).await
     }
 
@@ -316,11 +421,16 @@ impl Link {
             return Err(LinkError::Down);
         }
         frame[8..16].copy_from_slice(&seq.to_be_bytes());
-        if self.out.send(frame).is_err() {
+        if let Err(e) = self.push_frame(frame, self.alone_in_flight()) {
             self.lock_pending().remove(&seq);
-            return Err(LinkError::Down);
+            return Err(e);
         }
         self.wait(seq, rx).await
+    }
+
+    /// Whether the request just registered is the only exchange in progress.
+    fn alone_in_flight(&self) -> bool {
+        self.answering.load(Ordering::Relaxed) == 0 && self.lock_pending().len() <= 1
     }
 
     /// Routes a response to its waiter; a response nobody waits for is dropped.
@@ -331,51 +441,63 @@ impl Link {
     }
 }
 
+/// See [`Link::answering`].
+pub struct Answering(Arc<Link>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Frames of at most this size are gathered into one write; larger ones go out on their own.
 const BATCH_BYTES: usize = 256 * 1024;
 
 /// Writes queued frames to the socket until the link closes or the socket fails.
-pub async fn writer_task<W: AsyncWrite + Unpin>(
-    link: Arc<Link>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    mut w: W,
-) {
+pub async fn writer_task<W: AsyncWrite + Unpin>(link: Arc<Link>, mut w: W) {
     let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
-    loop {
-        let first = tokio::select! {
-            f = rx.recv() => f,
-            _ = link.closed() => None,
-        };
-        let Some(first) = first else { break };
-        let mut pending = Some(first);
-        let mut ok = true;
-        while let Some(f) = pending.take() {
-            if f.len() >= BATCH_BYTES {
-                if !batch.is_empty() {
-                    ok &= w.write_all(&batch).await.is_ok();
-                    batch.clear();
+    'link: loop {
+        tokio::select! {
+            _ = link.queued.notified() => {}
+            _ = link.closed() => break,
+        }
+        // Drain until the queue is empty and everything taken is written; only then may
+        // senders write directly again.
+        loop {
+            let next = {
+                let mut outbox = link.lock_outbox();
+                match outbox.queue.pop_front() {
+                    Some(f) => {
+                        outbox.writer_busy = true;
+                        let already = std::mem::take(&mut outbox.head_sent);
+                        Some((f, already))
+                    }
+                    None if batch.is_empty() => {
+                        outbox.writer_busy = false;
+                        None
+                    }
+                    None => Some((Vec::new(), 0)),
                 }
-                ok &= w.write_all(&f).await.is_ok();
+            };
+            let Some((f, already)) = next else { break };
+            let rest = &f[already.min(f.len())..];
+            let flush_first = rest.is_empty() || batch.len() + rest.len() > BATCH_BYTES;
+            if flush_first && !batch.is_empty() {
+                if w.write_all(&batch).await.is_err() {
+                    break 'link;
+                }
+                batch.clear();
+            }
+            if rest.len() >= BATCH_BYTES {
+                // A large frame goes out on its own, without a copy.
+                if w.write_all(rest).await.is_err() {
+                    break 'link;
+                }
             } else {
-                batch.extend_from_slice(&f);
-                if batch.len() >= BATCH_BYTES {
-                    ok &= w.write_all(&batch).await.is_ok();
-                    batch.clear();
-                }
+                batch.extend_from_slice(rest);
             }
-            if !ok {
-                break;
-            }
-            pending = rx.try_recv().ok();
         }
-        if ok && !batch.is_empty() {
-            ok &= w.write_all(&batch).await.is_ok();
-            batch.clear();
-        }
-        if ok {
-            ok = w.flush().await.is_ok();
-        }
-        if !ok {
+        if w.flush().await.is_err() {
             break;
         }
     }
@@ -437,5 +559,193 @@ pub async fn reader_loop<R: AsyncRead + Unpin>(
                 m => on_request(h.seq, m),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::os::fd::AsFd;
+
+    /// A frame that the socket took only in part stays first: a later sender must queue
+    /// behind it even when the socket has room again (writing directly would splice its
+    /// frame into the middle of the first one).
+    #[test]
+    fn a_partly_written_frame_keeps_its_place() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let sender =
+            std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (mut receiver, _) = listener.accept().expect("accept");
+        sender.set_nonblocking(true).expect("non-blocking");
+        receiver
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("read timeout");
+        let direct = sender.try_clone().expect("dup");
+        let link = Link::new("peer".into(), Duration::from_secs(10), Some(direct));
+
+        let big = Message::ResyncData {
+            offset: 0,
+            raw_len: 64 << 20,
+            compressed: false,
+            raw_crc: 0,
+            payload: vec![0xab; 64 << 20],
+        };
+        link.send(1, &big);
+        let head_sent = link.lock_outbox().head_sent;
+        assert!(head_sent > 0, "the socket took part of the frame");
+        assert_eq!(link.lock_outbox().queue.len(), 1);
+        // Drain what the socket took, so it has room again.
+        let mut got = vec![0u8; head_sent];
+        receiver
+            .read_exact(&mut got)
+            .expect("the part that was sent");
+        link.send(2, &Message::Ack { errno: 0 });
+        assert_eq!(
+            link.lock_outbox().queue.len(),
+            2,
+            "queued behind the big frame"
+        );
+        let mut more = [0u8; 1];
+        assert!(
+            receiver.read(&mut more).is_err(),
+            "nothing may be written while a frame is half sent"
+        );
+
+        // The writer task finishes the first frame, then sends the second.
+        // Worker threads drive the writer while this thread waits for the reader.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        let writer_socket = tokio::net::TcpStream::from_std(sender).expect("tokio socket");
+        let writer = rt.spawn(writer_task(link.clone(), writer_socket));
+        let mut expected = Vec::new();
+        frame::encode(1, &big, &mut expected);
+        frame::encode(2, &Message::Ack { errno: 0 }, &mut expected);
+        let want = expected.len() - got.len();
+        let reader = std::thread::spawn(move || {
+            receiver
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("read timeout");
+            let mut rest = Vec::new();
+            let mut buf = vec![0u8; 1 << 20];
+            // Bounded by the read timeout and the expected size.
+            while rest.len() < want {
+                match receiver.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => rest.extend_from_slice(&buf[..n]),
+                }
+            }
+            (got, rest)
+        });
+        let (got, rest) = reader.join().expect("reader");
+        let mut wire = got;
+        wire.extend_from_slice(&rest);
+        assert_eq!(wire.len(), expected.len());
+        assert!(wire == expected, "frames arrived whole and in order");
+        link.close();
+        let _ = rt.block_on(writer);
+    }
+
+    /// Senders on several threads, small and large frames, a reader slow enough to fill the
+    /// socket: every frame arrives whole, exactly once, and in each sender's order, whether
+    /// it went out directly or through the writer task.
+    #[test]
+    fn frames_from_many_threads_arrive_whole_and_in_order() {
+        const THREADS: u32 = 4;
+        const FRAMES: u32 = 1000;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind loopback");
+            let addr = listener.local_addr().expect("address");
+            let (client, server) =
+                tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let client = client.expect("connect");
+            let (server, _) = server.expect("accept");
+            let direct =
+                std::net::TcpStream::from(server.as_fd().try_clone_to_owned().expect("dup"));
+            let (_server_rd, server_wr) = server.into_split();
+            let link = Link::new("peer".into(), Duration::from_secs(10), Some(direct));
+            let writer = tokio::spawn(writer_task(link.clone(), server_wr));
+
+            let senders: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let link = link.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..FRAMES {
+                            let id = t << 24 | i;
+                            if i % 20 == 7 {
+                                // Large enough to fill the socket and split a write.
+                                link.send(
+                                    u64::from(id),
+                                    &Message::ResyncData {
+                                        offset: u64::from(id),
+                                        raw_len: 300_000,
+                                        compressed: false,
+                                        raw_crc: 0,
+                                        payload: vec![t as u8; 300_000],
+                                    },
+                                );
+                            } else {
+                                link.send(u64::from(id), &Message::Ack { errno: id });
+                            }
+                        }
+                    })
+                })
+                .collect();
+
+            let mut rd = tokio::io::BufReader::new(client);
+            let mut next: HashMap<u32, u32> = HashMap::new();
+            let mut received = 0;
+            // A slow reader at first, so the socket fills, direct writes stop short and
+            // frames queue up behind them.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            while received < THREADS * FRAMES {
+                if received % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let (h, m) = tokio::time::timeout(Duration::from_secs(20), read_frame(&mut rd))
+                    .await
+                    .expect("frames keep coming")
+                    .expect("a valid frame")
+                    .expect("not the end of the stream");
+                let id = h.seq as u32;
+                let (t, i) = (id >> 24, id & 0xff_ffff);
+                match m {
+                    Message::Ack { errno } => assert_eq!(errno, id),
+                    Message::ResyncData {
+                        offset, payload, ..
+                    } => {
+                        assert_eq!(offset, u64::from(id));
+                        assert!(payload.iter().all(|&b| b == t as u8));
+                    }
+                    other => panic!("unexpected frame {other:?}"),
+                }
+                let expected = next.entry(t).or_insert(0);
+                assert_eq!(i, *expected, "sender {t}: frames out of order");
+                *expected += 1;
+                received += 1;
+            }
+            for s in senders {
+                s.join().expect("sender thread");
+            }
+            link.close();
+            let _ = writer.await;
+            // Closed: a late sender is refused, never written.
+            assert!(matches!(
+                link.request(&Message::Flush).await,
+                Err(LinkError::Down)
+            ));
+        });
     }
 }
