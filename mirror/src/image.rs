@@ -150,13 +150,6 @@ impl ImageFile {
         &self.path
     }
 
-    /// A handle for reads on a blocking-pool thread (see [`BlockingReader`]).
-    pub fn blocking_reader(&self) -> BlockingReader {
-        BlockingReader {
-            file: self.file.clone(),
-        }
-    }
-
     async fn write_all(&self, mut data: Vec<u8>, offset: u64, dsync: bool) -> BackendResult<()> {
         let len = data.len();
         if !dsync && len <= INLINE_WRITE_MAX {
@@ -231,34 +224,6 @@ impl ImageFile {
             pos = next;
         }
         Ok(out)
-    }
-}
-
-/// pread(2) of the image from a thread that may block. The resync source reads megabytes at a
-/// time: an io_uring read that hits the page cache copies the data inside io_uring_enter on
-/// the submitting thread, so a full sync spent its runtime thread copying (measured: that
-/// thread at 100 % and the bottleneck). On the blocking pool the copies of several chunks
-/// run in parallel with the socket work.
-pub struct BlockingReader {
-    file: Arc<File>,
-}
-
-impl BlockingReader {
-    /// Reads `length` bytes at `offset`; past the end of a short file the bytes read as zeroes
-    /// (like [`BlockBackend::read`]).
-    pub fn read(&self, offset: u64, length: usize) -> io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; length];
-        let mut done = 0;
-        while done < length {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(buf)
     }
 }
 

@@ -1329,30 +1329,20 @@ impl Volume {
             .await
             .map_err(verr)?
         } else {
-            // Read, checksum and (maybe) compress off the runtime thread: these are the
-            // copies that bound a full sync, and chunks in flight run them in parallel.
-            let reader = self.image.blocking_reader();
+            let data = self.image.read(offset, len as usize).await.map_err(ioerr)?;
             let checksum = self.resync.checksum;
+            let hash = checksum.then(|| *blake3::hash(&data).as_bytes());
+            let raw_crc = crc32fast::hash(&data);
             // After a run of incompressible chunks, try only one chunk in 16 (to notice when
             // the data changes): compressing random data costs CPU for nothing. With the
             // checksum pass, compress only once the peer said it needs the data.
             let streak = self.incompressible_streak.load(Ordering::Relaxed);
             let try_zstd = streak < 4 || (offset / CHUNK).is_multiple_of(16);
-            let prepared = blocking(&self.name, move || {
-                reader.read(offset, len as usize).map(|data| {
-                    let hash = checksum.then(|| *blake3::hash(&data).as_bytes());
-                    let raw_crc = crc32fast::hash(&data);
-                    let chunk = if try_zstd && !checksum {
-                        compress(data)
-                    } else {
-                        (false, data)
-                    };
-                    (hash, raw_crc, chunk)
-                })
-            })
-            .await?
-            .map_err(|e| ioerr(BackendError::io("resync read", offset, len, e)))?;
-            let (hash, raw_crc, (mut compressed, mut payload)) = prepared;
+            let (mut compressed, mut payload) = if try_zstd && !checksum {
+                blocking(&self.name, move || compress(data)).await?
+            } else {
+                (false, data)
+            };
             let raw_len = len as u32;
             if let Some(hash) = hash {
                 if let Message::HashMatch { equal: true } = link
