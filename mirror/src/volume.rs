@@ -1330,21 +1330,8 @@ impl Volume {
             .map_err(verr)?
         } else {
             let data = self.image.read(offset, len as usize).await.map_err(ioerr)?;
-            let checksum = self.resync.checksum;
-            let hash = checksum.then(|| *blake3::hash(&data).as_bytes());
-            let raw_crc = crc32fast::hash(&data);
-            // After a run of incompressible chunks, try only one chunk in 16 (to notice when
-            // the data changes): compressing random data costs CPU for nothing. With the
-            // checksum pass, compress only once the peer said it needs the data.
-            let streak = self.incompressible_streak.load(Ordering::Relaxed);
-            let try_zstd = streak < 4 || (offset / CHUNK).is_multiple_of(16);
-            let (mut compressed, mut payload) = if try_zstd && !checksum {
-                blocking(&self.name, move || compress(data)).await?
-            } else {
-                (false, data)
-            };
-            let raw_len = len as u32;
-            if let Some(hash) = hash {
+            if self.resync.checksum {
+                let hash = *blake3::hash(&data).as_bytes();
                 if let Message::HashMatch { equal: true } = link
                     .request(&Message::ResyncHash {
                         offset,
@@ -1358,10 +1345,18 @@ impl Volume {
                     self.chunk_done(offset, len, false);
                     return Ok(());
                 }
-                if try_zstd {
-                    (compressed, payload) = blocking(&self.name, move || compress(payload)).await?;
-                }
             }
+            let raw_crc = crc32fast::hash(&data);
+            let raw_len = data.len() as u32;
+            // After a run of incompressible chunks, try only one chunk in 16 (to notice when
+            // the data changes): compressing random data costs CPU for nothing.
+            let streak = self.incompressible_streak.load(Ordering::Relaxed);
+            let try_zstd = streak < 4 || (offset / CHUNK).is_multiple_of(16);
+            let (compressed, payload) = if try_zstd {
+                blocking(&self.name, move || compress(data)).await?
+            } else {
+                (false, data)
+            };
             if try_zstd {
                 if compressed {
                     self.incompressible_streak.store(0, Ordering::Relaxed);
