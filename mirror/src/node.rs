@@ -1,5 +1,12 @@
 //! A node of the pair: its volumes, the replication listener, the dialers that keep a
 //! connection to the peer per volume, and the NBD exports of the volumes it is primary for.
+//!
+//! Each volume lives on a thread of its own (a single-threaded runtime, its "home"): its
+//! replication link (reader, writer, the peer's requests), its background maintenance and, by
+//! default, its NBD connections. A mirrored write then goes from the client's socket to the
+//! peer's and back without waking another thread: the acknowledgement is read by the thread
+//! whose request waits for it. Handshakes, the control socket and failover stay on the node's
+//! main runtime.
 
 // Errors here are on the control path (start, promote), never per request: their size
 // does not matter, and boxing them would only obscure the types.
@@ -38,6 +45,12 @@ pub enum NodeError {
     UnknownVolume(String),
     #[error("volume {volume}: cannot export: {reason}")]
     Export { volume: String, reason: String },
+    #[error("volume {volume}: cannot start its thread: {source}")]
+    Thread {
+        volume: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub struct NodeSpec {
@@ -49,7 +62,8 @@ pub struct NodeSpec {
     pub peer_timeout: Duration,
     pub resync: ResyncOptions,
     pub engine: EngineKind,
-    /// NBD data-plane threads per export.
+    /// NBD data-plane threads per export besides the volume's home thread; 0 serves the
+    /// connections on the home thread, next to the replication link.
     pub threads: usize,
     pub volumes: Vec<(VolumeSpec, Vec<ListenAddr>)>,
 }
@@ -65,8 +79,45 @@ pub struct Node {
     key: AuthKey,
     peer_timeout: Duration,
     threads: usize,
-    volumes: Vec<(Arc<Volume>, Vec<ListenAddr>)>,
+    volumes: Vec<Hosted>,
     exports: tokio::sync::Mutex<HashMap<String, RunningExport>>,
+}
+
+struct Hosted {
+    vol: Arc<Volume>,
+    listen: Vec<ListenAddr>,
+    home: Home,
+}
+
+/// A volume's home thread. Dropping it ends the thread's runtime (and the tasks on it).
+struct Home {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Home {
+    fn start(volume: &str) -> Result<Home, NodeError> {
+        let failed = |source: std::io::Error| NodeError::Thread {
+            volume: volume.to_string(),
+            source,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(failed)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("vol-{volume}"))
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(failed)?;
+        Ok(Home {
+            handle,
+            _stop: stop,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,7 +160,12 @@ impl Node {
             })?;
         let mut volumes = Vec::new();
         for (vs, listen) in spec.volumes {
-            volumes.push((Volume::open(vs, spec.resync)?, listen));
+            let home = Home::start(&vs.name)?;
+            volumes.push(Hosted {
+                vol: Volume::open(vs, spec.resync)?,
+                listen,
+                home,
+            });
         }
         let node = Arc::new(Node {
             name: spec.node.clone(),
@@ -125,36 +181,31 @@ impl Node {
         // One side dials, the other accepts, so the two never race to build two links. Both
         // compute the same answer from the two addresses in their configs.
         let dial = should_dial(&spec.replication_listen, &spec.peer);
-        for (v, _) in &node.volumes {
+        for h in &node.volumes {
             if dial {
-                tokio::spawn(node.clone().dial_loop(v.clone()));
+                tokio::spawn(node.clone().dial_loop(h.vol.clone()));
             }
-            tokio::spawn(v.clone().background_maintenance());
+            h.home.handle.spawn(h.vol.clone().background_maintenance());
         }
         Ok(node)
     }
 
-    pub fn volume(&self, name: &str) -> Result<&Arc<Volume>, NodeError> {
+    fn hosted(&self, name: &str) -> Result<&Hosted, NodeError> {
         self.volumes
             .iter()
-            .find(|(v, _)| v.name == name)
-            .map(|(v, _)| v)
+            .find(|h| h.vol.name == name)
             .ok_or_else(|| NodeError::UnknownVolume(name.to_string()))
     }
 
-    fn listen_of(&self, name: &str) -> Vec<ListenAddr> {
-        self.volumes
-            .iter()
-            .find(|(v, _)| v.name == name)
-            .map(|(_, l)| l.clone())
-            .unwrap_or_default()
+    pub fn volume(&self, name: &str) -> Result<&Arc<Volume>, NodeError> {
+        self.hosted(name).map(|h| &h.vol)
     }
 
     pub fn status(&self) -> NodeStatus {
         NodeStatus {
             node: self.name.clone(),
             peer_address: self.peer_addr.clone(),
-            volumes: self.volumes.iter().map(|(v, _)| v.status()).collect(),
+            volumes: self.volumes.iter().map(|h| h.vol.status()).collect(),
         }
     }
 
@@ -178,28 +229,39 @@ impl Node {
         Ok(warning)
     }
 
+    /// Binds the volume's NBD addresses and serves them, both on the volume's home thread (a
+    /// socket belongs to the reactor of the runtime that made it).
     async fn start_export(&self, vol: &Arc<Volume>) -> Result<RunningExport, NodeError> {
-        let listen = self.listen_of(&vol.name);
-        let listeners = nbd_server::bind_all(&listen)
-            .await
-            .map_err(|e| NodeError::Export {
-                volume: vol.name.clone(),
-                reason: e.to_string(),
-            })?;
+        let hosted = self.hosted(&vol.name)?;
+        let listen = hosted.listen.clone();
         let info = ExportInfo {
             name: vol.name.clone(),
             description: format!("nbdmirror volume {} (primary on {})", vol.name, self.name),
             size: nbd_server::BlockBackend::size(vol.as_ref()),
             base_flags: nbd_server::transmission_flags(false),
         };
-        nbd_server::server::log_listening(&listeners, std::slice::from_ref(&info));
         let (stop, stop_rx) = watch::channel(false);
         let exports = vec![Export {
             info,
             backend: vol.clone(),
         }];
         let threads = self.threads;
-        let task = tokio::spawn(nbd_server::serve(listeners, exports, stop_rx, threads));
+        let started = hosted.home.handle.spawn(async move {
+            let listeners = nbd_server::bind_all(&listen).await?;
+            let infos: Vec<ExportInfo> = exports.iter().map(|e| e.info.clone()).collect();
+            nbd_server::server::log_listening(&listeners, &infos);
+            Ok::<_, nbd_server::ServerError>(tokio::spawn(nbd_server::serve(
+                listeners, exports, stop_rx, threads,
+            )))
+        });
+        let failed = |reason: String| NodeError::Export {
+            volume: vol.name.clone(),
+            reason,
+        };
+        let task = started
+            .await
+            .map_err(|e| failed(format!("its thread is gone ({e})")))?
+            .map_err(|e| failed(e.to_string()))?;
         Ok(RunningExport { stop, task })
     }
 
@@ -224,8 +286,8 @@ impl Node {
             let _ = e.task.await;
             info!(volume = %name, "export stopped");
         }
-        for (v, _) in &self.volumes {
-            v.shutdown().await;
+        for h in &self.volumes {
+            h.vol.shutdown().await;
         }
     }
 
@@ -243,7 +305,7 @@ impl Node {
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
                 let mut stream = stream;
-                let names: Vec<String> = node.volumes.iter().map(|(v, _)| v.name.clone()).collect();
+                let names: Vec<String> = node.volumes.iter().map(|h| h.vol.name.clone()).collect();
                 match link::accept_handshake(&mut stream, &node.key, &node.name, |v| {
                     names.iter().any(|n| n == v)
                 })
@@ -308,7 +370,38 @@ impl Node {
         }
     }
 
-    async fn run_connection(&self, vol: Arc<Volume>, stream: TcpStream, peer_node: String) {
+    /// Runs an authenticated link on the volume's home thread until it ends.
+    async fn run_connection(
+        self: &Arc<Self>,
+        vol: Arc<Volume>,
+        stream: TcpStream,
+        peer_node: String,
+    ) {
+        let home = match self.hosted(&vol.name) {
+            Ok(h) => h.home.handle.clone(),
+            Err(_) => return,
+        };
+        // The socket leaves this runtime's reactor and joins the home thread's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(volume = %vol.name, error = %e, "cannot hand the replication socket to the volume's thread");
+                return;
+            }
+        };
+        let node = self.clone();
+        let session = home.spawn(async move {
+            match TcpStream::from_std(stream) {
+                Ok(s) => node.link_session(vol, s, peer_node).await,
+                Err(e) => {
+                    warn!(volume = %vol.name, error = %e, "cannot adopt the replication socket");
+                }
+            }
+        });
+        let _ = session.await;
+    }
+
+    async fn link_session(&self, vol: Arc<Volume>, stream: TcpStream, peer_node: String) {
         // A second descriptor of the same (non-blocking) socket, for senders that write
         // their frames themselves; without it, every frame goes through the writer task.
         let direct = match stream.as_fd().try_clone_to_owned() {

@@ -122,6 +122,8 @@ pub struct PairOptions {
     /// `replication_listen = "0.0.0.0:PORT"` instead of 127.0.0.1 (the peer addresses stay
     /// 127.0.0.1), as a real node listening on all its interfaces would be configured.
     pub listen_any: bool,
+    /// Extra arguments of `nbdmirror serve` (e.g. `--threads 2`).
+    pub serve_args: Vec<String>,
 }
 
 impl Default for PairOptions {
@@ -133,6 +135,7 @@ impl Default for PairOptions {
             proxy: false,
             second_volume: false,
             listen_any: false,
+            serve_args: Vec::new(),
         }
     }
 }
@@ -359,6 +362,7 @@ impl Pair {
             .arg(config)
             .arg("--log-level")
             .arg(&self.opts.log_level)
+            .args(&self.opts.serve_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

@@ -416,7 +416,20 @@ fn verify_reports_a_difference_and_exits_1() {
 /// region: both nodes must apply them in the same order, so the images end identical.
 #[test]
 fn overlapping_writes_in_flight_end_identical_on_both_nodes() {
-    let mut pair = Pair::new();
+    overlapping_writes_end_identical(Pair::new());
+}
+
+/// The same with the primary's NBD connections on data-plane threads of their own (not on
+/// the volume's thread): a write's acknowledgement then crosses threads.
+#[test]
+fn overlapping_writes_end_identical_with_separate_data_plane_threads() {
+    overlapping_writes_end_identical(Pair::with_options(PairOptions {
+        serve_args: vec!["--threads".into(), "2".into()],
+        ..PairOptions::default()
+    }));
+}
+
+fn overlapping_writes_end_identical(mut pair: Pair) {
     pair.start_with_a_primary();
     let uri = pair.uri(A);
     let out = fio(
