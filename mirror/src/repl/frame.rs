@@ -527,8 +527,77 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// For the kinds that carry bulk data (a write's, a resync chunk's), the length of the fixed
+/// fields before it. A reader takes the data into a buffer of its own (see [`decode_split`]):
+/// cutting a prefix off a 1 MiB body would move the whole megabyte.
+pub fn payload_prefix(kind: u8) -> Option<usize> {
+    match kind {
+        kind::WRITE => Some(9),
+        kind::RESYNC_DATA => Some(17),
+        _ => None,
+    }
+}
+
+/// Decodes a frame of a kind with a [`payload_prefix`] whose body arrived as that prefix and
+/// the payload after it; the same checks as [`decode_body`], and the payload is not copied.
+pub fn decode_split(
+    h: &FrameHeader,
+    prefix: &[u8],
+    payload: Vec<u8>,
+) -> Result<Message, FrameError> {
+    let malformed = |what| FrameError::Malformed { kind: h.kind, what };
+    if prefix.len() + payload.len() != h.length as usize {
+        return Err(malformed("body length differs from the header"));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(prefix);
+    crc.update(&payload);
+    if crc.finalize() != h.crc {
+        return Err(FrameError::Checksum);
+    }
+    if payload_prefix(h.kind) != Some(prefix.len()) {
+        // A body too short for its fixed fields.
+        return Err(malformed("truncated"));
+    }
+    let mut r = Reader {
+        b: prefix,
+        kind: h.kind,
+    };
+    match h.kind {
+        kind::WRITE => {
+            let offset = r.u64()?;
+            let fua = r.flag()?;
+            Ok(Message::Write {
+                offset,
+                fua,
+                data: payload,
+            })
+        }
+        kind::RESYNC_DATA => {
+            let offset = r.u64()?;
+            let raw_len = r.u32()?;
+            let compressed = r.flag()?;
+            let raw_crc = r.u32()?;
+            if raw_len > MAX_BODY {
+                return Err(r.err("chunk too large"));
+            }
+            if !compressed && payload.len() != raw_len as usize {
+                return Err(malformed("uncompressed chunk length differs"));
+            }
+            Ok(Message::ResyncData {
+                offset,
+                raw_len,
+                compressed,
+                raw_crc,
+                payload,
+            })
+        }
+        _ => Err(malformed("no bulk payload in this kind")),
+    }
+}
+
 /// Decodes a body whose header was accepted by [`decode_header`]. Takes the body by value so
-/// the payload of a write is moved, not copied, where possible.
+/// most payloads are moved, not copied.
 pub fn decode_body(h: &FrameHeader, body: Vec<u8>) -> Result<Message, FrameError> {
     if body.len() != h.length as usize {
         return Err(FrameError::Malformed {
@@ -589,12 +658,10 @@ pub fn decode_body(h: &FrameHeader, body: Vec<u8>) -> Result<Message, FrameError
                 dirty_map,
             })
         }
-        WRITE => {
-            let offset = r.u64()?;
-            let fua = r.flag()?;
-            let mut data = body;
-            data.drain(..9);
-            return Ok(Message::Write { offset, fua, data });
+        WRITE | RESYNC_DATA => {
+            // Checked against payload_prefix's length, so the split is in range.
+            let p = payload_prefix(h.kind).map_or(0, |p| p.min(body.len()));
+            return decode_split(h, &body[..p], body[p..].to_vec());
         }
         TRIM => Message::Trim {
             offset: r.u64()?,
@@ -621,30 +688,6 @@ pub fn decode_body(h: &FrameHeader, body: Vec<u8>) -> Result<Message, FrameError
         PONG => Message::Pong,
         DISCARD => Message::Discard,
         RESYNC_START => Message::ResyncStart { bytes: r.u64()? },
-        RESYNC_DATA => {
-            let offset = r.u64()?;
-            let raw_len = r.u32()?;
-            let compressed = r.flag()?;
-            let raw_crc = r.u32()?;
-            if raw_len > MAX_BODY {
-                return Err(r.err("chunk too large"));
-            }
-            let mut payload = body;
-            payload.drain(..17);
-            if !compressed && payload.len() != raw_len as usize {
-                return Err(FrameError::Malformed {
-                    kind: h.kind,
-                    what: "uncompressed chunk length differs",
-                });
-            }
-            return Ok(Message::ResyncData {
-                offset,
-                raw_len,
-                compressed,
-                raw_crc,
-                payload,
-            });
-        }
         RESYNC_ZERO => Message::ResyncZero {
             offset: r.u64()?,
             length: r.u64()?,
