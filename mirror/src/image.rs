@@ -129,14 +129,27 @@ impl ImageFile {
             meta.len()
         };
         let file = Arc::new(file);
-        let engine = Engine::new(kind, file.clone()).map_err(|source| ImageError::Engine {
-            engine: match kind {
-                EngineKind::Sync => "sync",
-                _ => "io_uring",
-            },
-            path: path.to_owned(),
-            source,
-        })?;
+        // Bulk reads (a resync source's) bypass the page cache where the filesystem allows it
+        // (not tmpfs): see read_uncached.
+        let uncached = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .map(Arc::new)
+                .map_err(|e| tracing::debug!(image = %path.display(), error = %e, "no O_DIRECT reads; bulk reads go through the page cache"))
+                .ok()
+        };
+        let engine =
+            Engine::new(kind, file.clone(), uncached).map_err(|source| ImageError::Engine {
+                engine: match kind {
+                    EngineKind::Sync => "sync",
+                    _ => "io_uring",
+                },
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(ImageFile {
             file,
             engine,
@@ -243,6 +256,74 @@ fn unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
     )
+}
+
+/// Bytes read by [`ImageFile::read_uncached`]: a window of an over-allocated buffer, aligned
+/// for O_DIRECT.
+pub struct ChunkBuf {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl ChunkBuf {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// O_DIRECT's alignment of buffer address, offset and length (the largest logical block size
+/// of common devices).
+const DIRECT_ALIGN: usize = 4096;
+
+impl ImageFile {
+    /// Reads a range the way a bulk copy wants it: the disk writes straight into our buffer
+    /// (O_DIRECT), so a cold range is neither added to the page cache nor copied out of it.
+    /// On this VM the cold buffered read of 1 GiB cost 0.75 s of CPU against 0.06 s uncached,
+    /// and that copy was a resync source's main cost. Dirty cached pages of the range are
+    /// written back by the kernel first, so the data is current. Falls back to a buffered
+    /// read for unaligned ranges, filesystems without O_DIRECT and any uncached failure.
+    pub async fn read_uncached(&self, offset: u64, length: usize) -> BackendResult<ChunkBuf> {
+        let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && length.is_multiple_of(DIRECT_ALIGN)
+            && offset + length as u64 <= self.size;
+        if aligned && length > 0 {
+            let mut buf: Vec<u8> = Vec::with_capacity(length + DIRECT_ALIGN);
+            let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            if start < DIRECT_ALIGN {
+                // Within the capacity: the storage (and so the alignment) stays put.
+                buf.resize(start + length, 0);
+                let (buf, r) = self.engine.read_uncached_at(buf, start, offset).await;
+                match r {
+                    Ok(n) if n == length => {
+                        return Ok(ChunkBuf {
+                            buf,
+                            start,
+                            len: length,
+                        })
+                    }
+                    Ok(n) => {
+                        tracing::debug!(
+                            offset,
+                            length,
+                            read = n,
+                            "short uncached read; reading through the page cache"
+                        )
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+                    Err(e) => {
+                        tracing::debug!(offset, length, error = %e, "uncached read failed; reading through the page cache")
+                    }
+                }
+            }
+        }
+        let buf = BlockBackend::read(self, offset, length).await?;
+        Ok(ChunkBuf {
+            len: buf.len(),
+            buf,
+            start: 0,
+        })
+    }
 }
 
 impl BlockBackend for ImageFile {

@@ -25,7 +25,7 @@ use crate::metadata::{
     bitmap, Flags, Generations, MetadataError, MetadataFile, MetadataOptions, OwnedBits,
 };
 use crate::rangelock::RangeLocks;
-use crate::repl::frame::{self, Message, Role, VolumeState};
+use crate::repl::frame::{self, encode_resync_data, Message, Role, VolumeState};
 use crate::repl::link::{Link, LinkError};
 use crate::unflushed::Unflushed;
 use crate::{create_image, EngineKind, ImageError, ImageFile};
@@ -1329,9 +1329,14 @@ impl Volume {
             .await
             .map_err(verr)?
         } else {
-            let data = self.image.read(offset, len as usize).await.map_err(ioerr)?;
+            let chunk = self
+                .image
+                .read_uncached(offset, len as usize)
+                .await
+                .map_err(ioerr)?;
+            let data = chunk.bytes();
             if self.resync.checksum {
-                let hash = *blake3::hash(&data).as_bytes();
+                let hash = *blake3::hash(data).as_bytes();
                 if let Message::HashMatch { equal: true } = link
                     .request(&Message::ResyncHash {
                         offset,
@@ -1346,33 +1351,43 @@ impl Volume {
                     return Ok(());
                 }
             }
-            let raw_crc = crc32fast::hash(&data);
+            let raw_crc = crc32fast::hash(data);
             let raw_len = data.len() as u32;
             // After a run of incompressible chunks, try only one chunk in 16 (to notice when
             // the data changes): compressing random data costs CPU for nothing.
             let streak = self.incompressible_streak.load(Ordering::Relaxed);
             let try_zstd = streak < 4 || (offset / CHUNK).is_multiple_of(16);
-            let (compressed, payload) = if try_zstd {
-                blocking(&self.name, move || compress(data)).await?
+            let zstd = if try_zstd {
+                let (packed, data) = blocking(&self.name, move || {
+                    let packed = compress(chunk.bytes());
+                    (packed, chunk)
+                })
+                .await?;
+                match packed {
+                    Some(p) => {
+                        self.incompressible_streak.store(0, Ordering::Relaxed);
+                        Ok(p)
+                    }
+                    None => {
+                        self.incompressible_streak.fetch_add(1, Ordering::Relaxed);
+                        Err(data)
+                    }
+                }
             } else {
-                (false, data)
+                Err(chunk)
             };
-            if try_zstd {
-                if compressed {
-                    self.incompressible_streak.store(0, Ordering::Relaxed);
-                } else {
-                    self.incompressible_streak.fetch_add(1, Ordering::Relaxed);
+            // Framed straight from the buffer the chunk was read (or compressed) into.
+            let mut frame = Vec::new();
+            match &zstd {
+                Ok(packed) => {
+                    encode_resync_data(0, offset, raw_len, true, raw_crc, packed, &mut frame)
+                }
+                Err(raw) => {
+                    encode_resync_data(0, offset, raw_len, false, raw_crc, raw.bytes(), &mut frame)
                 }
             }
-            link.request(&Message::ResyncData {
-                offset,
-                raw_len,
-                compressed,
-                raw_crc,
-                payload,
-            })
-            .await
-            .map_err(verr)?
+            drop(zstd);
+            link.request_frame(frame).await.map_err(verr)?
         };
         match reply {
             Message::Ack { errno: 0 } => {
@@ -1730,11 +1745,11 @@ impl Volume {
     }
 }
 
-/// zstd level 1 when it saves at least an eighth; otherwise the data as it is.
-fn compress(data: Vec<u8>) -> (bool, Vec<u8>) {
-    match zstd::bulk::compress(&data, 1) {
-        Ok(c) if c.len() < data.len() - data.len() / 8 => (true, c),
-        _ => (false, data),
+/// zstd level 1 when it saves at least an eighth; None when it does not.
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    match zstd::bulk::compress(data, 1) {
+        Ok(c) if c.len() < data.len() - data.len() / 8 => Some(c),
+        _ => None,
     }
 }
 

@@ -21,6 +21,12 @@ enum Op {
         offset: u64,
         len: usize,
     },
+    /// A bulk read bypassing the page cache (O_DIRECT when aligned): must see every write,
+    /// flushed or not.
+    ReadUncached {
+        offset: u64,
+        len: usize,
+    },
     Trim {
         offset: u64,
         len: u64,
@@ -39,6 +45,12 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (range.clone(), any::<u8>(), any::<bool>())
             .prop_map(|((offset, len), byte, fua)| Op::Write { offset, len: len as usize, byte, fua }),
         3 => range.clone().prop_map(|(offset, len)| Op::Read { offset, len: len as usize }),
+        // Mostly aligned ranges (the uncached path), some not (its fallback).
+        2 => (0..SIZE / 4096, 1..=16usize, any::<bool>()).prop_map(|(block, blocks, skew)| {
+            let offset = block * 4096 + u64::from(skew) * 512;
+            let len = (blocks * 4096).min((SIZE - offset) as usize);
+            Op::ReadUncached { offset, len }
+        }),
         1 => range.clone().prop_map(|(offset, len)| Op::Trim { offset, len }),
         1 => (range, any::<bool>()).prop_map(|((offset, len), may_trim)| Op::Zero { offset, len, may_trim }),
         1 => Just(Op::Flush),
@@ -72,6 +84,20 @@ async fn apply(img: &ImageFile, op: &Op) -> Option<Vec<u8>> {
             None
         }
         Op::Read { offset, len } => Some(img.read(offset, len).await.unwrap()),
+        Op::ReadUncached { offset, len } => {
+            let bulk = img
+                .read_uncached(offset, len)
+                .await
+                .unwrap()
+                .bytes()
+                .to_vec();
+            let cached = img.read(offset, len).await.unwrap();
+            assert!(
+                bulk == cached,
+                "uncached read differs from the cached one at {offset}+{len}"
+            );
+            Some(bulk)
+        }
         Op::Trim { offset, len } => {
             img.trim(offset, len, false).await.unwrap();
             None

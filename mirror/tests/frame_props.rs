@@ -3,8 +3,8 @@
 
 use mirror::metadata::Generations;
 use mirror::repl::frame::{
-    decode_body, decode_header, decode_split, encode, encode_write, fuzz_stream, payload_prefix,
-    FrameError, Message, Role, VolumeState, HEADER_LEN,
+    decode_body, decode_header, decode_split, encode, encode_resync_data, encode_write,
+    fuzz_stream, payload_prefix, FrameError, Message, Role, VolumeState, HEADER_LEN,
 };
 use proptest::prelude::*;
 
@@ -147,6 +147,17 @@ proptest! {
         encode(seq, &Message::Write { offset, fua, data: data.clone() }, &mut a);
         let mut b = Vec::new();
         encode_write(seq, offset, fua, &data, &mut b);
+        prop_assert_eq!(a, b);
+    }
+
+    #[test]
+    fn encode_resync_data_matches_the_generic_encoder(seq in any::<u64>(), offset in any::<u64>(),
+                                                      raw_len in any::<u32>(), compressed in any::<bool>(), raw_crc in any::<u32>(),
+                                                      payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let mut a = Vec::new();
+        encode(seq, &Message::ResyncData { offset, raw_len, compressed, raw_crc, payload: payload.clone() }, &mut a);
+        let mut b = Vec::new();
+        encode_resync_data(seq, offset, raw_len, compressed, raw_crc, &payload, &mut b);
         prop_assert_eq!(a, b);
     }
 

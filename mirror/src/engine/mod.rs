@@ -43,17 +43,22 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// Builds the engine for `file`. Must run inside a tokio runtime (the io_uring engine
-    /// polls its completions from there).
-    pub fn new(kind: EngineKind, file: Arc<File>) -> io::Result<Engine> {
+    /// Builds the engine for `file`; `uncached` is the same file opened with O_DIRECT, when
+    /// the filesystem allows it (see [`Engine::read_uncached_at`]). Must run inside a tokio
+    /// runtime (the io_uring engine polls its completions from there).
+    pub fn new(
+        kind: EngineKind,
+        file: Arc<File>,
+        uncached: Option<Arc<File>>,
+    ) -> io::Result<Engine> {
         match kind {
-            EngineKind::Sync => Ok(Engine::Sync(SyncEngine::new(file))),
-            EngineKind::Uring => Ok(Engine::Uring(UringEngine::new(file)?)),
-            EngineKind::Auto => match UringEngine::new(file.clone()) {
+            EngineKind::Sync => Ok(Engine::Sync(SyncEngine::new(file, uncached))),
+            EngineKind::Uring => Ok(Engine::Uring(UringEngine::new(file, uncached)?)),
+            EngineKind::Auto => match UringEngine::new(file.clone(), uncached.clone()) {
                 Ok(e) => Ok(Engine::Uring(e)),
                 Err(e) => {
                     tracing::warn!(error = %e, "io_uring unavailable, falling back to the sync engine");
-                    Ok(Engine::Sync(SyncEngine::new(file)))
+                    Ok(Engine::Sync(SyncEngine::new(file, uncached)))
                 }
             },
         }
@@ -76,6 +81,23 @@ impl Engine {
         match self {
             Engine::Sync(e) => e.read_at(buf, at, offset).await,
             Engine::Uring(e) => e.read_at(buf, at, offset).await,
+        }
+    }
+
+    /// Reads into `buf[at..]` from `offset` through the O_DIRECT descriptor: the disk writes
+    /// into `buf` and the page cache is neither filled nor copied from (the kernel writes back
+    /// dirty cached pages of the range first, so the data is current). `buf[at..]`'s address,
+    /// length and `offset` must be multiples of the device's block size. Fails with
+    /// `Unsupported` when the engine has no O_DIRECT descriptor.
+    pub async fn read_uncached_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, io::Result<usize>) {
+        match self {
+            Engine::Sync(e) => e.read_uncached_at(buf, at, offset).await,
+            Engine::Uring(e) => e.read_uncached_at(buf, at, offset).await,
         }
     }
 

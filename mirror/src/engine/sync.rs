@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 pub struct SyncEngine {
     file: Arc<File>,
+    uncached: Option<Arc<File>>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
@@ -18,26 +19,28 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl SyncEngine {
-    pub fn new(file: Arc<File>) -> Self {
-        SyncEngine { file }
+    pub fn new(file: Arc<File>, uncached: Option<Arc<File>>) -> Self {
+        SyncEngine { file, uncached }
     }
 
     pub async fn read_at(
         &self,
-        mut buf: Vec<u8>,
+        buf: Vec<u8>,
         at: usize,
         offset: u64,
     ) -> (Vec<u8>, io::Result<usize>) {
-        let file = self.file.clone();
-        let len = buf.len();
-        match blocking(move || {
-            let r = file.read_at(&mut buf[at..], offset);
-            (buf, r)
-        })
-        .await
-        {
-            Ok(pair) => pair,
-            Err(e) => (vec![0; len], Err(e)),
+        pread(self.file.clone(), buf, at, offset).await
+    }
+
+    pub async fn read_uncached_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, io::Result<usize>) {
+        match &self.uncached {
+            Some(f) => pread(f.clone(), buf, at, offset).await,
+            None => (buf, Err(io::ErrorKind::Unsupported.into())),
         }
     }
 
@@ -77,5 +80,23 @@ impl SyncEngine {
                 .map_err(io::Error::from)
         })
         .await?
+    }
+}
+
+async fn pread(
+    file: Arc<File>,
+    mut buf: Vec<u8>,
+    at: usize,
+    offset: u64,
+) -> (Vec<u8>, io::Result<usize>) {
+    let len = buf.len();
+    match blocking(move || {
+        let r = file.read_at(&mut buf[at..], offset);
+        (buf, r)
+    })
+    .await
+    {
+        Ok(pair) => pair,
+        Err(e) => (vec![0; len], Err(e)),
     }
 }

@@ -26,6 +26,8 @@ const SQ_ENTRIES: u32 = 256;
 const CQ_ENTRIES: u32 = 1024;
 /// The image is registered as fixed file 0: the kernel skips the fd lookup per operation.
 const IMAGE: types::Fixed = types::Fixed(0);
+/// Its O_DIRECT descriptor, when there is one, is fixed file 1.
+const IMAGE_UNCACHED: types::Fixed = types::Fixed(1);
 
 enum Slot {
     Free,
@@ -131,7 +133,7 @@ impl Drop for Ring {
 struct Shared {
     ring: Mutex<Ring>,
     limit: Arc<Semaphore>,
-    _file: Arc<File>,
+    _files: (Arc<File>, Option<Arc<File>>),
 }
 
 impl Shared {
@@ -147,6 +149,7 @@ impl Shared {
 pub struct UringEngine {
     id: u64,
     file: Arc<File>,
+    uncached: Option<Arc<File>>,
     rings: Mutex<Vec<(Arc<Shared>, tokio::task::JoinHandle<()>)>>,
 }
 
@@ -168,10 +171,11 @@ impl Drop for UringEngine {
 
 impl UringEngine {
     /// Checks that io_uring works here (the first ring is made now, on this thread).
-    pub fn new(file: Arc<File>) -> io::Result<Self> {
+    pub fn new(file: Arc<File>, uncached: Option<Arc<File>>) -> io::Result<Self> {
         let engine = UringEngine {
             id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
             file,
+            uncached,
             rings: Mutex::new(Vec::new()),
         };
         engine.local_ring()?;
@@ -190,7 +194,7 @@ impl UringEngine {
         if let Some(shared) = found {
             return Ok(shared);
         }
-        let (shared, reaper) = new_ring(self.file.clone())?;
+        let (shared, reaper) = new_ring(self.file.clone(), self.uncached.clone())?;
         LOCAL_RINGS.with(|rings| rings.borrow_mut().push((self.id, Arc::downgrade(&shared))));
         self.rings
             .lock()
@@ -243,6 +247,26 @@ impl UringEngine {
         (keep.unwrap_or_default(), r.map(|n| n as usize))
     }
 
+    pub async fn read_uncached_at(
+        &self,
+        mut buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, io::Result<usize>) {
+        if self.uncached.is_none() {
+            return (buf, Err(io::ErrorKind::Unsupported.into()));
+        }
+        let at = at.min(buf.len());
+        let len = (buf.len() - at).min(u32::MAX as usize) as u32;
+        // As in read_at: the operation owns the Vec, whose storage does not move.
+        let ptr = buf[at..].as_mut_ptr();
+        let entry = opcode::Read::new(IMAGE_UNCACHED, ptr, len)
+            .offset(offset)
+            .build();
+        let (keep, r) = self.run(entry, Some(buf)).await;
+        (keep.unwrap_or_default(), r.map(|n| n as usize))
+    }
+
     pub async fn write_at(
         &self,
         buf: Vec<u8>,
@@ -279,7 +303,10 @@ impl UringEngine {
 }
 
 /// Makes a ring for `file` on this thread, and its reaper task on this thread's runtime.
-fn new_ring(file: Arc<File>) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle<()>)> {
+fn new_ring(
+    file: Arc<File>,
+    uncached: Option<Arc<File>>,
+) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle<()>)> {
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(io::Error::other(
             "the io_uring engine needs a tokio runtime",
@@ -303,7 +330,12 @@ fn new_ring(file: Arc<File>) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle
             ));
         }
     }
-    ring.submitter().register_files(&[file.as_raw_fd()])?;
+    match &uncached {
+        Some(u) => ring
+            .submitter()
+            .register_files(&[file.as_raw_fd(), u.as_raw_fd()])?,
+        None => ring.submitter().register_files(&[file.as_raw_fd()])?,
+    }
     let shared = Arc::new(Shared {
         ring: Mutex::new(Ring {
             ring,
@@ -312,7 +344,7 @@ fn new_ring(file: Arc<File>) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle
             in_flight: 0,
         }),
         limit: Arc::new(Semaphore::new(CQ_ENTRIES as usize)),
-        _file: file,
+        _files: (file, uncached),
     });
     // The ring's own descriptor polls readable while completions wait in its queue. A
     // duplicate is watched, so the reaper never holds a descriptor the ring closed.

@@ -297,16 +297,43 @@ pub fn encode(seq: u64, msg: &Message, out: &mut Vec<u8>) {
 
 /// Appends a `Write` frame without first copying the data into a [`Message`].
 pub fn encode_write(seq: u64, offset: u64, fua: bool, data: &[u8], out: &mut Vec<u8>) {
+    let mut prefix = [0u8; 9];
+    prefix[..8].copy_from_slice(&offset.to_be_bytes());
+    prefix[8] = u8::from(fua);
+    encode_bulk(seq, kind::WRITE, &prefix, data, out);
+}
+
+/// Appends a `ResyncData` frame whose payload is borrowed (a chunk read into a buffer of
+/// the reader's, not moved into a [`Message`]).
+pub fn encode_resync_data(
+    seq: u64,
+    offset: u64,
+    raw_len: u32,
+    compressed: bool,
+    raw_crc: u32,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let mut prefix = [0u8; 17];
+    prefix[..8].copy_from_slice(&offset.to_be_bytes());
+    prefix[8..12].copy_from_slice(&raw_len.to_be_bytes());
+    prefix[12] = u8::from(compressed);
+    prefix[13..].copy_from_slice(&raw_crc.to_be_bytes());
+    encode_bulk(seq, kind::RESYNC_DATA, &prefix, payload, out);
+}
+
+/// A frame of fixed fields and bulk data, in one buffer sized once.
+fn encode_bulk(seq: u64, kind: u8, prefix: &[u8], data: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
+    out.reserve(HEADER_LEN + prefix.len() + data.len());
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.push(u8::from(fua));
+    out.extend_from_slice(prefix);
     out.extend_from_slice(data);
     let body_len = (out.len() - start - HEADER_LEN) as u32;
     let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
     let h = &mut out[start..start + HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-    h[4] = kind::WRITE;
+    h[4] = kind;
     h[8..16].copy_from_slice(&seq.to_be_bytes());
     h[16..20].copy_from_slice(&body_len.to_be_bytes());
     h[20..24].copy_from_slice(&crc.to_be_bytes());
