@@ -233,6 +233,28 @@ impl UringEngine {
 
     pub async fn read_at(
         &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, io::Result<usize>) {
+        self.read_from(IMAGE, buf, at, offset).await
+    }
+
+    pub async fn read_uncached_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, io::Result<usize>) {
+        if self.uncached.is_none() {
+            return (buf, Err(io::ErrorKind::Unsupported.into()));
+        }
+        self.read_from(IMAGE_UNCACHED, buf, at, offset).await
+    }
+
+    async fn read_from(
+        &self,
+        file: types::Fixed,
         mut buf: Vec<u8>,
         at: usize,
         offset: u64,
@@ -242,27 +264,7 @@ impl UringEngine {
         // The pointer stays valid: the Vec's heap storage does not move when the Vec does,
         // and the Vec is owned by the operation until its completion.
         let ptr = buf[at..].as_mut_ptr();
-        let entry = opcode::Read::new(IMAGE, ptr, len).offset(offset).build();
-        let (keep, r) = self.run(entry, Some(buf)).await;
-        (keep.unwrap_or_default(), r.map(|n| n as usize))
-    }
-
-    pub async fn read_uncached_at(
-        &self,
-        mut buf: Vec<u8>,
-        at: usize,
-        offset: u64,
-    ) -> (Vec<u8>, io::Result<usize>) {
-        if self.uncached.is_none() {
-            return (buf, Err(io::ErrorKind::Unsupported.into()));
-        }
-        let at = at.min(buf.len());
-        let len = (buf.len() - at).min(u32::MAX as usize) as u32;
-        // As in read_at: the operation owns the Vec, whose storage does not move.
-        let ptr = buf[at..].as_mut_ptr();
-        let entry = opcode::Read::new(IMAGE_UNCACHED, ptr, len)
-            .offset(offset)
-            .build();
+        let entry = opcode::Read::new(file, ptr, len).offset(offset).build();
         let (keep, r) = self.run(entry, Some(buf)).await;
         (keep.unwrap_or_default(), r.map(|n| n as usize))
     }
