@@ -17,8 +17,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # busybox-static, cpio, kmod (depmod/modprobe), e2fsprogs: the test guest's initramfs and disk.
 # gcc, libc6-dev: the C parts of zstd and mimalloc (and rustc's linker).
+# python3-libnbd: nbdsh (the libnbd shell the protocol tests drive; not in libnbd-bin).
 apt-get install -y -q --no-install-recommends \
-  gcc libc6-dev libnbd-bin fio nbdkit iproute2 util-linux procps python3 ca-certificates \
+  gcc libc6-dev libnbd-bin python3-libnbd fio nbdkit iproute2 util-linux procps python3 ca-certificates \
   iputils-arping busybox-static cpio kmod e2fsprogs xz-utils
 if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null ||
   ! command -v qemu-system-x86_64 >/dev/null; then
