@@ -356,6 +356,17 @@ impl BlockBackend for ImageFile {
     }
 
     async fn flush(&self) -> BackendResult<()> {
+        if nbd_server::spin::requests_here() <= 1 {
+            // Alone on this thread: fdatasync right here, as a page-cache server's worker
+            // thread does. Through io_uring the flush is handed to an io-wq worker and its
+            // completion wakes this thread again: two thread switches that made a QD1
+            // write+FLUSH 10-20 % slower than nbdkit's. With other requests in flight it
+            // stays on io_uring, so they are not held up for the device's flush.
+            return self
+                .file
+                .sync_data()
+                .map_err(|e| BackendError::io("flush", 0, 0, e));
+        }
         self.engine
             .datasync()
             .await

@@ -101,7 +101,7 @@ impl Home {
             volume: volume.to_string(),
             source,
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = nbd_server::spin::install(&mut tokio::runtime::Builder::new_current_thread())
             .enable_all()
             .build()
             .map_err(failed)?;
@@ -411,6 +411,10 @@ impl Node {
                 None
             }
         };
+        // Peer answers are polled for a moment before this thread sleeps (nbd_server::spin);
+        // the guard holds a duplicate descriptor and drops with this session.
+        let _watch = nbd_server::spin::watch(&stream)
+            .map_err(|e| debug!(volume = %vol.name, error = %e, "replication socket not polled before sleeping"));
         let (rd, wr) = stream.into_split();
         // A request unanswered for this long means a wedged peer (its disk hangs): give up on
         // it and go on alone rather than stall the VM.
@@ -432,7 +436,13 @@ impl Node {
                     // State changes are applied in order, inline.
                     crate::repl::frame::Message::State(s) => v.peer_state(&l, s),
                     m => {
-                        tokio::spawn(v.clone().handle_request(l.clone(), seq, m));
+                        // Counted from its arrival, so a flush knows whether it is alone.
+                        let serving = nbd_server::spin::serving();
+                        let request = v.clone().handle_request(l.clone(), seq, m);
+                        tokio::spawn(async move {
+                            request.await;
+                            drop(serving);
+                        });
                     }
                 }
             },

@@ -1533,7 +1533,9 @@ impl Volume {
                 None => true,
             }
         };
-        let (l, _p) = futures::join!(local, peer_ok);
+        // The peer's flush is sent first: the local one may block this thread (an inline
+        // fdatasync when the flush is alone), and the two should overlap.
+        let (_p, l) = futures::join!(peer_ok, local);
         l?;
         self.meta.clear_cold(cold);
         Ok(())

@@ -18,6 +18,7 @@ pub mod proto;
 pub mod reply;
 pub mod request;
 pub mod server;
+pub mod spin;
 mod wire;
 
 pub use backend::{BackendError, BackendResult, BlockBackend, ZeroMode};

@@ -145,6 +145,14 @@ enum Accepted {
 }
 
 impl Accepted {
+    /// Puts the socket on this thread's poll-before-sleep list (see [`crate::spin`]).
+    fn watch(&self) -> io::Result<crate::spin::Watch> {
+        match self {
+            Accepted::Tcp(s, _) => crate::spin::watch(s),
+            Accepted::Unix(s, _) => crate::spin::watch(s),
+        }
+    }
+
     fn into_halves(self) -> io::Result<(BoxRead, BoxWrite, String)> {
         match self {
             Accepted::Tcp(s, peer) => {
@@ -234,7 +242,7 @@ fn run_shard<B: BlockBackend>(
     shared: Arc<Shared<B>>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match crate::spin::install(&mut tokio::runtime::Builder::new_current_thread())
         .enable_all()
         .build()
     {
@@ -257,6 +265,7 @@ async fn shard_loop<B: BlockBackend>(
         while let Some(accepted) = incoming.recv().await {
             while connections.try_join_next().is_some() {}
             let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let watch = accepted.watch();
             let (rd, wr, peer) = match accepted.into_halves() {
                 Ok(h) => h,
                 Err(e) => {
@@ -270,6 +279,9 @@ async fn shard_loop<B: BlockBackend>(
             connections.spawn(
                 async move {
                     debug!("connected");
+                    // Dropped with the connection: it holds a duplicate of the socket.
+                    let _watch =
+                        watch.map_err(|e| debug!(error = %e, "socket not polled before sleeping"));
                     match handle_connection(rd, wr, shared, shutdown).await {
                         Ok(()) => debug!("closed"),
                         Err(e) => debug!(error = %e, "connection ended"),
@@ -520,7 +532,7 @@ async fn transmission<B: BlockBackend>(
                 match next_request(&mut rd, &header[..header_len], &session, size, &payload_stop).await? {
                     AfterRequest::Run(req) => {
                         cost_in_flight += req.cost;
-                        inflight.push(execute(backend.clone(), req));
+                        inflight.push(execute(backend.clone(), req, crate::spin::serving()));
                     }
                     AfterRequest::StopReading => reading = false,
                 }
@@ -611,7 +623,13 @@ async fn read_payload(
     Ok(())
 }
 
-async fn execute<B: BlockBackend>(backend: Arc<B>, req: Incoming) -> Completed {
+/// `_serving` counts the request on its thread from the moment it is read (see
+/// [`crate::spin::requests_here`]).
+async fn execute<B: BlockBackend>(
+    backend: Arc<B>,
+    req: Incoming,
+    _serving: crate::spin::Held,
+) -> Completed {
     let outcome = match req.command {
         Err(r) => Outcome::Failed(r.errno, r.message.to_string()),
         Ok(cmd) => run_command(&*backend, cmd, req.payload).await,

@@ -323,6 +323,48 @@ fn sigterm_with_a_client_not_reading_replies_exits_promptly() {
     drop(c);
 }
 
+/// Polling before sleeping is an optimisation only: off, default, and a long budget serve
+/// the same data, with FLUSH both alone (inline fdatasync) and behind other requests (a
+/// queue-depth-8 writer: io_uring fsync); a budget out of range is a clear error.
+#[test]
+fn spin_budgets_serve_the_same_data() {
+    for spin in ["0", "50", "2000"] {
+        let env = TestEnv::new();
+        let server = env.start_export("16M", &["--spin-us", spin]);
+        let cmds = [
+            "write -P 0x71 0 1M",
+            "flush",
+            "aio_write -P 0x72 1M 64k",
+            "aio_write -P 0x73 2M 64k",
+            "aio_flush",
+            "flush",
+            "read -P 0x71 0 1M",
+            "read -P 0x72 1M 64k",
+            "read -P 0x73 2M 64k",
+        ];
+        assert_qemu_io_ok(&qemu_io(&env, &server.uri(), &cmds));
+        assert_qemu_io_ok(&qemu_io(&env, &server.uri_unix(""), &cmds[6..]));
+    }
+    let env = TestEnv::new();
+    let img = env.path("x.img");
+    let out = env.run_nbdmirror(&[
+        "export",
+        "--image",
+        img.to_str().unwrap(),
+        "--create",
+        "1M",
+        "--spin-us",
+        "999999",
+    ]);
+    assert_eq!(
+        out.code,
+        Some(2),
+        "clap rejects it before anything happens: {out}"
+    );
+    assert!(out.stderr.contains("--spin-us"), "{out}");
+    assert!(!img.exists(), "nothing created");
+}
+
 #[test]
 fn io_engines_sync_and_uring_round_trip() {
     for engine in ["sync", "uring"] {

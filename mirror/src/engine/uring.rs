@@ -134,6 +134,9 @@ struct Shared {
     ring: Mutex<Ring>,
     limit: Arc<Semaphore>,
     _files: (Arc<File>, Option<Arc<File>>),
+    /// The ring's descriptor on its thread's poll-before-sleep list: a completion ends the
+    /// thread's spin at once (nbd_server::spin).
+    _spin: Option<nbd_server::spin::Watch>,
 }
 
 impl Shared {
@@ -300,6 +303,7 @@ impl UringEngine {
             .offset(offset)
             .mode(mode)
             .build();
+        let _worker = nbd_server::spin::pause();
         self.run(entry, None).await.1.map(|_| ())
     }
 }
@@ -338,6 +342,15 @@ fn new_ring(
             .register_files(&[file.as_raw_fd(), u.as_raw_fd()])?,
         None => ring.submitter().register_files(&[file.as_raw_fd()])?,
     }
+    // The ring's own descriptor polls readable while completions wait in its queue. A
+    // duplicate is watched, so the reaper never holds a descriptor the ring closed.
+    // SAFETY: `ring` is alive (a local of this function), so its descriptor is open for
+    // this call.
+    let ring_fd =
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(ring.as_raw_fd()) }.try_clone_to_owned()?;
+    let spin = nbd_server::spin::watch(&ring_fd)
+        .map_err(|e| tracing::debug!(error = %e, "io_uring descriptor not polled before sleeping"))
+        .ok();
     let shared = Arc::new(Shared {
         ring: Mutex::new(Ring {
             ring,
@@ -347,15 +360,8 @@ fn new_ring(
         }),
         limit: Arc::new(Semaphore::new(CQ_ENTRIES as usize)),
         _files: (file, uncached),
+        _spin: spin,
     });
-    // The ring's own descriptor polls readable while completions wait in its queue. A
-    // duplicate is watched, so the reaper never holds a descriptor the ring closed.
-    let ring_fd = {
-        let ring = shared.lock();
-        // SAFETY: the ring is alive (we hold it), so its descriptor is open for this call.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(ring.ring.as_raw_fd()) }
-            .try_clone_to_owned()?
-    };
     // SAFETY: the OwnedFd owns its descriptor and keeps it open, unchanged, until it is
     // dropped together with the AsyncFd that owns it.
     let ring_fd =
