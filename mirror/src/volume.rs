@@ -874,7 +874,7 @@ impl Volume {
             }
             Message::Write { offset, fua, data } => {
                 let len = data.len() as u64;
-                self.apply(offset, len, self.image.write(offset, data, fua))
+                self.apply(offset, len, self.image.write_through(offset, data, fua))
                     .await
             }
             Message::Trim {
@@ -1078,7 +1078,7 @@ impl Volume {
         }
         let len = data.len() as u64;
         let r = self
-            .apply(offset, len, self.image.write(offset, data, false))
+            .apply(offset, len, self.image.write_through(offset, data, false))
             .await;
         self.count_received(len);
         r

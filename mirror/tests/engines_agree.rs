@@ -3,11 +3,16 @@
 
 use std::sync::Arc;
 
-use mirror::{create_image, EngineKind, ImageFile};
+use mirror::{create_image, Engine, EngineKind, ImageFile};
 use nbd_server::{BlockBackend, ZeroMode};
 use proptest::prelude::*;
 
 const SIZE: u64 = 1 << 20;
+
+// The daemon's allocator: its large buffers are page-aligned, so `write_through` takes the
+// O_DIRECT path here as it does in the daemon (glibc's large blocks are not aligned).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -20,6 +25,12 @@ enum Op {
     Read {
         offset: u64,
         len: usize,
+    },
+    /// A write nobody reads back soon (a secondary's): O_DIRECT when large and aligned.
+    WriteThrough {
+        offset: u64,
+        len: usize,
+        byte: u8,
     },
     /// A bulk read bypassing the page cache (O_DIRECT when aligned): must see every write,
     /// flushed or not.
@@ -51,6 +62,12 @@ fn op() -> impl Strategy<Value = Op> {
             let len = (blocks * 4096).min((SIZE - offset) as usize);
             Op::ReadUncached { offset, len }
         }),
+        // Mostly at least 256 KiB and aligned (the O_DIRECT path), some smaller or skewed.
+        2 => (0..SIZE / 4096, 1..=96usize, any::<bool>(), any::<u8>()).prop_map(|(block, blocks, skew, byte)| {
+            let offset = block * 4096 + u64::from(skew) * 512;
+            let len = (blocks * 4096).min((SIZE - offset) as usize);
+            Op::WriteThrough { offset, len, byte }
+        }),
         1 => range.clone().prop_map(|(offset, len)| Op::Trim { offset, len }),
         1 => (range, any::<bool>()).prop_map(|((offset, len), may_trim)| Op::Zero { offset, len, may_trim }),
         1 => Just(Op::Flush),
@@ -81,6 +98,18 @@ async fn apply(img: &ImageFile, op: &Op) -> Option<Vec<u8>> {
             fua,
         } => {
             img.write(offset, vec![byte; len], fua).await.unwrap();
+            None
+        }
+        Op::WriteThrough { offset, len, byte } => {
+            img.write_through(offset, vec![byte; len], false)
+                .await
+                .unwrap();
+            // Whichever path it took, the page cache must not serve older data afterwards.
+            let back = img.read(offset, len).await.unwrap();
+            assert!(
+                back.iter().all(|&b| b == byte),
+                "a cached read after write_through at {offset}+{len} saw older data"
+            );
             None
         }
         Op::Read { offset, len } => Some(img.read(offset, len).await.unwrap()),
@@ -236,6 +265,44 @@ fn cold_cache_reads_complete_on_a_shard_runtime() {
                         .unwrap();
                 assert_eq!(read, vec![((off >> 20) % 251) as u8 + 1; 4096]);
             }
+        }
+    });
+}
+
+/// The O_DIRECT write path itself, on both engines, with a dirty cached page inside the
+/// range it overwrites: the kernel must write that page back and drop it first, so a cached
+/// read afterwards sees the uncached write and nothing older.
+#[test]
+fn uncached_writes_replace_dirty_cached_pages() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let rt = two_worker_runtime();
+    rt.block_on(async {
+        for kind in [EngineKind::Uring, EngineKind::Sync] {
+            let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+            let path = dir.path().join("direct.img");
+            create_image(&path, SIZE).unwrap();
+            let open = |direct: bool| {
+                let mut o = std::fs::OpenOptions::new();
+                o.read(true).write(true);
+                if direct {
+                    o.custom_flags(libc::O_DIRECT);
+                }
+                Arc::new(o.open(&path).unwrap())
+            };
+            let engine = Engine::new(kind, open(false), Some(open(true))).unwrap();
+            let (_, r) = engine.write_at(vec![0x11; 4096], 0, 69_632, false).await;
+            r.unwrap();
+            let len = 256 * 1024;
+            let mut buf: Vec<u8> = Vec::with_capacity(len + 4096);
+            let at = buf.as_ptr().align_offset(4096);
+            buf.resize(at + len, 0x22);
+            let (_, r) = engine.write_uncached_at(buf, at, 65_536, false).await;
+            assert_eq!(r.unwrap(), len, "{kind:?}");
+            let (got, r) = engine.read_at(vec![0; len + 8192], 0, 61_440).await;
+            assert_eq!(r.unwrap(), len + 8192);
+            assert!(got[..4096].iter().all(|&b| b == 0), "{kind:?}");
+            assert!(got[4096..4096 + len].iter().all(|&b| b == 0x22), "{kind:?}");
+            assert!(got[4096 + len..].iter().all(|&b| b == 0), "{kind:?}");
         }
     });
 }

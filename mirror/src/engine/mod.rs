@@ -115,6 +115,23 @@ impl Engine {
         }
     }
 
+    /// Writes `buf[at..]` at `offset` through the O_DIRECT descriptor: the disk reads from
+    /// `buf` and the page cache is neither filled nor copied into (the kernel writes back and
+    /// drops cached pages of the range first). Same alignment rules as
+    /// [`Engine::read_uncached_at`]; `Unsupported` without an O_DIRECT descriptor.
+    pub async fn write_uncached_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+        dsync: bool,
+    ) -> (Vec<u8>, io::Result<usize>) {
+        match self {
+            Engine::Sync(e) => e.write_uncached_at(buf, at, offset, dsync).await,
+            Engine::Uring(e) => e.write_uncached_at(buf, at, offset, dsync).await,
+        }
+    }
+
     pub async fn datasync(&self) -> io::Result<()> {
         match self {
             Engine::Sync(e) => e.datasync().await,

@@ -51,19 +51,19 @@ impl SyncEngine {
         offset: u64,
         dsync: bool,
     ) -> (Vec<u8>, io::Result<usize>) {
-        let file = self.file.clone();
-        match blocking(move || {
-            let r = file.write_at(&buf[at..], offset);
-            let r = match r {
-                Ok(n) if dsync => file.sync_data().map(|_| n),
-                other => other,
-            };
-            (buf, r)
-        })
-        .await
-        {
-            Ok(pair) => pair,
-            Err(e) => (Vec::new(), Err(e)),
+        pwrite(self.file.clone(), buf, at, offset, dsync).await
+    }
+
+    pub async fn write_uncached_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+        dsync: bool,
+    ) -> (Vec<u8>, io::Result<usize>) {
+        match &self.uncached {
+            Some(f) => pwrite(f.clone(), buf, at, offset, dsync).await,
+            None => (buf, Err(io::ErrorKind::Unsupported.into())),
         }
     }
 
@@ -80,6 +80,28 @@ impl SyncEngine {
                 .map_err(io::Error::from)
         })
         .await?
+    }
+}
+
+async fn pwrite(
+    file: Arc<File>,
+    buf: Vec<u8>,
+    at: usize,
+    offset: u64,
+    dsync: bool,
+) -> (Vec<u8>, io::Result<usize>) {
+    match blocking(move || {
+        let r = file.write_at(&buf[at..], offset);
+        let r = match r {
+            Ok(n) if dsync => file.sync_data().map(|_| n),
+            other => other,
+        };
+        (buf, r)
+    })
+    .await
+    {
+        Ok(pair) => pair,
+        Err(e) => (Vec::new(), Err(e)),
     }
 }
 

@@ -279,11 +279,22 @@ impl UringEngine {
         offset: u64,
         dsync: bool,
     ) -> (Vec<u8>, io::Result<usize>) {
+        self.write_to(IMAGE, buf, at, offset, dsync).await
+    }
+
+    async fn write_to(
+        &self,
+        file: types::Fixed,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+        dsync: bool,
+    ) -> (Vec<u8>, io::Result<usize>) {
         let at = at.min(buf.len());
         let len = (buf.len() - at).min(u32::MAX as usize) as u32;
         let ptr = buf[at..].as_ptr();
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-        let entry = opcode::Write::new(IMAGE, ptr, len)
+        let entry = opcode::Write::new(file, ptr, len)
             .offset(offset)
             .rw_flags(flags)
             .build();
@@ -291,10 +302,25 @@ impl UringEngine {
         (keep.unwrap_or_default(), r.map(|n| n as usize))
     }
 
+    pub async fn write_uncached_at(
+        &self,
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+        dsync: bool,
+    ) -> (Vec<u8>, io::Result<usize>) {
+        if self.uncached.is_none() {
+            return (buf, Err(io::ErrorKind::Unsupported.into()));
+        }
+        self.write_to(IMAGE_UNCACHED, buf, at, offset, dsync).await
+    }
+
     pub async fn datasync(&self) -> io::Result<()> {
         let entry = opcode::Fsync::new(IMAGE)
             .flags(types::FsyncFlags::DATASYNC)
             .build();
+        // An io-wq worker does this one; a spinning thread would only take its CPU.
+        let _worker = nbd_server::spin::pause();
         self.run(entry, None).await.1.map(|_| ())
     }
 
