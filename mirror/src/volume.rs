@@ -26,7 +26,7 @@ use crate::metadata::{
 };
 use crate::rangelock::RangeLocks;
 use crate::repl::frame::{self, encode_resync_data, Message, Role, VolumeState};
-use crate::repl::link::{Link, LinkError};
+use crate::repl::link::{Link, LinkError, OutFrame};
 use crate::unflushed::Unflushed;
 use crate::{create_image, EngineKind, ImageError, ImageFile};
 
@@ -711,18 +711,18 @@ impl Volume {
     }
 
     /// The common shape of every modifying request on the primary. `payload` is the write's
-    /// data (empty for trim and zeroes); `frame` encodes the peer's request from it (only
-    /// when the peer is attached), then `local` takes the buffer for the disk.
-    async fn replicated<L, LF>(
+    /// data (nothing for trim and zeroes); `frame` encodes the peer's request from it (only
+    /// when the peer is attached), then `local` takes it for the disk.
+    async fn replicated<P, L, LF>(
         &self,
         offset: u64,
         len: u64,
-        payload: Vec<u8>,
-        frame: impl FnOnce(&[u8]) -> Vec<u8>,
+        payload: P,
+        frame: impl FnOnce(&P) -> OutFrame,
         local: L,
     ) -> BackendResult<()>
     where
-        L: FnOnce(Vec<u8>) -> LF,
+        L: FnOnce(P) -> LF,
         LF: std::future::Future<Output = BackendResult<()>>,
     {
         self.check_primary()?;
@@ -1857,16 +1857,14 @@ impl BlockBackend for Volume {
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> BackendResult<()> {
         let len = data.len() as u64;
+        // One buffer for the peer's frame and the local disk: the frame's data is sent from
+        // it, not copied into the frame.
         self.replicated(
             offset,
             len,
-            data,
-            |d| {
-                let mut f = Vec::with_capacity(d.len() + 64);
-                frame::encode_write(0, offset, fua, d, &mut f);
-                f
-            },
-            |d| self.image.write(offset, d, fua),
+            Arc::new(data),
+            |d| OutFrame::split(frame::encode_write_head(0, offset, fua, d), d.clone()),
+            |d| self.image.write_shared(offset, d, fua),
         )
         .await
     }
@@ -1879,13 +1877,14 @@ impl BlockBackend for Volume {
         self.replicated(
             offset,
             length,
-            Vec::new(),
+            (),
             |_| {
                 encoded(&Message::Trim {
                     offset,
                     length,
                     fua,
                 })
+                .into()
             },
             |_| self.image.trim(offset, length, fua),
         )
@@ -1900,7 +1899,7 @@ impl BlockBackend for Volume {
         self.replicated(
             offset,
             length,
-            Vec::new(),
+            (),
             |_| {
                 encoded(&Message::Zeroes {
                     offset,
@@ -1908,6 +1907,7 @@ impl BlockBackend for Volume {
                     may_trim: mode.may_trim,
                     fua: mode.fua,
                 })
+                .into()
             },
             |_| self.image.write_zeroes(offset, length, mode),
         )

@@ -4,7 +4,8 @@
 use mirror::metadata::Generations;
 use mirror::repl::frame::{
     decode_body, decode_header, decode_split, encode, encode_resync_data, encode_write,
-    fuzz_stream, payload_prefix, FrameError, Message, Role, VolumeState, HEADER_LEN,
+    encode_write_head, fuzz_stream, payload_prefix, FrameError, Message, Role, VolumeState,
+    HEADER_LEN,
 };
 use proptest::prelude::*;
 
@@ -147,7 +148,11 @@ proptest! {
         encode(seq, &Message::Write { offset, fua, data: data.clone() }, &mut a);
         let mut b = Vec::new();
         encode_write(seq, offset, fua, &data, &mut b);
-        prop_assert_eq!(a, b);
+        prop_assert_eq!(&a, &b);
+        // The split form the primary sends: head, then the data from the caller's buffer.
+        let mut c = encode_write_head(seq, offset, fua, &data);
+        c.extend_from_slice(&data);
+        prop_assert_eq!(a, c);
     }
 
     #[test]

@@ -287,9 +287,18 @@ pub fn encode(seq: u64, msg: &Message, out: &mut Vec<u8>) {
     encode_body(msg, out);
     let body_len = (out.len() - start - HEADER_LEN) as u32;
     let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
-    let h = &mut out[start..start + HEADER_LEN];
+    put_header(
+        &mut out[start..start + HEADER_LEN],
+        msg.kind(),
+        seq,
+        body_len,
+        crc,
+    );
+}
+
+fn put_header(h: &mut [u8], kind: u8, seq: u64, body_len: u32, crc: u32) {
     h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-    h[4] = msg.kind();
+    h[4] = kind;
     h[8..16].copy_from_slice(&seq.to_be_bytes());
     h[16..20].copy_from_slice(&body_len.to_be_bytes());
     h[20..24].copy_from_slice(&crc.to_be_bytes());
@@ -301,6 +310,30 @@ pub fn encode_write(seq: u64, offset: u64, fua: bool, data: &[u8], out: &mut Vec
     prefix[..8].copy_from_slice(&offset.to_be_bytes());
     prefix[8] = u8::from(fua);
     encode_bulk(seq, kind::WRITE, &prefix, data, out);
+}
+
+/// The header and fixed fields of a `Write` frame whose data follows separately on the wire
+/// (sent from the caller's buffer): `encode_write_head(..) ++ data` is exactly what
+/// [`encode_write`] makes, without copying `data`.
+pub fn encode_write_head(seq: u64, offset: u64, fua: bool, data: &[u8]) -> Vec<u8> {
+    let mut prefix = [0u8; 9];
+    prefix[..8].copy_from_slice(&offset.to_be_bytes());
+    prefix[8] = u8::from(fua);
+    let mut out = Vec::with_capacity(HEADER_LEN + prefix.len());
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    out.extend_from_slice(&prefix);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&prefix);
+    crc.update(data);
+    let body_len = (prefix.len() + data.len()) as u32;
+    put_header(
+        &mut out[..HEADER_LEN],
+        kind::WRITE,
+        seq,
+        body_len,
+        crc.finalize(),
+    );
+    out
 }
 
 /// Appends a `ResyncData` frame whose payload is borrowed (a chunk read into a buffer of
@@ -331,12 +364,13 @@ fn encode_bulk(seq: u64, kind: u8, prefix: &[u8], data: &[u8], out: &mut Vec<u8>
     out.extend_from_slice(data);
     let body_len = (out.len() - start - HEADER_LEN) as u32;
     let crc = crc32fast::hash(&out[start + HEADER_LEN..]);
-    let h = &mut out[start..start + HEADER_LEN];
-    h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-    h[4] = kind;
-    h[8..16].copy_from_slice(&seq.to_be_bytes());
-    h[16..20].copy_from_slice(&body_len.to_be_bytes());
-    h[20..24].copy_from_slice(&crc.to_be_bytes());
+    put_header(
+        &mut out[start..start + HEADER_LEN],
+        kind,
+        seq,
+        body_len,
+        crc,
+    );
 }
 
 fn put_text(out: &mut Vec<u8>, s: &str) {

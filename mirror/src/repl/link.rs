@@ -256,8 +256,50 @@ pub struct Link {
 /// on the way out). When frames are queued, the writer task is busy, or the socket is full,
 /// the frame joins the queue instead, so the order of frames on the wire is the order in
 /// which senders took the lock.
+/// A frame on its way to the socket: bytes of its own and, after them, optionally a payload
+/// shared with the local disk write. A mirrored write's data is sent from the buffer the
+/// local pwrite reads, instead of being copied into a frame first (a memmove of every
+/// mirrored byte on the primary's busiest thread: 5 % of its CPU in 1 MiB writes).
+pub struct OutFrame {
+    head: Vec<u8>,
+    tail: Option<Arc<Vec<u8>>>,
+}
+
+impl OutFrame {
+    /// `head` (the frame header and fixed fields, CRC computed over them and `tail`) then
+    /// `tail`.
+    pub fn split(head: Vec<u8>, tail: Arc<Vec<u8>>) -> OutFrame {
+        OutFrame {
+            head,
+            tail: Some(tail),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.tail.as_ref().map_or(0, |t| t.len())
+    }
+
+    /// What is left to send after `sent` bytes: the rest of the head, then of the tail.
+    fn rest(&self, sent: usize) -> (&[u8], &[u8]) {
+        let tail: &[u8] = self.tail.as_deref().map_or(&[], Vec::as_slice);
+        match self.head.get(sent..) {
+            Some(head) => (head, tail),
+            None => {
+                let into_tail = (sent - self.head.len()).min(tail.len());
+                (&[], &tail[into_tail..])
+            }
+        }
+    }
+}
+
+impl From<Vec<u8>> for OutFrame {
+    fn from(head: Vec<u8>) -> OutFrame {
+        OutFrame { head, tail: None }
+    }
+}
+
 struct Outbox {
-    queue: VecDeque<Vec<u8>>,
+    queue: VecDeque<OutFrame>,
     /// Bytes of the queue's first frame already on the wire (a direct write stopped short).
     head_sent: usize,
     /// The writer task holds frames it took from the queue and has not written yet.
@@ -271,7 +313,7 @@ struct Outbox {
 impl Outbox {
     /// Queues `frame`, or writes it now when nothing is ahead of it and the sender is
     /// `alone` (no other exchange in progress). Returns whether the writer task must be woken.
-    fn push(&mut self, frame: Vec<u8>, alone: bool) -> Result<bool, LinkError> {
+    fn push(&mut self, frame: OutFrame, alone: bool) -> Result<bool, LinkError> {
         if self.closed {
             return Err(LinkError::Down);
         }
@@ -294,12 +336,13 @@ impl Outbox {
 
 /// Writes what the socket takes without blocking. Errors are left for the writer task,
 /// which meets them again and closes the link.
-fn write_nonblocking(socket: &mut std::net::TcpStream, frame: &[u8]) -> usize {
-    use std::io::Write;
+fn write_nonblocking(socket: &mut std::net::TcpStream, frame: &OutFrame) -> usize {
+    use std::io::{IoSlice, Write};
     let mut sent = 0;
     // Bounded: each round either makes progress or stops.
     while sent < frame.len() {
-        match socket.write(&frame[sent..]) {
+        let (head, tail) = frame.rest(sent);
+        match socket.write_vectored(&[IoSlice::new(head), IoSlice::new(tail)]) {
             Ok(0) => break,
             Ok(n) => sent += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -344,7 +387,7 @@ impl Link {
     /// `alone`: this frame is the only exchange in progress on the link. Only then is a
     /// direct write worth it: with many in flight, a loopback or LAN send costs more than
     /// the wake-up it saves, and the writer task gathers the frames into few writes.
-    fn push_frame(&self, frame: Vec<u8>, alone: bool) -> Result<(), LinkError> {
+    fn push_frame(&self, frame: OutFrame, alone: bool) -> Result<(), LinkError> {
         let wake = self.lock_outbox().push(frame, alone)?;
         if wake {
             self.queued.notify_one();
@@ -390,7 +433,7 @@ impl Link {
         let mut out = Vec::new();
         frame::encode(seq, m, &mut out);
         let alone = self.answering.load(Ordering::Relaxed) <= 1 && self.lock_pending().is_empty();
-        let _ = self.push_frame(out, alone);
+        let _ = self.push_frame(out.into(), alone);
     }
 
     /// Counts a request from the peer as being handled until the guard drops; its response
@@ -430,7 +473,7 @@ impl Link {
         let (seq, rx) = self.register()?;
         let mut out = Vec::new();
         frame::encode(seq, m, &mut out);
-        if let Err(e) = self.push_frame(out, self.alone_in_flight()) {
+        if let Err(e) = self.push_frame(out.into(), self.alone_in_flight()) {
             self.lock_pending().remove(&seq);
             return Err(e);
         }
@@ -440,12 +483,14 @@ impl Link {
     /// Sends a request already encoded (with any sequence number: it is replaced here, and
     /// the body checksum does not cover it) and waits for its response. Lets the caller
     /// encode a write's payload once and hand its buffer to the local disk at the same time.
-    pub async fn request_frame(&self, mut frame: Vec<u8>) -> Result<Message, LinkError> {
+    pub async fn request_frame(&self, frame: impl Into<OutFrame>) -> Result<Message, LinkError> {
+        let mut frame = frame.into();
         let (seq, rx) = self.register()?;
-        if frame.len() < HEADER_LEN {
+        if frame.head.len() < HEADER_LEN {
+            self.lock_pending().remove(&seq);
             return Err(LinkError::Down);
         }
-        frame[8..16].copy_from_slice(&seq.to_be_bytes());
+        frame.head[8..16].copy_from_slice(&seq.to_be_bytes());
         if let Err(e) = self.push_frame(frame, self.alone_in_flight()) {
             self.lock_pending().remove(&seq);
             return Err(e);
@@ -501,25 +546,27 @@ pub async fn writer_task<W: AsyncWrite + Unpin>(link: Arc<Link>, mut w: W) {
                         outbox.writer_busy = false;
                         None
                     }
-                    None => Some((Vec::new(), 0)),
+                    None => Some((OutFrame::from(Vec::new()), 0)),
                 }
             };
             let Some((f, already)) = next else { break };
-            let rest = &f[already.min(f.len())..];
-            let flush_first = rest.is_empty() || batch.len() + rest.len() > BATCH_BYTES;
+            let (head, tail) = f.rest(already);
+            let rest_len = head.len() + tail.len();
+            let flush_first = rest_len == 0 || batch.len() + rest_len > BATCH_BYTES;
             if flush_first && !batch.is_empty() {
                 if w.write_all(&batch).await.is_err() {
                     break 'link;
                 }
                 batch.clear();
             }
-            if rest.len() >= BATCH_BYTES {
+            if rest_len >= BATCH_BYTES {
                 // A large frame goes out on its own, without a copy.
-                if w.write_all(rest).await.is_err() {
+                if write_parts(&mut w, head, tail).await.is_err() {
                     break 'link;
                 }
             } else {
-                batch.extend_from_slice(rest);
+                batch.extend_from_slice(head);
+                batch.extend_from_slice(tail);
             }
         }
         if w.flush().await.is_err() {
@@ -528,6 +575,29 @@ pub async fn writer_task<W: AsyncWrite + Unpin>(link: Arc<Link>, mut w: W) {
     }
     link.close();
     let _ = w.shutdown().await;
+}
+
+/// Writes `head` then `tail` with vectored writes: one segment on the wire where two
+/// separate writes would send the small head on its own first.
+async fn write_parts<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut head: &[u8],
+    mut tail: &[u8],
+) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    // Bounded: every round writes at least one byte or fails.
+    while !head.is_empty() || !tail.is_empty() {
+        let n = w
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(tail)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        tail = &tail[(n - from_head).min(tail.len())..];
+    }
+    Ok(())
 }
 
 /// Sends a ping every `interval` so the peer's reader sees traffic even when idle.
@@ -592,6 +662,20 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn a_split_frame_resumes_at_any_byte() {
+        let f = OutFrame::split(vec![1, 2, 3], Arc::new(vec![4, 5]));
+        assert_eq!(f.len(), 5);
+        let whole = [1u8, 2, 3, 4, 5];
+        for sent in 0..=6 {
+            let (head, tail) = f.rest(sent);
+            let rest: Vec<u8> = head.iter().chain(tail).copied().collect();
+            assert_eq!(rest, whole[sent.min(5)..], "after {sent} bytes");
+        }
+        let plain = OutFrame::from(vec![7, 8]);
+        assert_eq!(plain.rest(1), (&[8u8][..], &[][..]));
+    }
 
     /// A frame that the socket took only in part stays first: a later sender must queue
     /// behind it even when the socket has room again (writing directly would splice its
@@ -676,9 +760,9 @@ mod tests {
         let _ = rt.block_on(writer);
     }
 
-    /// Senders on several threads, small and large frames, a reader slow enough to fill the
-    /// socket: every frame arrives whole, exactly once, and in each sender's order, whether
-    /// it went out directly or through the writer task.
+    /// Senders on several threads, small, large and split (head + shared data) frames, a
+    /// reader slow enough to fill the socket: every frame arrives whole, exactly once, and in
+    /// each sender's order, whether it went out directly or through the writer task.
     #[test]
     fn frames_from_many_threads_arrive_whole_and_in_order() {
         const THREADS: u32 = 4;
@@ -721,6 +805,17 @@ mod tests {
                                         payload: vec![t as u8; 300_000],
                                     },
                                 );
+                            } else if i % 20 == 13 {
+                                // A mirrored write: head and shared data, large enough to
+                                // stop short in either part.
+                                let data = Arc::new(vec![t as u8 ^ 0x5a; 200_000 + i as usize]);
+                                let head = frame::encode_write_head(
+                                    u64::from(id),
+                                    u64::from(id),
+                                    false,
+                                    &data,
+                                );
+                                let _ = link.push_frame(OutFrame::split(head, data), i % 40 == 13);
                             } else {
                                 link.send(u64::from(id), &Message::Ack { errno: id });
                             }
@@ -753,6 +848,11 @@ mod tests {
                     } => {
                         assert_eq!(offset, u64::from(id));
                         assert!(payload.iter().all(|&b| b == t as u8));
+                    }
+                    Message::Write { offset, data, .. } => {
+                        assert_eq!(offset, u64::from(id));
+                        assert_eq!(data.len(), 200_000 + i as usize);
+                        assert!(data.iter().all(|&b| b == t as u8 ^ 0x5a));
                     }
                     other => panic!("unexpected frame {other:?}"),
                 }
