@@ -15,7 +15,7 @@ use nbd_server::{BackendError, BackendResult, BlockBackend, Extent, ZeroMode};
 use nix::errno::Errno;
 use nix::unistd::Whence;
 
-use crate::engine::{Engine, EngineKind};
+use crate::engine::{Engine, EngineKind, Via};
 
 const ZERO_CHUNK: usize = 1024 * 1024;
 
@@ -187,7 +187,10 @@ impl ImageFile {
             && len.is_multiple_of(DIRECT_ALIGN)
             && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
         {
-            let (buf, r) = self.engine.write_uncached_at(data, 0, offset, fua).await;
+            let (buf, r) = self
+                .engine
+                .write_at(Via::Direct, data, 0, offset, fua)
+                .await;
             match r {
                 Ok(n) if n == len => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
@@ -234,7 +237,7 @@ impl ImageFile {
         while done < len {
             let (buf, r) = self
                 .engine
-                .write_at(data, done, offset + done as u64, dsync)
+                .write_at(Via::PageCache, data, done, offset + done as u64, dsync)
                 .await;
             data = buf;
             match r {
@@ -347,7 +350,7 @@ impl ImageFile {
             if start < DIRECT_ALIGN {
                 // Within the capacity: the storage (and so the alignment) stays put.
                 buf.resize(start + length, 0);
-                let (buf, r) = self.engine.read_uncached_at(buf, start, offset).await;
+                let (buf, r) = self.engine.read_at(Via::Direct, buf, start, offset).await;
                 match r {
                     Ok(n) if n == length => {
                         return Ok(ChunkBuf {
@@ -393,7 +396,10 @@ impl BlockBackend for ImageFile {
         let mut buf = vec![0u8; length];
         let mut done = 0;
         while done < length {
-            let (b, r) = self.engine.read_at(buf, done, offset + done as u64).await;
+            let (b, r) = self
+                .engine
+                .read_at(Via::PageCache, buf, done, offset + done as u64)
+                .await;
             buf = b;
             match r {
                 // A file shorter than its advertised size reads as zeroes past its end.

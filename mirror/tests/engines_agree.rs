@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use mirror::engine::Via;
 use mirror::{create_image, Engine, EngineKind, ImageFile};
 use nbd_server::{BlockBackend, ZeroMode};
 use proptest::prelude::*;
@@ -290,15 +291,19 @@ fn uncached_writes_replace_dirty_cached_pages() {
                 Arc::new(o.open(&path).unwrap())
             };
             let engine = Engine::new(kind, open(false), Some(open(true))).unwrap();
-            let (_, r) = engine.write_at(vec![0x11; 4096], 0, 69_632, false).await;
+            let (_, r) = engine
+                .write_at(Via::PageCache, vec![0x11; 4096], 0, 69_632, false)
+                .await;
             r.unwrap();
             let len = 256 * 1024;
             let mut buf: Vec<u8> = Vec::with_capacity(len + 4096);
             let at = buf.as_ptr().align_offset(4096);
             buf.resize(at + len, 0x22);
-            let (_, r) = engine.write_uncached_at(buf, at, 65_536, false).await;
+            let (_, r) = engine.write_at(Via::Direct, buf, at, 65_536, false).await;
             assert_eq!(r.unwrap(), len, "{kind:?}");
-            let (got, r) = engine.read_at(vec![0; len + 8192], 0, 61_440).await;
+            let (got, r) = engine
+                .read_at(Via::PageCache, vec![0; len + 8192], 0, 61_440)
+                .await;
             assert_eq!(r.unwrap(), len + 8192);
             assert!(got[..4096].iter().all(|&b| b == 0), "{kind:?}");
             assert!(got[4096..4096 + len].iter().all(|&b| b == 0x22), "{kind:?}");

@@ -37,6 +37,19 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
+/// Which descriptor of the image an operation goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The ordinary one: through the page cache.
+    PageCache,
+    /// The O_DIRECT one: the disk reads from or writes into the caller's buffer, and the page
+    /// cache is neither filled nor copied (the kernel writes back, and for a write drops,
+    /// cached pages of the range first, so both views stay current). The buffer's address
+    /// and length and the offset must be multiples of the device's block size. Fails with
+    /// `Unsupported` when the filesystem gave no O_DIRECT descriptor (tmpfs).
+    Direct,
+}
+
 pub enum Engine {
     Sync(SyncEngine),
     Uring(UringEngine),
@@ -44,7 +57,7 @@ pub enum Engine {
 
 impl Engine {
     /// Builds the engine for `file`; `uncached` is the same file opened with O_DIRECT, when
-    /// the filesystem allows it (see [`Engine::read_uncached_at`]). Must run inside a tokio
+    /// the filesystem allows it (see [`Via::Direct`]). Must run inside a tokio
     /// runtime (the io_uring engine polls its completions from there).
     pub fn new(
         kind: EngineKind,
@@ -71,64 +84,34 @@ impl Engine {
         }
     }
 
-    /// Reads into `buf[at..]` from `offset`; returns the buffer and the bytes read.
+    /// Reads into `buf[at..]` from `offset` through `via`; returns the buffer and the bytes
+    /// read.
     pub async fn read_at(
         &self,
+        via: Via,
         buf: Vec<u8>,
         at: usize,
         offset: u64,
     ) -> (Vec<u8>, io::Result<usize>) {
         match self {
-            Engine::Sync(e) => e.read_at(buf, at, offset).await,
-            Engine::Uring(e) => e.read_at(buf, at, offset).await,
+            Engine::Sync(e) => e.read_at(via, buf, at, offset).await,
+            Engine::Uring(e) => e.read_at(via, buf, at, offset).await,
         }
     }
 
-    /// Reads into `buf[at..]` from `offset` through the O_DIRECT descriptor: the disk writes
-    /// into `buf` and the page cache is neither filled nor copied from (the kernel writes back
-    /// dirty cached pages of the range first, so the data is current). `buf[at..]`'s address,
-    /// length and `offset` must be multiples of the device's block size. Fails with
-    /// `Unsupported` when the engine has no O_DIRECT descriptor.
-    pub async fn read_uncached_at(
-        &self,
-        buf: Vec<u8>,
-        at: usize,
-        offset: u64,
-    ) -> (Vec<u8>, io::Result<usize>) {
-        match self {
-            Engine::Sync(e) => e.read_uncached_at(buf, at, offset).await,
-            Engine::Uring(e) => e.read_uncached_at(buf, at, offset).await,
-        }
-    }
-
-    /// Writes `buf[at..]` at `offset`; `dsync` makes this write durable before it completes.
+    /// Writes `buf[at..]` at `offset` through `via`; `dsync` makes this write durable before
+    /// it completes.
     pub async fn write_at(
         &self,
+        via: Via,
         buf: Vec<u8>,
         at: usize,
         offset: u64,
         dsync: bool,
     ) -> (Vec<u8>, io::Result<usize>) {
         match self {
-            Engine::Sync(e) => e.write_at(buf, at, offset, dsync).await,
-            Engine::Uring(e) => e.write_at(buf, at, offset, dsync).await,
-        }
-    }
-
-    /// Writes `buf[at..]` at `offset` through the O_DIRECT descriptor: the disk reads from
-    /// `buf` and the page cache is neither filled nor copied into (the kernel writes back and
-    /// drops cached pages of the range first). Same alignment rules as
-    /// [`Engine::read_uncached_at`]; `Unsupported` without an O_DIRECT descriptor.
-    pub async fn write_uncached_at(
-        &self,
-        buf: Vec<u8>,
-        at: usize,
-        offset: u64,
-        dsync: bool,
-    ) -> (Vec<u8>, io::Result<usize>) {
-        match self {
-            Engine::Sync(e) => e.write_uncached_at(buf, at, offset, dsync).await,
-            Engine::Uring(e) => e.write_uncached_at(buf, at, offset, dsync).await,
+            Engine::Sync(e) => e.write_at(via, buf, at, offset, dsync).await,
+            Engine::Uring(e) => e.write_at(via, buf, at, offset, dsync).await,
         }
     }
 

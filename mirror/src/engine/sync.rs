@@ -7,6 +7,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use super::Via;
+
 pub struct SyncEngine {
     file: Arc<File>,
     uncached: Option<Arc<File>>,
@@ -23,47 +25,40 @@ impl SyncEngine {
         SyncEngine { file, uncached }
     }
 
-    pub async fn read_at(
-        &self,
-        buf: Vec<u8>,
-        at: usize,
-        offset: u64,
-    ) -> (Vec<u8>, io::Result<usize>) {
-        pread(self.file.clone(), buf, at, offset).await
+    fn descriptor(&self, via: Via) -> io::Result<Arc<File>> {
+        match via {
+            Via::PageCache => Ok(self.file.clone()),
+            Via::Direct => self
+                .uncached
+                .clone()
+                .ok_or_else(|| io::ErrorKind::Unsupported.into()),
+        }
     }
 
-    pub async fn read_uncached_at(
+    pub async fn read_at(
         &self,
+        via: Via,
         buf: Vec<u8>,
         at: usize,
         offset: u64,
     ) -> (Vec<u8>, io::Result<usize>) {
-        match &self.uncached {
-            Some(f) => pread(f.clone(), buf, at, offset).await,
-            None => (buf, Err(io::ErrorKind::Unsupported.into())),
+        match self.descriptor(via) {
+            Ok(f) => pread(f, buf, at, offset).await,
+            Err(e) => (buf, Err(e)),
         }
     }
 
     pub async fn write_at(
         &self,
+        via: Via,
         buf: Vec<u8>,
         at: usize,
         offset: u64,
         dsync: bool,
     ) -> (Vec<u8>, io::Result<usize>) {
-        pwrite(self.file.clone(), buf, at, offset, dsync).await
-    }
-
-    pub async fn write_uncached_at(
-        &self,
-        buf: Vec<u8>,
-        at: usize,
-        offset: u64,
-        dsync: bool,
-    ) -> (Vec<u8>, io::Result<usize>) {
-        match &self.uncached {
-            Some(f) => pwrite(f.clone(), buf, at, offset, dsync).await,
-            None => (buf, Err(io::ErrorKind::Unsupported.into())),
+        match self.descriptor(via) {
+            Ok(f) => pwrite(f, buf, at, offset, dsync).await,
+            Err(e) => (buf, Err(e)),
         }
     }
 

@@ -22,6 +22,8 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::Via;
+
 const SQ_ENTRIES: u32 = 256;
 const CQ_ENTRIES: u32 = 1024;
 /// The image is registered as fixed file 0: the kernel skips the fd lookup per operation.
@@ -234,25 +236,26 @@ impl UringEngine {
         (keep, result)
     }
 
-    pub async fn read_at(
-        &self,
-        buf: Vec<u8>,
-        at: usize,
-        offset: u64,
-    ) -> (Vec<u8>, io::Result<usize>) {
-        self.read_from(IMAGE, buf, at, offset).await
+    /// The fixed file `via` names, or `Unsupported` when there is no O_DIRECT descriptor.
+    fn fixed(&self, via: Via) -> io::Result<types::Fixed> {
+        match via {
+            Via::PageCache => Ok(IMAGE),
+            Via::Direct if self.uncached.is_some() => Ok(IMAGE_UNCACHED),
+            Via::Direct => Err(io::ErrorKind::Unsupported.into()),
+        }
     }
 
-    pub async fn read_uncached_at(
+    pub async fn read_at(
         &self,
+        via: Via,
         buf: Vec<u8>,
         at: usize,
         offset: u64,
     ) -> (Vec<u8>, io::Result<usize>) {
-        if self.uncached.is_none() {
-            return (buf, Err(io::ErrorKind::Unsupported.into()));
+        match self.fixed(via) {
+            Ok(file) => self.read_from(file, buf, at, offset).await,
+            Err(e) => (buf, Err(e)),
         }
-        self.read_from(IMAGE_UNCACHED, buf, at, offset).await
     }
 
     async fn read_from(
@@ -274,12 +277,16 @@ impl UringEngine {
 
     pub async fn write_at(
         &self,
+        via: Via,
         buf: Vec<u8>,
         at: usize,
         offset: u64,
         dsync: bool,
     ) -> (Vec<u8>, io::Result<usize>) {
-        self.write_to(IMAGE, buf, at, offset, dsync).await
+        match self.fixed(via) {
+            Ok(file) => self.write_to(file, buf, at, offset, dsync).await,
+            Err(e) => (buf, Err(e)),
+        }
     }
 
     async fn write_to(
@@ -300,19 +307,6 @@ impl UringEngine {
             .build();
         let (keep, r) = self.run(entry, Some(buf)).await;
         (keep.unwrap_or_default(), r.map(|n| n as usize))
-    }
-
-    pub async fn write_uncached_at(
-        &self,
-        buf: Vec<u8>,
-        at: usize,
-        offset: u64,
-        dsync: bool,
-    ) -> (Vec<u8>, io::Result<usize>) {
-        if self.uncached.is_none() {
-            return (buf, Err(io::ErrorKind::Unsupported.into()));
-        }
-        self.write_to(IMAGE_UNCACHED, buf, at, offset, dsync).await
     }
 
     pub async fn datasync(&self) -> io::Result<()> {
