@@ -10,6 +10,7 @@
 //! - [`decide`]: the pure rules: resync direction, split brain, promotion.
 //! - [`metadata`]: the persistent dirty map, activity map and generations.
 //! - [`node`]: the daemon's volumes and the replication listener and dialers.
+//! - [`window`]: how many resync chunks may be in flight (by count and by bytes).
 
 pub mod decide;
 pub mod engine;
@@ -20,6 +21,7 @@ pub mod rangelock;
 pub mod repl;
 pub mod unflushed;
 pub mod volume;
+pub mod window;
 
 pub use engine::{Engine, EngineKind};
 pub use image::{create_image, ImageError, ImageFile};

@@ -28,6 +28,7 @@ use crate::rangelock::RangeLocks;
 use crate::repl::frame::{self, encode_resync_data, Message, Role, VolumeState};
 use crate::repl::link::{Link, LinkError, OutFrame};
 use crate::unflushed::Unflushed;
+use crate::window::ResyncWindow;
 use crate::{create_image, EngineKind, ImageError, ImageFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +100,6 @@ pub struct ResyncOptions {
 /// Resync chunk: big enough for zstd and the link to run at full speed, small enough that an
 /// application write to the same range waits little.
 pub const CHUNK: u64 = 1 << 20;
-/// Chunks in flight while the application is idle; one while it is busy.
-const RESYNC_DEPTH: usize = 8;
 
 #[derive(Default)]
 struct Progress {
@@ -1242,28 +1241,28 @@ impl Volume {
             // waits for the rate limiter or for a slot (futures in a set that is not being
             // polled stall, and did: a rate-limited resync sent nothing until its end).
             let mut inflight = tokio::task::JoinSet::new();
+            let mut window = ResyncWindow::default();
             for (off, len) in self.meta.dirty_ranges() {
                 let mut c = off;
                 while c < off + len {
                     let n = (CHUNK - c % CHUNK).min(off + len - c);
-                    let depth = if self.app_inflight.load(Ordering::Relaxed) > 0 {
-                        1
-                    } else {
-                        RESYNC_DEPTH
-                    };
-                    while inflight.len() >= depth {
-                        if let Some(r) = inflight.join_next().await {
-                            self.chunk_task_result(r)?;
+                    // Bounded: each round takes one chunk out of the window, and the window
+                    // admits any chunk once it is empty.
+                    while !window.admits(n, self.app_inflight.load(Ordering::Relaxed) > 0) {
+                        match inflight.join_next().await {
+                            Some(r) => window.finish(self.chunk_task_result(r)?),
+                            None => break,
                         }
                     }
                     limiter.take(n).await;
+                    window.start(n);
                     let (me, link) = (self.clone(), link.clone());
-                    inflight.spawn(async move { me.send_chunk(&link, c, n).await });
+                    inflight.spawn(async move { me.send_chunk(&link, c, n).await.map(|()| n) });
                     c += n;
                 }
             }
             while let Some(r) = inflight.join_next().await {
-                self.chunk_task_result(r)?;
+                window.finish(self.chunk_task_result(r)?);
             }
             if self.meta.dirty_count() == 0 {
                 break;
@@ -1401,10 +1400,11 @@ impl Volume {
         }
     }
 
+    /// The bytes of a finished chunk task, or its error.
     fn chunk_task_result(
         &self,
-        r: Result<Result<(), VolumeError>, tokio::task::JoinError>,
-    ) -> Result<(), VolumeError> {
+        r: Result<Result<u64, VolumeError>, tokio::task::JoinError>,
+    ) -> Result<u64, VolumeError> {
         r.map_err(|e| VolumeError::Refused {
             volume: self.name.clone(),
             what: format!("a resync task failed: {e}"),
