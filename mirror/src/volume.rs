@@ -1748,9 +1748,15 @@ impl Volume {
 }
 
 /// zstd level 1 when it saves at least an eighth; None when it does not.
+/// A chunk compressed with zstd, if that saves at least a quarter of its bytes. Less is not
+/// worth the CPU: zstd level 1 runs at ~400 MB/s a core here on data that shrinks by 1/8 (fio's
+/// buffers), so sending such a 64 KiB chunk smaller saves ~70 us on a gigabit link and costs
+/// ~150 us of CPU shared with the VM, and on a faster link the saving shrinks to nothing. A 1 %
+/// resync of fio's data spent most of its 30 ms compressing. Text, binaries and file-system
+/// metadata shrink by half or more and are still sent compressed.
 fn compress(data: &[u8]) -> Option<Vec<u8>> {
     match zstd::bulk::compress(data, 1) {
-        Ok(c) if c.len() < data.len() - data.len() / 8 => Some(c),
+        Ok(c) if c.len() <= data.len() - data.len() / 4 => Some(c),
         _ => None,
     }
 }
@@ -1925,5 +1931,44 @@ impl BlockBackend for Volume {
         max_extents: usize,
     ) -> BackendResult<Vec<Extent>> {
         self.image.block_status(offset, length, max_extents).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compress;
+
+    /// Bytes drawn from an alphabet of `symbols` values: log2(symbols) bits of entropy each.
+    fn entropy_bytes(symbols: u32, len: usize) -> Vec<u8> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 32) % u64::from(symbols)) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compresses_only_what_shrinks_by_a_quarter() {
+        let len = 64 << 10;
+        assert!(compress(&vec![0u8; len]).is_some(), "zeroes");
+        assert!(
+            compress(&entropy_bytes(16, len)).is_some(),
+            "4 bits a byte: about half"
+        );
+        assert!(
+            compress(&entropy_bytes(128, len)).is_none(),
+            "7 bits a byte: 1/8 saved"
+        );
+        assert!(compress(&entropy_bytes(256, len)).is_none(), "random");
+        let text = "a text of words, the kind of data a file system holds. ".repeat(len / 50);
+        let packed = compress(text.as_bytes()).expect("text");
+        assert_eq!(
+            zstd::bulk::decompress(&packed, text.len()).expect("round trip"),
+            text.as_bytes()
+        );
     }
 }
