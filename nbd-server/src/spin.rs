@@ -38,6 +38,16 @@ pub fn set_budget(micros: u64) {
     BUDGET_US.store(micros, Ordering::Relaxed);
 }
 
+/// After a thread waited for its device to flush, how long its parks do not poll. Measured on
+/// this 2-vCPU VM with fio at queue depth 1, a write and a FLUSH in turn: 3,840 IOPS polling,
+/// 4,950 without, and nbdkit 4,230. Both the writes and the flushes took longer while the
+/// thread polled between them. A wake-up is a small part of a cycle that waits ~150 us for the
+/// device, and the polling vCPU competes with the work the flush needs (the other vCPU, and
+/// the host's I/O path behind the virtual disk). A client that flushes every write, or every
+/// few, thus serves faster from a thread that sleeps; one that stops flushing gets polling
+/// back within this period.
+pub const QUIET_AFTER_FLUSH: Duration = Duration::from_millis(1);
+
 /// Empty spins in a row after which a thread stops spinning.
 pub const MISSES_BEFORE_REST: u32 = 16;
 
@@ -50,6 +60,7 @@ thread_local! {
     static RESTING_PARKS: Cell<u32> = const { Cell::new(0) };
     static PAUSED: Cell<u32> = const { Cell::new(0) };
     static SERVING: Cell<u32> = const { Cell::new(0) };
+    static QUIET_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// A count of the current thread's, raised while the guard lives. A future moved to another
@@ -83,6 +94,12 @@ impl Drop for Held {
 /// would only delay on a small machine.
 pub fn pause() -> Held {
     Held::new(&PAUSED)
+}
+
+/// Tells the current thread that it just waited for the device to flush (an fdatasync, a FUA
+/// write): its parks do not poll for [`QUIET_AFTER_FLUSH`].
+pub fn device_flushed() {
+    QUIET_UNTIL.set(Some(Instant::now() + QUIET_AFTER_FLUSH));
 }
 
 /// Counts a request being served on the current thread until the guard drops (an NBD
@@ -128,6 +145,12 @@ pub fn before_park() {
     });
     if live.is_empty() || PAUSED.get() > 0 {
         return;
+    }
+    if let Some(until) = QUIET_UNTIL.get() {
+        if Instant::now() < until {
+            return;
+        }
+        QUIET_UNTIL.set(None);
     }
     if MISSES.get() >= MISSES_BEFORE_REST {
         let n = RESTING_PARKS.get().wrapping_add(1);
@@ -206,6 +229,25 @@ mod tests {
         drop(p);
         before_park();
         assert_eq!(MISSES.get(), 1);
+    }
+
+    #[test]
+    fn no_spin_for_a_while_after_a_device_flush() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let _w = watch(&a).unwrap();
+        MISSES.set(0);
+        device_flushed();
+        before_park();
+        assert_eq!(MISSES.get(), 0, "no spin right after a flush");
+        // Bounded: the quiet period is 1 ms; give up after 2 s.
+        let start = Instant::now();
+        while QUIET_UNTIL.get().is_some_and(|t| Instant::now() < t) {
+            assert!(start.elapsed() < Duration::from_secs(2));
+            std::thread::sleep(QUIET_AFTER_FLUSH / 4);
+        }
+        before_park();
+        assert_eq!(MISSES.get(), 1, "polling again once the period is over");
+        assert_eq!(QUIET_UNTIL.get(), None);
     }
 
     #[test]
