@@ -846,8 +846,9 @@ impl Volume {
 
     /// Handles one request from the peer and sends the answer. Runs as its own task so
     /// writes are applied concurrently (the primary never has two overlapping in flight).
+    /// Handles a request from the peer. The caller counts it with [`Link::answering`] from
+    /// its arrival (see `Node::link_session`).
     pub async fn handle_request(self: Arc<Self>, link: Arc<Link>, seq: u64, m: Message) {
-        let _answering = link.answering();
         let reply = match m {
             Message::State(s) => {
                 self.peer_state(&link, s);

@@ -677,6 +677,35 @@ mod tests {
         assert_eq!(plain.rest(1), (&[8u8][..], &[][..]));
     }
 
+    /// Answers go straight to the socket only while one request is being answered; with a
+    /// burst of requests counted from their arrival, they wait for the writer task, which
+    /// sends them in one write.
+    #[test]
+    fn answers_to_a_burst_queue_for_one_write() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let sender =
+            std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (_receiver, _) = listener.accept().expect("accept");
+        sender.set_nonblocking(true).expect("non-blocking");
+        let link = Link::new("peer".into(), Duration::from_secs(10), Some(sender));
+
+        let alone = link.answering();
+        link.send(1, &Message::Ack { errno: 0 });
+        assert_eq!(link.lock_outbox().queue.len(), 0, "alone: written directly");
+        drop(alone);
+
+        let burst: Vec<Answering> = (0..3).map(|_| link.answering()).collect();
+        for (seq, guard) in (2..).zip(burst) {
+            link.send(seq, &Message::Ack { errno: 0 });
+            drop(guard);
+        }
+        assert_eq!(
+            link.lock_outbox().queue.len(),
+            3,
+            "every answer of the burst waits for the writer task, the last one too"
+        );
+    }
+
     /// A frame that the socket took only in part stays first: a later sender must queue
     /// behind it even when the socket has room again (writing directly would splice its
     /// frame into the middle of the first one).
