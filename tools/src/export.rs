@@ -55,7 +55,8 @@ pub struct ExportArgs {
     /// Waking a sleeping CPU costs more than serving a 4 KiB request, above all in a VM;
     /// polling briefly lets a queue-depth-1 client's next request, or the peer's answer, find
     /// the thread awake. At most this much CPU per sleep; a thread whose polls keep finding
-    /// nothing stops polling until traffic returns.
+    /// nothing stops polling until traffic returns, and one that has just waited for the disk
+    /// to flush (FLUSH, FUA) does not poll for 1 ms (there, polling slowed the flushes).
     #[arg(long, value_name = "US", default_value_t = nbd_server::spin::DEFAULT_SPIN_US,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     spin_us: u64,
