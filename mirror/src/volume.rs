@@ -846,8 +846,8 @@ impl Volume {
 
     /// Handles one request from the peer and sends the answer. Runs as its own task so
     /// writes are applied concurrently (the primary never has two overlapping in flight).
-    /// Handles a request from the peer. The caller counts it with [`Link::answering`] from
-    /// its arrival (see `Node::link_session`).
+    /// The caller counts it with [`Link::answering`] from its arrival (see
+    /// `Node::link_session`).
     pub async fn handle_request(self: Arc<Self>, link: Arc<Link>, seq: u64, m: Message) {
         let reply = match m {
             Message::State(s) => {
@@ -1748,7 +1748,6 @@ impl Volume {
     }
 }
 
-/// zstd level 1 when it saves at least an eighth; None when it does not.
 /// A chunk compressed with zstd, if that saves at least a quarter of its bytes. Less is not
 /// worth the CPU: zstd level 1 runs at ~400 MB/s a core here on data that shrinks by 1/8 (fio's
 /// buffers), so sending such a 64 KiB chunk smaller saves ~70 us on a gigabit link and costs
