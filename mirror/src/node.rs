@@ -60,6 +60,9 @@ pub struct NodeSpec {
     pub peer: String,
     /// Silence on the link longer than this declares the peer gone.
     pub peer_timeout: Duration,
+    /// Longest a write the peer acknowledged may wait for a peer flush when no FLUSH from a
+    /// client came first (see `Volume::background_maintenance`).
+    pub peer_flush_interval: Duration,
     pub resync: ResyncOptions,
     pub engine: EngineKind,
     /// NBD data-plane threads per export besides the volume's home thread; 0 serves the
@@ -185,7 +188,11 @@ impl Node {
             if dial {
                 tokio::spawn(node.clone().dial_loop(h.vol.clone()));
             }
-            h.home.handle.spawn(h.vol.clone().background_maintenance());
+            h.home.handle.spawn(
+                h.vol
+                    .clone()
+                    .background_maintenance(spec.peer_flush_interval),
+            );
         }
         Ok(node)
     }

@@ -21,7 +21,9 @@
 //! ```
 //!
 //! Optional tuning keys (top level): `peer_timeout` (default "5s": link silence that declares
-//! the peer gone), `resync_rate` (bytes per second with K/M/G suffix, default 0 = no limit;
+//! the peer gone), `peer_flush_interval` (default "30s": longest a primary lets the peer hold
+//! acknowledged writes in its page cache without a flush; what a dropped link costs in resync),
+//! `resync_rate` (bytes per second with K/M/G suffix, default 0 = no limit;
 //! resync always yields to application I/O), `resync_checksum` (default false: hash-compare
 //! chunks first and send only those that differ), `io_engine` ("auto", "uring", "sync").
 
@@ -58,6 +60,7 @@ pub struct NodeConfig {
     pub replication_listen: String,
     pub peer: String,
     pub peer_timeout: std::time::Duration,
+    pub peer_flush_interval: std::time::Duration,
     pub resync_rate: u64,
     pub resync_checksum: bool,
     pub io_engine: String,
@@ -128,6 +131,7 @@ struct RawConfig {
     replication_listen: String,
     peer: String,
     peer_timeout: Option<RawSize>,
+    peer_flush_interval: Option<RawSize>,
     resync_rate: Option<RawSize>,
     #[serde(default)]
     resync_checksum: bool,
@@ -390,6 +394,17 @@ pub fn parse(
             "peer_timeout must be between 200ms and 600s".into(),
         ));
     }
+    let peer_flush_interval = match raw.peer_flush_interval {
+        None => mirror::volume::DEFAULT_PEER_FLUSH_INTERVAL,
+        Some(t) => parse_duration(&t).map_err(|e| invalid(format!("peer_flush_interval: {e}")))?,
+    };
+    if peer_flush_interval < std::time::Duration::from_secs(1)
+        || peer_flush_interval > std::time::Duration::from_secs(3600)
+    {
+        return Err(invalid(
+            "peer_flush_interval must be between 1s and 3600s".into(),
+        ));
+    }
     let resync_rate = match raw.resync_rate {
         None | Some(RawSize::Bytes(0)) => 0,
         Some(RawSize::Bytes(n)) => n,
@@ -543,6 +558,7 @@ pub fn parse(
         replication_listen: raw.replication_listen,
         peer: raw.peer,
         peer_timeout,
+        peer_flush_interval,
         resync_rate,
         resync_checksum: raw.resync_checksum,
         io_engine,
@@ -722,6 +738,20 @@ listen = ["127.0.0.1:10811", "unix:run/disk1.sock"]
         assert!(c.resync_checksum);
         assert!(parse_err(&format!("peer_timeout = \"5h\"\n{GOOD}")).contains("unknown unit"));
         assert!(parse_err(&format!("peer_timeout = 0\n{GOOD}")).contains("between"));
+    }
+
+    #[test]
+    fn peer_flush_interval_defaults_to_the_kernels_dirty_expiry_and_is_checked() {
+        let c = parse_ok(GOOD);
+        assert_eq!(c.peer_flush_interval, std::time::Duration::from_secs(30));
+        let c = parse_ok(&format!("peer_flush_interval = \"2s\"\n{GOOD}"));
+        assert_eq!(c.peer_flush_interval, std::time::Duration::from_secs(2));
+        let c = parse_ok(&format!("peer_flush_interval = 120\n{GOOD}"));
+        assert_eq!(c.peer_flush_interval, std::time::Duration::from_secs(120));
+        for bad in ["\"500ms\"", "0", "\"2h\"", "7200"] {
+            let err = parse_err(&format!("peer_flush_interval = {bad}\n{GOOD}"));
+            assert!(err.contains("peer_flush_interval"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -197,6 +197,7 @@ async fn serve(cfg: NodeConfig, threads: Option<u16>) -> anyhow::Result<()> {
         replication_listen: cfg.replication_listen.clone(),
         peer: cfg.peer.clone(),
         peer_timeout: cfg.peer_timeout,
+        peer_flush_interval: cfg.peer_flush_interval,
         resync: ResyncOptions {
             rate: cfg.resync_rate,
             checksum: cfg.resync_checksum,

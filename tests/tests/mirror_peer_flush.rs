@@ -1,0 +1,54 @@
+//! The periodic peer flush. Writes the secondary acknowledged but has not flushed may sit only
+//! in its page cache, so when the link drops the primary marks them dirty and resyncs them.
+//! `peer_flush_interval` bounds how long a write stays in that state when no client FLUSH
+//! comes: these tests write without FLUSH, kill the secondary, and read what the primary marked.
+
+use std::time::Duration;
+
+use nbdmirror_tests::pair::{assert_fio_ok, fio, num, Pair, PairOptions, A, B, MIB, VOLUME};
+
+/// 4 MiB written at 8 MiB in 64 KiB writes, no FLUSH (fio's nbd engine sends none unless
+/// asked); then `pause`, then kill -9 of the secondary. Returns the primary's status.
+fn kill_secondary_after_unflushed_writes(
+    peer_flush_interval: &str,
+    pause: Duration,
+) -> serde_json::Value {
+    let mut pair = Pair::with_options(PairOptions {
+        extra: format!("peer_flush_interval = \"{peer_flush_interval}\""),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    let uri = pair.uri(A);
+    let job = [
+        "--name=unflushed",
+        "--rw=write",
+        "--bs=64k",
+        "--offset=8m",
+        "--size=4m",
+    ];
+    assert_fio_ok(&fio(&pair.env, &uri, &job));
+    std::thread::sleep(pause);
+    pair.kill9(B);
+    pair.wait_disconnected(A);
+    // The primary marks the unflushed set just after it sees the link closed.
+    std::thread::sleep(Duration::from_secs(1));
+    pair.vol(A, VOLUME)
+}
+
+#[test]
+fn writes_the_peer_never_flushed_are_marked_dirty_when_it_dies() {
+    // An interval far longer than the test: no periodic flush happens.
+    let a = kill_secondary_after_unflushed_writes("3600s", Duration::from_secs(3));
+    let dirty = num(&a, "dirty_bytes");
+    assert!(
+        (4 * MIB..=4 * MIB + 128 * 1024).contains(&dirty),
+        "the 4 MiB the peer held unflushed should be dirty, and nothing else: {a}"
+    );
+}
+
+#[test]
+fn the_periodic_peer_flush_clears_them_within_the_interval() {
+    // Flushed by the timer within about a second of the writes: nothing to resync.
+    let a = kill_secondary_after_unflushed_writes("1s", Duration::from_secs(4));
+    assert_eq!(num(&a, "dirty_bytes"), 0, "nothing to resync: {a}");
+}
