@@ -383,24 +383,23 @@ pub fn parse(
     if volumes.is_empty() {
         return Err(invalid("no [[volume]] defined".into()));
     }
-    let peer_timeout = match raw.peer_timeout {
-        None => std::time::Duration::from_secs(5),
-        Some(t) => parse_duration(&t).map_err(|e| invalid(format!("peer_timeout: {e}")))?,
+    let duration_or = |v: Option<RawSize>, default: std::time::Duration, key: &str| match v {
+        None => Ok(default),
+        Some(t) => parse_duration(&t).map_err(|e| invalid(format!("{key}: {e}"))),
     };
-    if peer_timeout < std::time::Duration::from_millis(200)
-        || peer_timeout > std::time::Duration::from_secs(600)
-    {
+    let secs = std::time::Duration::from_secs;
+    let peer_timeout = duration_or(raw.peer_timeout, secs(5), "peer_timeout")?;
+    if peer_timeout < std::time::Duration::from_millis(200) || peer_timeout > secs(600) {
         return Err(invalid(
             "peer_timeout must be between 200ms and 600s".into(),
         ));
     }
-    let peer_flush_interval = match raw.peer_flush_interval {
-        None => mirror::volume::DEFAULT_PEER_FLUSH_INTERVAL,
-        Some(t) => parse_duration(&t).map_err(|e| invalid(format!("peer_flush_interval: {e}")))?,
-    };
-    if peer_flush_interval < std::time::Duration::from_secs(1)
-        || peer_flush_interval > std::time::Duration::from_secs(3600)
-    {
+    let peer_flush_interval = duration_or(
+        raw.peer_flush_interval,
+        mirror::volume::DEFAULT_PEER_FLUSH_INTERVAL,
+        "peer_flush_interval",
+    )?;
+    if peer_flush_interval < secs(1) || peer_flush_interval > secs(3600) {
         return Err(invalid(
             "peer_flush_interval must be between 1s and 3600s".into(),
         ));
@@ -412,10 +411,6 @@ pub fn parse(
         Some(RawSize::Text(t)) => {
             parse_size(&t).map_err(|e| invalid(format!("resync_rate: {e}")))?
         }
-    };
-    let duration_or = |v: Option<RawSize>, default: std::time::Duration, key: &str| match v {
-        None => Ok(default),
-        Some(t) => parse_duration(&t).map_err(|e| invalid(format!("{key}: {e}"))),
     };
     let heartbeat = match raw.heartbeat {
         None => None,
