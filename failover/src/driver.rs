@@ -513,7 +513,13 @@ impl Failover {
 
     async fn tick(&self, g: &Arc<GroupRuntime>) {
         let peer: PeerView = self.heartbeats.subscribe().borrow().clone();
-        if !peer.alive && self.started.elapsed() < self.peer_timeout + self.interval {
+        let listening = self.peer_timeout + self.interval;
+        if still_listening(
+            lock(&g.rt).state,
+            peer.alive,
+            self.started.elapsed(),
+            listening,
+        ) {
             self.transition(
                 g,
                 GroupState::Waiting,
@@ -973,9 +979,45 @@ impl Failover {
     }
 }
 
+/// Whether a group should still wait for its peer's first heartbeats before deciding: only
+/// right after start-up, and only while it has taken no role yet. A group that is already
+/// primary and loses its peer in that window must go through the rules (suspend without the
+/// witness), not fall back to `Waiting` with its volumes still serving.
+fn still_listening(
+    state: GroupState,
+    peer_alive: bool,
+    since_start: Duration,
+    window: Duration,
+) -> bool {
+    !peer_alive
+        && since_start < window
+        && matches!(state, GroupState::Stopped | GroupState::Waiting)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_group_without_a_role_listens_after_start() {
+        let w = Duration::from_secs(4);
+        let early = Duration::from_secs(1);
+        assert!(still_listening(GroupState::Stopped, false, early, w));
+        assert!(still_listening(GroupState::Waiting, false, early, w));
+        assert!(!still_listening(GroupState::Waiting, true, early, w));
+        assert!(!still_listening(GroupState::Waiting, false, w, w));
+        for active in [
+            GroupState::Primary,
+            GroupState::Alone,
+            GroupState::Secondary,
+            GroupState::Suspended,
+        ] {
+            assert!(
+                !still_listening(active, false, early, w),
+                "{active:?} lost its peer early and must not fall back to waiting"
+            );
+        }
+    }
 
     #[test]
     fn payload_roundtrip() {
