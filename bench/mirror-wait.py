@@ -2,7 +2,7 @@
 """Poll `nbdmirror status --config CFG --json` until volume conditions hold; time it.
 
 Usage: mirror-wait.py NBDMIRROR CFG [--volume NAME] [--timeout S] [--since EPOCH] [--interval S]
-                      KEY=VALUE [KEY=VALUE ...]
+                      [--log FILE --log-text TEXT --log-count N] KEY=VALUE [KEY=VALUE ...]
 
 Conditions are on the volume's element of `volumes` (the first one unless --volume), e.g.
 `peer=connected sync=in-sync role=primary`; all must hold in the same status answer. A
@@ -18,6 +18,11 @@ Prints, on success (exit 0):
 On timeout (exit 1) the same, with `timeout S` instead of `elapsed`, and the last answer (or
 the last error) on stderr. Standard library only. The poll interval defaults to 0 (back to back:
 one status call costs a few ms, which is the resolution).
+
+With --log, status is not polled until FILE holds at least N lines containing TEXT (the file is
+read every 2 ms, which costs next to nothing). A timed wait should use it: on two cores, status
+calls back to back (a process start each) take most of a core from the daemons being timed. The
+log line is the clock; the status calls that follow confirm the state.
 """
 import json
 import subprocess
@@ -32,6 +37,7 @@ def main():
     binary, cfg = a[0], a[1]
     a = a[2:]
     volume, timeout, since, interval = None, 60.0, None, 0.0
+    log, log_text, log_count = None, None, 1
     conds = []
     while a:
         if a[0] == "--volume":
@@ -42,6 +48,12 @@ def main():
             since, a = float(a[1]), a[2:]
         elif a[0] == "--interval":
             interval, a = float(a[1]), a[2:]
+        elif a[0] == "--log":
+            log, a = a[1], a[2:]
+        elif a[0] == "--log-text":
+            log_text, a = a[1], a[2:]
+        elif a[0] == "--log-count":
+            log_count, a = int(a[1]), a[2:]
         elif ">=" in a[0]:
             k, _, v = a[0].partition(">=")
             conds.append((k, ">=", float(v)))
@@ -57,6 +69,11 @@ def main():
     base = since if since is not None else t_start
     first = {}
     polls, last, last_err = 0, None, ""
+    if log is not None:
+        if not log_text:
+            sys.exit("--log needs --log-text")
+        while count_lines(log, log_text) < log_count and time.time() - t_start <= timeout:
+            time.sleep(0.002)
     while True:
         now = time.time()
         polls += 1
@@ -106,6 +123,14 @@ def main():
     for k, v in first.items():
         print(f"first_{k} {v:.3f}")
     print(f"status {last}")
+
+
+def count_lines(path, text):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if text in line)
+    except OSError:
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,19 +13,22 @@
 #   full      a new pair (state wiped): node-a's image = a copy of data.raw, node-b has no image
 #             (the daemon creates it empty and sparse). Both daemons started, node-a waits for
 #             peer=connected, then timed: from `nbdmirror promote disk0 --config node-a.toml` to
-#             node-a reporting sync=in-sync (status polled back to back)
+#             node-a reporting sync=in-sync
 #   dirty     right after `full`, same pair: node-b stopped (SIGTERM), node-a waits for
 #             peer=disconnected, DIRTY_PCT % of the volume written through node-a's export as
 #             random BLOCK writes (fio, nbd engine, each block once), then node-b restarted;
 #             timed: from node-b's start to node-a reporting peer=connected and sync=in-sync
-#             and resync_bytes_sent above its value before (also reported: from the first
-#             status answer with peer=connected to in-sync)
+#             and resync_bytes_sent above its value before (also reported: from node-a's
+#             "peer connected" log line to in-sync)
 #   clocks    the times reported are read off node-a's log (UTC timestamps of "peer connected" and
 #             "resync to the peer complete", against the script's `date` stamp taken just before
-#             the promote / node-b's start; bench/mirror-log-times.py): polling `status` costs a
-#             process start per answer, too coarse for a resync of ~0.1 s. The polling clock
-#             (*_poll_seconds) is kept as a cross-check, and is the fallback when the log has
-#             no such lines.
+#             the promote / node-b's start; bench/mirror-log-times.py). A timed wait reads the
+#             log every 2 ms until the resync's end is there, then confirms with `status`: status
+#             calls back to back (a process start each, a few ms) are too coarse for a resync of
+#             ~0.1 s, and took most of a core from the pair being timed (runs before 2026-12-07
+#             did that). The status clock (*_poll_seconds: the confirming answer, an upper
+#             bound) is kept as a cross-check, and is the fallback when the log has no such
+#             lines.
 #   check     both daemons stopped, `cmp` of the two images (a fast resync that copied nothing
 #             would be worthless): a difference fails the round
 # Before each timed step, the images involved are written back and evicted from the page cache
@@ -123,6 +126,12 @@ MDIR="$IMGDIR/pair"; CFG_A="$MDIR/node-a.toml"; CFG_B="$MDIR/node-b.toml"
 IMG_A="$MDIR/node-a/disk0.img"; IMG_B="$MDIR/node-b/disk0.img"
 URI_A="nbd://127.0.0.1:10840/disk0"
 WAIT=(python3 "$HERE/mirror-wait.py" "$NBDMIRROR")
+# Timed waits watch node-a's log for the end of the resync before they call `status`: status
+# calls back to back took most of one of the two cores from the daemons being timed (nbdcopy,
+# timed by its exit, had no such load).
+DONE_TEXT="resync to the peer complete"
+LOG_WAIT=(--log-text "$DONE_TEXT" --log)
+log_done_count() { grep -c -F "$DONE_TEXT" "$1" 2>/dev/null || true; }
 
 # ---- processes: started here, stopped by PID --------------------------------------------------
 declare -A PIDS=()
@@ -240,19 +249,21 @@ step_nbdcopy() {  # two timed copies, plain and --flush (which goes first altern
 }
 
 step_full() {
-  local rdir=$1 out t0 st lt
+  local rdir=$1 out t0 st lt done0
   rm -rf "$MDIR/node-a" "$MDIR/node-b"; mkdir -p "$MDIR/node-a" "$MDIR/node-b"
   cp "$DATA" "$IMG_A"; evict "$IMG_A"
   start_node a "$rdir/node-a.log"; start_node b "$rdir/node-b.log"
   out=$("${WAIT[@]}" "$CFG_A" --timeout "$SYNC_TIMEOUT" peer=connected) || { echo "error: no peer: $out" >&2; return 1; }
   echo "full_setup_connected_seconds $(field elapsed "$out") s" >>"$RES"
   field status "$out" >"$rdir/status-full-before.json"
+  done0=$(log_done_count "$rdir/node-a.log")
   t0=$(now)
   if ! "$NBDMIRROR" promote disk0 --config "$CFG_A" >"$rdir/promote.txt" 2>&1; then
     echo "note promote refused without --force: $(tr '\n' ' ' <"$rdir/promote.txt")" >>"$RES"
     "$NBDMIRROR" promote disk0 --config "$CFG_A" --force >>"$rdir/promote.txt" 2>&1 || { cat "$rdir/promote.txt" >&2; return 1; }
   fi
-  out=$("${WAIT[@]}" "$CFG_A" --since "$t0" --timeout "$SYNC_TIMEOUT" role=primary peer=connected sync=in-sync) \
+  out=$("${WAIT[@]}" "$CFG_A" --since "$t0" --timeout "$SYNC_TIMEOUT" "${LOG_WAIT[@]}" "$rdir/node-a.log" \
+    --log-count $((done0 + 1)) role=primary peer=connected sync=in-sync) \
     || { echo "error: full sync never finished: $out" >&2; return 1; }
   st=$(field status "$out"); echo "$st" >"$rdir/status-full-after.json"
   echo "full_sync_poll_seconds $(field elapsed "$out") s" >>"$RES"
@@ -272,7 +283,7 @@ step_full() {
 }
 
 step_dirty() {
-  local rdir=$1 out t0 st sent0 lt
+  local rdir=$1 out t0 st sent0 lt done0
   sent0=$(jget resync_bytes_sent "$(cat "$rdir/status-full-after.json")")
   stop_one node-b
   out=$("${WAIT[@]}" "$CFG_A" --timeout "$SYNC_TIMEOUT" peer=disconnected) || { echo "error: node-a never noticed node-b left: $out" >&2; return 1; }
@@ -285,11 +296,13 @@ step_dirty() {
   echo "dirty_written_bytes $DIRTY_BYTES bytes" >>"$RES"
   echo "dirty_bytes_reported $(jget dirty_bytes "$st") bytes" >>"$RES"
   evict "$IMG_A"; evict "$IMG_B"
+  done0=$(log_done_count "$rdir/node-a.log")
   t0=$(now)
   start_node b "$rdir/node-b.log"
   # resync_bytes_sent must have moved: an in-sync answer from before the resync started (stale
   # state right after reconnection) must not stop the clock
-  out=$("${WAIT[@]}" "$CFG_A" --since "$t0" --timeout "$SYNC_TIMEOUT" peer=connected sync=in-sync role=primary \
+  out=$("${WAIT[@]}" "$CFG_A" --since "$t0" --timeout "$SYNC_TIMEOUT" "${LOG_WAIT[@]}" "$rdir/node-a.log" \
+    --log-count $((done0 + 1)) peer=connected sync=in-sync role=primary \
     "resync_bytes_sent>=$((sent0 + 1))") || { echo "error: resync never finished: $out" >&2; return 1; }
   st=$(field status "$out"); echo "$st" >"$rdir/status-dirty-after.json"
   echo "dirty_resync_poll_seconds $(field elapsed "$out") s" >>"$RES"
