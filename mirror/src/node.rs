@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nbd_server::{Export, ExportInfo, ListenAddr};
 use serde::Serialize;
@@ -128,6 +128,25 @@ pub struct NodeStatus {
     pub node: String,
     pub peer_address: String,
     pub volumes: Vec<VolumeStatus>,
+}
+
+/// The pause before the first new attempt to reach the peer.
+const DIAL_RETRY_FIRST: Duration = Duration::from_millis(50);
+
+/// The pause before the next attempt to reach the peer, after one that failed: doubling from
+/// [`DIAL_RETRY_FIRST`]. While the connect itself fails (the peer's daemon is not up yet) at
+/// most 250 ms: the resync a restarted peer needs cannot start before it is reached, and a
+/// one-second cap kept it waiting half a second on average; a refused connect costs nothing,
+/// and one to a host that is down waits out its timeout anyway. A peer that was reached but
+/// refused the handshake (wrong secret, unknown volume) will not change its mind in
+/// milliseconds: at most a second, so its log is not flooded.
+fn next_dial_pause(previous: Duration, reached: bool) -> Duration {
+    let cap = if reached {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(250)
+    };
+    (previous * 2).min(cap)
 }
 
 /// Whether this node dials its peer (the other accepts), so the two never race to build two
@@ -337,9 +356,8 @@ impl Node {
     }
 
     async fn dial_loop(self: Arc<Self>, vol: Arc<Volume>) {
-        let mut failures: u64 = 0;
-        // A restarted peer is back within milliseconds: retry fast first, then every second.
-        let mut backoff = Duration::from_millis(50);
+        let mut last_said: Option<Instant> = None;
+        let mut pause = DIAL_RETRY_FIRST;
         loop {
             let attempt = async {
                 let mut s = tokio::time::timeout(
@@ -347,33 +365,33 @@ impl Node {
                     TcpStream::connect(&self.peer_addr),
                 )
                 .await
-                .map_err(|_| "connect timed out".to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| (false, "connect timed out".to_string()))?
+                .map_err(|e| (false, e.to_string()))?;
                 let _ = s.set_nodelay(true);
                 let peer = link::dial_handshake(&mut s, &self.key, &self.name, &vol.name)
                     .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>((s, peer))
+                    .map_err(|e| (true, e.to_string()))?;
+                Ok::<_, (bool, String)>((s, peer))
             };
             match attempt.await {
                 Ok((s, peer)) => {
-                    failures = 0;
-                    backoff = Duration::from_millis(50);
+                    last_said = None;
+                    pause = DIAL_RETRY_FIRST;
                     info!(volume = %vol.name, peer = %peer, addr = %self.peer_addr, "connected to the peer");
                     self.run_connection(vol.clone(), s, peer).await;
                 }
-                Err(e) => {
-                    // Say it once, then now and then: a peer that is down is a normal state.
-                    if failures.is_multiple_of(60) {
-                        info!(volume = %vol.name, addr = %self.peer_addr, error = %e, "cannot reach the peer; retrying (at most every second)");
+                Err((reached, e)) => {
+                    // Say it once, then once a minute: a peer that is down is a normal state.
+                    if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        info!(volume = %vol.name, addr = %self.peer_addr, error = %e, "cannot reach the peer; retrying");
+                        last_said = Some(Instant::now());
                     } else {
                         debug!(volume = %vol.name, error = %e, "peer still unreachable");
                     }
-                    failures += 1;
+                    pause = next_dial_pause(pause, reached);
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -472,7 +490,32 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
-    use super::should_dial;
+    use super::{next_dial_pause, should_dial, DIAL_RETRY_FIRST};
+    use std::time::Duration;
+
+    #[test]
+    fn dial_pauses_double_up_to_a_cap_that_depends_on_how_far_the_attempt_got() {
+        let mut unreachable = vec![DIAL_RETRY_FIRST];
+        let mut refused = vec![DIAL_RETRY_FIRST];
+        for _ in 0..8 {
+            unreachable.push(next_dial_pause(*unreachable.last().unwrap(), false));
+            refused.push(next_dial_pause(*refused.last().unwrap(), true));
+        }
+        let ms = |v: &[Duration]| v.iter().map(|d| d.as_millis()).collect::<Vec<_>>();
+        assert_eq!(
+            ms(&unreachable),
+            [50, 100, 200, 250, 250, 250, 250, 250, 250]
+        );
+        assert_eq!(
+            ms(&refused),
+            [50, 100, 200, 400, 800, 1000, 1000, 1000, 1000]
+        );
+        // After fast retries against a daemon that was not up, a refusal slows down too.
+        assert_eq!(
+            next_dial_pause(Duration::from_millis(250), true).as_millis(),
+            500
+        );
+    }
 
     #[test]
     fn exactly_one_side_dials() {

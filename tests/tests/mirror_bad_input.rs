@@ -198,7 +198,7 @@ fn impostor_with_wrong_secret_is_refused_and_logged() {
     let log_b_before = pair.log(B).len();
     let log_path = pair.env.path("impostor.log");
     let mut impostor = pair.spawn_serve(&cfg, &log_path);
-    // It retries every second: let it try a few times.
+    // A refused dialer retries at most every second: let it try a few times.
     std::thread::sleep(Duration::from_secs(4));
     let log_b = pair.log(B);
     let new_lines = &log_b[log_b_before..];
