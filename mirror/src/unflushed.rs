@@ -75,14 +75,30 @@ impl Unflushed {
         }
     }
 
+    /// The flush failed on a peer that is still connected: its page cache may have dropped
+    /// what the batch covered (a failed fdatasync loses the dirty pages it could not write),
+    /// so the caller records these byte ranges as dirty; the batch's set is emptied.
+    pub fn fail_flush(&self, b: FlushBatch) -> Vec<(u64, u64)> {
+        let out = self.ranges_of(b.0);
+        self.bits(b.0).clear_all();
+        out
+    }
+
+    fn ranges_of(&self, i: usize) -> Vec<(u64, u64)> {
+        self.bits(i)
+            .runs()
+            .map(|r| {
+                let b = bits_to_bytes(r, self.granularity, self.size);
+                (b.start, b.end - b.start)
+            })
+            .collect()
+    }
+
     /// Byte ranges of every unflushed granule; empties the sets.
     pub fn drain_ranges(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         for i in 0..2 {
-            for r in self.bits(i).runs() {
-                let b = bits_to_bytes(r, self.granularity, self.size);
-                out.push((b.start, b.end - b.start));
-            }
+            out.extend(self.ranges_of(i));
             self.bits(i).clear_all();
         }
         out
@@ -102,6 +118,17 @@ mod tests {
         u.end_flush(b);
         assert_eq!(u.drain_ranges(), vec![(128 << 10, 64 << 10)]);
         assert!(u.is_empty());
+    }
+
+    #[test]
+    fn a_flush_the_peer_failed_hands_back_only_what_it_covered() {
+        let u = Unflushed::new(1 << 20, 64 << 10);
+        u.mark(0, 1);
+        u.mark(200 << 10, 100 << 10);
+        let b = u.begin_flush();
+        u.mark(1 << 19, 1);
+        assert_eq!(u.fail_flush(b), vec![(0, 64 << 10), (192 << 10, 128 << 10)]);
+        assert_eq!(u.drain_ranges(), vec![(1 << 19, 64 << 10)]);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::metadata::{
 use crate::rangelock::RangeLocks;
 use crate::repl::frame::{self, encode_resync_data, Message, Role, VolumeState};
 use crate::repl::link::{Link, LinkError, OutFrame};
-use crate::unflushed::Unflushed;
+use crate::unflushed::{FlushBatch, Unflushed};
 use crate::window::ResyncWindow;
 use crate::{create_image, EngineKind, ImageError, ImageFile};
 
@@ -100,6 +100,12 @@ pub struct ResyncOptions {
 /// Resync chunk: big enough for zstd and the link to run at full speed, small enough that an
 /// application write to the same range waits little.
 pub const CHUNK: u64 = 1 << 20;
+
+/// A resync source flushes its target after this many acknowledged bytes: what a target
+/// that loses power in the middle of a resync copies again (its unflushed chunks) stays
+/// below it. A flush after O_DIRECT chunks costs the target little more than the device
+/// flush itself.
+const RESYNC_FLUSH_EVERY: u64 = 256 << 20;
 
 /// How often `background_maintenance` looks for work (a resync to retry, a peer flush due).
 const MAINTENANCE_TICK: Duration = Duration::from_secs(2);
@@ -395,7 +401,12 @@ impl Volume {
             sh.link.replace(link.clone())
         };
         if let Some(old) = old {
+            // The peer came back before the old link timed out (it may have power-cycled):
+            // link_down of the old link will find it replaced and do nothing, so what that
+            // link left unflushed is recorded here, after the close (a write acknowledged on
+            // it from now on sees it closed and records itself).
             old.close();
+            self.record_unflushed_as_dirty();
         }
         info!(volume = %self.name, peer = %link.peer_node, "peer connected");
         link.send(0, &self.state_message());
@@ -419,24 +430,26 @@ impl Volume {
             sh.reason = format!("peer disconnected: {why}");
         }
         link.close();
-        let was_mirroring = {
-            let m = self.mirror_link();
-            matches!(m, Some(ref l) if Arc::ptr_eq(l, link)) || m.is_none()
-        };
         self.set_mirror(None);
         warn!(volume = %self.name, peer = %link.peer_node, reason = why, "peer lost");
-        if self.role() == Role::Primary && was_mirroring {
-            // What the peer acknowledged but had not flushed may be lost if it lost power.
-            let ranges = self.unflushed.drain_ranges();
-            for (off, len) in ranges {
-                if let Err(e) = self.meta.mark_dirty(off, len) {
-                    error!(volume = %self.name, error = %e, "cannot record unflushed peer writes in the dirty map");
-                }
-            }
-        } else if self.role() == Role::Secondary {
-            // Keep what the primary sent.
+        self.record_unflushed_as_dirty();
+        if self.role() == Role::Secondary {
+            // Keep what the primary sent. If that fails, pages it acknowledged may be gone:
+            // this copy must not be promoted as if it had them.
             if let Err(e) = self.image.flush().await {
                 error!(volume = %self.name, error = %e, "flush after losing the primary failed");
+                self.become_inconsistent("the flush after losing the primary failed");
+            }
+        }
+    }
+
+    /// What the peer acknowledged but had not flushed (mirrored writes on a primary, resync
+    /// chunks on a resync source of either role) may be lost if the peer lost power: once the
+    /// link that carried it is gone, it goes into the dirty map.
+    fn record_unflushed_as_dirty(&self) {
+        for (off, len) in self.unflushed.drain_ranges() {
+            if let Err(e) = self.meta.mark_dirty(off, len) {
+                error!(volume = %self.name, error = %e, "cannot record unflushed peer writes in the dirty map");
             }
         }
     }
@@ -808,21 +821,39 @@ impl Volume {
         result
     }
 
-    async fn flush_peer(&self, link: &Arc<Link>) -> bool {
+    /// Flushes the peer. `Ok(true)`: every write the peer acknowledged before this call is
+    /// on its disk. `Ok(false)`: the flush failed or never arrived, and what it covered is
+    /// recorded as dirty. `Err`: that record could not be made.
+    async fn flush_peer(&self, link: &Arc<Link>) -> Result<bool, MetadataError> {
         let _serial = self.peer_flush_lock.lock().await;
         let batch = self.unflushed.begin_flush();
-        match link.request(&Message::Flush).await {
-            Ok(Message::Ack { errno: 0 }) => {
-                self.unflushed.end_flush(batch);
-                *lock(&self.last_peer_flush) = Instant::now();
-                true
-            }
-            other => {
-                warn!(volume = %self.name, reply = ?other.as_ref().ok(), "the peer failed a flush");
-                self.unflushed.abort_flush(batch);
-                false
-            }
+        let reply = link.request(&Message::Flush).await;
+        self.settle_peer_flush(batch, &reply, "a flush")
+    }
+
+    /// The end of a request that made the peer flush (`Flush`, or `ResyncDone`, which flushes
+    /// the resync target). On any failure, what the batch covered is marked dirty at once:
+    /// a peer whose fdatasync failed may have dropped those pages, and one that went away may
+    /// have lost power; kept in the unflushed set instead, they would be forgotten by the next
+    /// flush that succeeds (or by a link_down that drained the set before this ran).
+    fn settle_peer_flush(
+        &self,
+        batch: FlushBatch,
+        reply: &Result<Message, LinkError>,
+        what: &str,
+    ) -> Result<bool, MetadataError> {
+        if let Ok(Message::Ack { errno: 0 }) = reply {
+            self.unflushed.end_flush(batch);
+            *lock(&self.last_peer_flush) = Instant::now();
+            return Ok(true);
         }
+        let ranges = self.unflushed.fail_flush(batch);
+        let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+        warn!(volume = %self.name, reply = ?reply.as_ref().ok(), bytes, "the peer did not complete {what}; what it covered is marked for resync");
+        for (off, len) in ranges {
+            self.meta.mark_dirty(off, len)?;
+        }
+        Ok(false)
     }
 
     /// Every two seconds: starts a resync when regions went dirty while connected (a write the
@@ -845,7 +876,9 @@ impl Volume {
             if let Some(link) = self.mirror_link() {
                 let flush_due = lock(&self.last_peer_flush).elapsed() >= peer_flush_interval;
                 if flush_due && !self.unflushed.is_empty() {
-                    self.flush_peer(&link).await;
+                    if let Err(e) = self.flush_peer(&link).await {
+                        error!(volume = %self.name, error = %e, "cannot record what a failed peer flush covered in the dirty map");
+                    }
                 }
                 let retry_due = {
                     let sh = lock(&self.shared);
@@ -1119,6 +1152,17 @@ impl Volume {
                 errno: errno_of(&e),
             };
         }
+        // A mirrored write may have failed here while the flush ran (its error path marks the
+        // range and clears CONSISTENT); from here on nothing awaits, so no other request of
+        // this volume's thread runs before the header says consistent.
+        if self.failed_since_resync_start.load(Ordering::Acquire) {
+            warn!(volume = %self.name, "a write failed here during the resync's last flush: staying inconsistent until the next one");
+            lock(&self.shared).target_progress = None;
+            self.announce();
+            return Message::Ack {
+                errno: libc::EIO as u32,
+            };
+        }
         // Everything our own dirty map listed was part of the union the source sent.
         let _ = self.meta.clear_dirty(0, self.size);
         let r = self.meta.flush().and_then(|_| {
@@ -1263,15 +1307,28 @@ impl Volume {
             // polled stall, and did: a rate-limited resync sent nothing until its end).
             let mut inflight = tokio::task::JoinSet::new();
             let mut window = ResyncWindow::default();
+            let mut acked_since_flush = 0u64;
             for (off, len) in self.meta.dirty_ranges() {
                 let mut c = off;
                 while c < off + len {
+                    if acked_since_flush >= RESYNC_FLUSH_EVERY {
+                        // Bounds what a target that loses power copies again (what it
+                        // acknowledged since its last flush; see chunk_done).
+                        if !self.flush_peer(link).await.map_err(merr)? && link.is_closed() {
+                            return Err(verr(LinkError::Down));
+                        }
+                        acked_since_flush = 0;
+                    }
                     let n = (CHUNK - c % CHUNK).min(off + len - c);
                     // Bounded: each round takes one chunk out of the window, and the window
                     // admits any chunk once it is empty.
                     while !window.admits(n, self.app_inflight.load(Ordering::Relaxed) > 0) {
                         match inflight.join_next().await {
-                            Some(r) => window.finish(self.chunk_task_result(r)?),
+                            Some(r) => {
+                                let done = self.chunk_task_result(r)?;
+                                acked_since_flush += done;
+                                window.finish(done);
+                            }
                             None => break,
                         }
                     }
@@ -1294,11 +1351,19 @@ impl Volume {
             // Writes the peer failed during the pass: go again.
         }
         let gens = self.meta.generations();
-        match link
-            .request(&Message::ResyncDone { generations: gens })
-            .await
-            .map_err(verr)?
-        {
+        // The target flushes before it calls itself consistent: that flush covers the chunks
+        // (and mirrored writes) it acknowledged before, as a peer flush does.
+        let reply = {
+            let _serial = self.peer_flush_lock.lock().await;
+            let batch = self.unflushed.begin_flush();
+            let reply = link
+                .request(&Message::ResyncDone { generations: gens })
+                .await;
+            self.settle_peer_flush(batch, &reply, "the end of the resync")
+                .map_err(merr)?;
+            reply
+        };
+        match reply.map_err(verr)? {
             Message::Ack { errno: 0 } => {}
             other => {
                 return Err(VolumeError::Refused {
@@ -1367,7 +1432,7 @@ impl Volume {
                     .map_err(verr)?
                 {
                     // Equal on both sides: progress, but no data carried.
-                    self.chunk_done(offset, len, false);
+                    self.chunk_done(link, offset, len, false);
                     return Ok(());
                 }
             }
@@ -1411,7 +1476,7 @@ impl Volume {
         };
         match reply {
             Message::Ack { errno: 0 } => {
-                self.chunk_done(offset, len, true);
+                self.chunk_done(link, offset, len, true);
                 Ok(())
             }
             other => Err(VolumeError::Refused {
@@ -1432,8 +1497,19 @@ impl Volume {
         })?
     }
 
-    fn chunk_done(&self, offset: u64, len: u64, carried: bool) {
+    /// The target acknowledged a chunk: it is in the target's page cache (or on its way to
+    /// the disk), not yet durable there. Like a mirrored write, it enters the unflushed set
+    /// before its dirty bits go, so a target that loses power before its next flush gets it
+    /// again; and if the link closed meanwhile (link_down may have drained the set already),
+    /// the range goes back into the dirty map.
+    fn chunk_done(&self, link: &Link, offset: u64, len: u64, carried: bool) {
+        self.unflushed.mark(offset, len);
         let _ = self.meta.clear_dirty(offset, len);
+        if link.is_closed() {
+            if let Err(e) = self.meta.mark_dirty(offset, len) {
+                error!(volume = %self.name, offset, len, error = %e, "cannot record a resync chunk the link lost");
+            }
+        }
         if carried {
             self.resync_sent.fetch_add(len, Ordering::Relaxed);
         }
@@ -1551,13 +1627,16 @@ impl Volume {
         let peer_ok = async {
             match &link {
                 Some(l) => self.flush_peer(l).await,
-                None => true,
+                None => Ok(true),
             }
         };
         // The peer's flush is sent first: the local one may block this thread (an inline
         // fdatasync when the flush is alone), and the two should overlap.
-        let (_p, l) = futures::join!(peer_ok, local);
+        let (p, l) = futures::join!(peer_ok, local);
         l?;
+        // A peer that failed the flush is fine once what it may lack is marked dirty (the
+        // resync brings it over); not being able to mark it is not.
+        p.map_err(meta_io)?;
         self.meta.clear_cold(cold);
         Ok(())
     }

@@ -255,6 +255,57 @@ fn resync_target_killed_midway_stays_inconsistent_and_resumes() {
     assert_files_equal(&pair.image(A), &pair.image(B));
 }
 
+/// The resync target crashes in the middle of its resync. The chunks it had acknowledged
+/// were in its page cache, not flushed: a power loss would have dropped them, and the primary
+/// cannot tell a power loss from a killed process. So when the link drops, they go back into
+/// the primary's dirty map: it covers every byte the resync had to copy, not only the bytes
+/// not sent yet.
+#[test]
+fn resync_target_crash_marks_its_unflushed_chunks_dirty_again() {
+    let mut pair = Pair::with_options(PairOptions {
+        size: "128M".into(),
+        extra: "resync_rate = \"4M\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0x2b 0 40M", "flush"],
+    ));
+    let a = pair.vol(A, VOLUME);
+    assert_eq!(num(&a, "dirty_bytes"), 40 * MIB, "{a}");
+    let sent_before = num(&a, "resync_bytes_sent");
+    pair.start(B);
+    let a = pair.wait_for(
+        A,
+        VOLUME,
+        "8 MiB of the resync sent",
+        Duration::from_secs(30),
+        |v| num(v, "resync_bytes_sent") >= sent_before + 8 * MIB,
+    );
+    assert_eq!(a["sync"], "syncing", "{a}");
+    pair.kill9(B);
+    pair.wait_disconnected(A);
+    let a = pair.vol(A, VOLUME);
+    assert_eq!(
+        num(&a, "dirty_bytes"),
+        40 * MIB,
+        "the chunks the target acknowledged but never flushed are dirty again: {a}"
+    );
+    pair.start(B);
+    pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(90), |v| {
+        v["sync"] == "in-sync" && v["peer"] == "connected"
+    });
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
 /// The primary writes alone, then crashes: its dirty map (durable before each write was
 /// acknowledged) survives, and when both come back the changes reach the peer.
 #[test]
