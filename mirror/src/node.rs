@@ -130,6 +130,9 @@ pub struct NodeStatus {
     pub volumes: Vec<VolumeStatus>,
 }
 
+/// A link that lasted less than this ended as if the peer had refused the handshake.
+const STABLE_LINK: Duration = Duration::from_secs(2);
+
 /// The pause before the first new attempt to reach the peer.
 const DIAL_RETRY_FIRST: Duration = Duration::from_millis(50);
 
@@ -376,9 +379,18 @@ impl Node {
             match attempt.await {
                 Ok((s, peer)) => {
                     last_said = None;
-                    pause = DIAL_RETRY_FIRST;
                     info!(volume = %vol.name, peer = %peer, addr = %self.peer_addr, "connected to the peer");
+                    let since = Instant::now();
                     self.run_connection(vol.clone(), s, peer).await;
+                    // A link that ends right after the handshake (the peer refuses our volume's
+                    // size, a bad frame) would otherwise be rebuilt 20 times a second, with a
+                    // state exchange and log lines on both nodes each time: back off as after
+                    // a refused handshake.
+                    pause = if since.elapsed() < STABLE_LINK {
+                        next_dial_pause(pause, true)
+                    } else {
+                        DIAL_RETRY_FIRST
+                    };
                 }
                 Err((reached, e)) => {
                     // Say it once, then once a minute: a peer that is down is a normal state.
