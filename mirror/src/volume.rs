@@ -1187,8 +1187,11 @@ impl Volume {
 
     fn discard_self(&self) -> Message {
         if self.role() == Role::Primary {
-            return Message::Error {
-                message: "this node is primary; demote it before discarding its data".into(),
+            // An Ack, not an Error: only responses reach the waiting request (an Error frame
+            // is read as the peer's own report and left the operator's resolve hanging).
+            warn!(volume = %self.name, "the peer asked this node to discard its data, but it is primary; refused");
+            return Message::Ack {
+                errno: libc::EBUSY as u32,
             };
         }
         self.become_inconsistent("an operator chose to discard this node's data");
@@ -1690,6 +1693,12 @@ impl Volume {
             if !dry_run {
                 match link.request(&Message::Discard).await {
                     Ok(Message::Ack { errno: 0 }) => {}
+                    Ok(Message::Ack { errno }) if errno == libc::EBUSY as u32 => {
+                        return Err(refused(format!(
+                            "{} became primary meanwhile; demote it before discarding its data",
+                            link.peer_node
+                        )))
+                    }
                     Ok(Message::Error { message }) => return Err(refused(message)),
                     Ok(other) => return Err(refused(format!("the peer refused: {other:?}"))),
                     Err(source) => {

@@ -30,6 +30,8 @@ pub enum HandshakeError {
     Frame(#[from] FrameError),
     #[error("the peer did not finish the handshake in time")]
     Timeout,
+    #[error("a {0}-byte frame during the handshake (at most {HANDSHAKE_MAX_BODY} bytes before authentication)")]
+    TooLarge(u32),
     #[error("unexpected frame during the handshake")]
     Unexpected,
     #[error("protocol version {0} is not supported (this node speaks {VERSION})")]
@@ -44,10 +46,23 @@ pub enum HandshakeError {
     SameName(String),
 }
 
+/// The largest frame body accepted before the peer is authenticated: a `Hello` or a proof
+/// is a few hundred bytes. Without it, anyone reaching the replication port could make the
+/// daemon allocate a full-size frame (32 MiB) per connection.
+pub const HANDSHAKE_MAX_BODY: u32 = 64 << 10;
+
 /// Reads one frame (header and body). Returns `Ok(None)` on a clean end of stream before a
 /// header.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
+) -> Result<Option<(FrameHeader, Message)>, HandshakeError> {
+    read_frame_limited(r, frame::MAX_BODY).await
+}
+
+/// [`read_frame`], refusing a body longer than `max_body` before reading (or allocating) it.
+async fn read_frame_limited<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_body: u32,
 ) -> Result<Option<(FrameHeader, Message)>, HandshakeError> {
     let mut hb = [0u8; HEADER_LEN];
     match r.read_exact(&mut hb).await {
@@ -56,6 +71,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let h = frame::decode_header(&hb)?;
+    if h.length > max_body {
+        return Err(HandshakeError::TooLarge(h.length));
+    }
     let len = h.length as usize;
     // A write's or a resync chunk's data goes straight into a buffer of its own, after the
     // fixed fields: the message then owns it without the payload being moved again.
@@ -101,7 +119,7 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn expect<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, HandshakeError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(r)).await {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame_limited(r, HANDSHAKE_MAX_BODY)).await {
         Err(_) => Err(HandshakeError::Timeout),
         Ok(Err(e)) => Err(e),
         Ok(Ok(None)) => Err(HandshakeError::Io(std::io::ErrorKind::UnexpectedEof.into())),
@@ -662,6 +680,45 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::os::fd::AsFd;
+
+    /// Before authentication, a header announcing a full-size body is refused at once: the
+    /// body is neither awaited nor allocated.
+    #[test]
+    fn an_oversized_frame_is_refused_before_authentication() {
+        use tokio::io::AsyncWriteExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (mut ours, mut theirs) = tokio::io::duplex(1 << 16);
+            let mut hello = Vec::new();
+            frame::encode(
+                1,
+                &Message::Hello {
+                    version: frame::VERSION,
+                    node: "intruder".into(),
+                    volume: "disk0".into(),
+                    nonce: [7; 32],
+                },
+                &mut hello,
+            );
+            hello[16..20].copy_from_slice(&(32u32 << 20).to_be_bytes());
+            theirs.write_all(&hello[..HEADER_LEN]).await.expect("header");
+            let key = crate::repl::auth::AuthKey::from_secret("a secret of the pair, long enough");
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                accept_handshake(&mut ours, &key, "node-b", |_| true),
+            )
+            .await
+            .expect("refused without waiting for the body");
+            assert!(
+                matches!(r, Err(HandshakeError::TooLarge(n)) if n == 32 << 20),
+                "{:?}",
+                r.err()
+            );
+        });
+    }
 
     #[test]
     fn a_split_frame_resumes_at_any_byte() {
