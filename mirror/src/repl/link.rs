@@ -704,7 +704,10 @@ mod tests {
                 &mut hello,
             );
             hello[16..20].copy_from_slice(&(32u32 << 20).to_be_bytes());
-            theirs.write_all(&hello[..HEADER_LEN]).await.expect("header");
+            theirs
+                .write_all(&hello[..HEADER_LEN])
+                .await
+                .expect("header");
             let key = crate::repl::auth::AuthKey::from_secret("a secret of the pair, long enough");
             let r = tokio::time::timeout(
                 Duration::from_secs(5),
