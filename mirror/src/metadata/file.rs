@@ -78,6 +78,10 @@ struct ActivityState {
     /// Evicted extents whose bit is still set, with the flush epoch of their eviction.
     pending: HashMap<u64, u64>,
     epoch: u64,
+    /// Extents that became hot and whose bit a writer is still making durable, with how
+    /// many writers do so. Another writer into such an extent finds it hot already, but must
+    /// not issue its write before the bit is on disk either (see `begin_write`).
+    syncing: HashMap<u64, u32>,
 }
 
 /// One durable bitmap region of the mapping.
@@ -269,6 +273,7 @@ impl MetadataFile {
                 log: ActivityLog::new(capacity),
                 pending: HashMap::new(),
                 epoch: 0,
+                syncing: HashMap::new(),
             }),
             poisoned: AtomicBool::new(false),
             shut_down: AtomicBool::new(false),
@@ -516,32 +521,49 @@ impl MetadataFile {
         self.check_usable()?;
         let extent = u64::from(self.extent_size());
         let extents = offset / extent..=(offset + len.max(1) - 1) / extent;
-        let (became_hot, to_set) = {
+        let (became_hot, to_set, racing) = {
             let mut st = self.lock_activity();
             let b = st.log.begin(extents.clone());
             let epoch = st.epoch;
             for e in &b.became_hot {
                 st.pending.remove(e);
+                *st.syncing.entry(*e).or_insert(0) += 1;
             }
             for e in b.evicted {
                 st.pending.insert(e, epoch);
             }
-            let to_set: Vec<u64> = b.became_hot.clone();
-            (b.became_hot.len(), to_set)
+            // Hot already, but another writer (another data-plane thread) is still syncing
+            // its bit: this write syncs it too (`set_durable` then waits for that page) rather
+            // than going to the disks with its extent not yet durably hot.
+            let racing: Vec<u64> = extents
+                .clone()
+                .filter(|e| !b.became_hot.contains(e) && st.syncing.contains_key(e))
+                .collect();
+            (b.became_hot.len(), b.became_hot, racing)
         };
-        // Sync the bits of the extents that became hot; contiguous ones together.
-        let mut i = 0;
-        while i < to_set.len() {
-            let start = to_set[i];
-            let mut end = start + 1;
-            while i + 1 < to_set.len() && to_set[i + 1] == end {
-                end += 1;
-                i += 1;
+        if to_set.is_empty() && racing.is_empty() {
+            // The common case: every extent was hot and durable already.
+            return Ok(ActiveWrite {
+                extents,
+                became_hot,
+            });
+        }
+        let synced = self
+            .sync_extents(&to_set)
+            .and_then(|()| self.sync_extents(&racing));
+        {
+            let mut st = self.lock_activity();
+            for e in &to_set {
+                if let Some(n) = st.syncing.get_mut(e) {
+                    *n -= 1;
+                    if *n == 0 {
+                        st.syncing.remove(e);
+                    }
+                }
             }
-            i += 1;
-            if let Err(e) = self.set_durable(&self.activity_region, start..end) {
+            if let Err(e) = synced {
                 // The write will not be issued: give its extents back.
-                let _ = self.lock_activity().log.end(extents);
+                let _ = st.log.end(extents);
                 return Err(e);
             }
         }
@@ -549,6 +571,22 @@ impl MetadataFile {
             extents,
             became_hot,
         })
+    }
+
+    /// Makes the activity bits of `extents` (sorted) durable; contiguous ones together.
+    fn sync_extents(&self, extents: &[u64]) -> Result<(), MetadataError> {
+        let mut i = 0;
+        while i < extents.len() {
+            let start = extents[i];
+            let mut end = start + 1;
+            while i + 1 < extents.len() && extents[i + 1] == end {
+                end += 1;
+                i += 1;
+            }
+            i += 1;
+            self.set_durable(&self.activity_region, start..end)?;
+        }
+        Ok(())
     }
 
     /// The write registered by `begin_write` completed (on both nodes, or recorded dirty).
@@ -734,5 +772,40 @@ fn fresh_generation(node: &str, ok: impl Fn(u64) -> bool) -> u64 {
             return v;
         }
         salt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writer A made an extent hot and is between the activity lock and the sync of its bit
+    /// (another data-plane thread). Writer B into the same extent finds it hot already; it
+    /// must still not return before the bit is durable.
+    #[test]
+    fn a_write_into_an_extent_still_being_synced_waits_for_its_bit() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let m = MetadataFile::create(
+            &dir.path().join("race.meta"),
+            64 << 20,
+            "a",
+            MetadataOptions::default(),
+        )
+        .expect("create");
+        {
+            let mut st = m.lock_activity();
+            let a = st.log.begin(2..=2);
+            assert_eq!(a.became_hot, vec![2]);
+            st.syncing.insert(2, 1);
+        }
+        assert!(!m.activity_bits().test(2));
+        let extent = u64::from(m.extent_size());
+        let b = m.begin_write(2 * extent + 4096, 4096).expect("begin");
+        assert_eq!(b.became_hot, 0, "hot already, through writer A");
+        assert!(
+            m.activity_bits().test(2),
+            "writer B set and synced the bit itself"
+        );
+        m.end_write(b);
     }
 }
