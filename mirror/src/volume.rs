@@ -22,7 +22,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::decide::{self, Plan, PromoteRefusal, Side, Who};
 use crate::metadata::{
-    bitmap, Flags, Generations, MetadataError, MetadataFile, MetadataOptions, OwnedBits,
+    bitmap, ActiveWrite, Flags, Generations, MetadataError, MetadataFile, MetadataOptions,
+    OwnedBits,
 };
 use crate::rangelock::RangeLocks;
 use crate::repl::frame::{self, encode_resync_data, Message, Role, VolumeState};
@@ -749,8 +750,9 @@ impl Volume {
         self.check_primary()?;
         let _busy = InflightGuard::new(&self.app_inflight);
         let _range = self.locks.lock(offset, len).await;
-        let active = if len > 0 {
-            Some(self.meta.begin_write(offset, len).map_err(meta_io)?)
+        let mut active = if len > 0 {
+            let write = self.meta.begin_write(offset, len).map_err(meta_io)?;
+            Some(ActiveGuard::new(&self.meta, write, offset, len))
         } else {
             None
         };
@@ -803,18 +805,15 @@ impl Volume {
                 local(payload).await
             }
         };
+        if let Some(a) = active.as_mut() {
+            // Both sides have it, or what differs is recorded: nothing left to mark.
+            a.settled();
+        }
         if went_alone && result.is_ok() {
             // Acknowledged only once this node knows it may continue without its peer.
-            if let Err(e) = self.wait_alone_allowed().await {
-                if let Some(a) = active {
-                    self.meta.end_write(a);
-                }
-                return Err(e);
-            }
+            self.wait_alone_allowed().await?;
         }
-        if let Some(a) = active {
-            self.meta.end_write(a);
-        }
+        drop(active);
         if let Err(e) = &result {
             warn!(volume = %self.name, offset, len, error = %e, "local I/O error (reported to the client)");
         }
@@ -1912,6 +1911,49 @@ pub struct VolumeStatus {
     pub reason: String,
 }
 
+/// A mirrored write registered in the activity map. However the write ends, its
+/// registration is handed back (a leaked one kept its extent hot for good, and made every
+/// later shutdown unclean); and if it ends before its outcome was settled (an early error,
+/// or its future dropped because the client went away, with the local or the peer's write
+/// possibly done and the other not), its range is marked dirty, so the copies are made equal
+/// again instead of differing unrecorded.
+struct ActiveGuard<'a> {
+    meta: &'a MetadataFile,
+    write: Option<ActiveWrite>,
+    offset: u64,
+    len: u64,
+    settled: bool,
+}
+
+impl<'a> ActiveGuard<'a> {
+    fn new(meta: &'a MetadataFile, write: ActiveWrite, offset: u64, len: u64) -> Self {
+        ActiveGuard {
+            meta,
+            write: Some(write),
+            offset,
+            len,
+            settled: false,
+        }
+    }
+
+    fn settled(&mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            if let Err(e) = self.meta.mark_dirty(self.offset, self.len) {
+                error!(offset = self.offset, len = self.len, error = %e, "cannot record an interrupted write in the dirty map");
+            }
+        }
+        if let Some(w) = self.write.take() {
+            self.meta.end_write(w);
+        }
+    }
+}
+
 struct InflightGuard<'a>(&'a AtomicUsize);
 
 impl<'a> InflightGuard<'a> {
@@ -2044,7 +2086,32 @@ impl BlockBackend for Volume {
 
 #[cfg(test)]
 mod tests {
-    use super::compress;
+    use super::{compress, ActiveGuard, MetadataFile, MetadataOptions};
+
+    /// A write whose future is dropped mid-way (its client went away) hands its activity
+    /// registration back, so a clean shutdown stays possible, and leaves its range dirty;
+    /// a settled one leaves nothing dirty.
+    #[test]
+    fn an_interrupted_write_is_recorded_dirty_and_released() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let meta = MetadataFile::create(
+            &dir.path().join("g.meta"),
+            64 << 20,
+            "a",
+            MetadataOptions::default(),
+        )
+        .expect("create");
+        let w = meta.begin_write(1 << 20, 4096).expect("begin");
+        let mut settled = ActiveGuard::new(&meta, w, 1 << 20, 4096);
+        settled.settled();
+        drop(settled);
+        assert_eq!(meta.dirty_count(), 0);
+        let w = meta.begin_write(8 << 20, 4096).expect("begin");
+        drop(ActiveGuard::new(&meta, w, 8 << 20, 4096));
+        assert_eq!(meta.dirty_count(), 1, "the interrupted write's granule");
+        meta.clean_shutdown()
+            .expect("no write left registered in the activity map");
+    }
 
     /// Bytes drawn from an alphabet of `symbols` values: log2(symbols) bits of entropy each.
     fn entropy_bytes(symbols: u32, len: usize) -> Vec<u8> {
