@@ -652,20 +652,45 @@ impl std::fmt::Display for ReadEnd {
 /// else to `on_request(seq, message)`.
 pub async fn reader_loop<R: AsyncRead + Unpin>(
     link: &Arc<Link>,
-    mut r: R,
+    r: R,
     silence: Duration,
     mut on_request: impl FnMut(u64, Message),
 ) -> ReadEnd {
+    // Silence is a peer that sends nothing, not a large frame still arriving: a 32 MiB write
+    // takes longer than the default 5 s over a link below ~55 Mbit/s, and the peer's pings
+    // queue behind it. So the clock restarts whenever bytes arrive.
+    let received = AtomicU64::new(0);
+    let mut r = Counted {
+        inner: r,
+        bytes: &received,
+    };
+    let tick = (silence / 4).max(Duration::from_millis(10));
     loop {
-        let next = tokio::select! {
-            n = tokio::time::timeout(silence, read_frame(&mut r)) => n,
-            _ = link.closed() => return ReadEnd::Closed,
+        let read = read_frame(&mut r);
+        tokio::pin!(read);
+        let mut seen = received.load(Ordering::Relaxed);
+        let mut last_progress = tokio::time::Instant::now();
+        let next = loop {
+            tokio::select! {
+                n = tokio::time::timeout(tick, &mut read) => match n {
+                    Ok(n) => break n,
+                    Err(_) => {
+                        let now = received.load(Ordering::Relaxed);
+                        if now != seen {
+                            seen = now;
+                            last_progress = tokio::time::Instant::now();
+                        } else if last_progress.elapsed() >= silence {
+                            return ReadEnd::Silent(silence);
+                        }
+                    }
+                },
+                _ = link.closed() => return ReadEnd::Closed,
+            }
         };
         match next {
-            Err(_) => return ReadEnd::Silent(silence),
-            Ok(Err(e)) => return ReadEnd::Error(e),
-            Ok(Ok(None)) => return ReadEnd::Closed,
-            Ok(Ok(Some((h, m)))) => match m {
+            Err(e) => return ReadEnd::Error(e),
+            Ok(None) => return ReadEnd::Closed,
+            Ok(Some((h, m))) => match m {
                 Message::Ping => link.send(h.seq, &Message::Pong),
                 Message::Pong => {}
                 m if m.is_response() => link.deliver(h.seq, m),
@@ -675,11 +700,78 @@ pub async fn reader_loop<R: AsyncRead + Unpin>(
     }
 }
 
+/// A reader that counts the bytes read through it (see `reader_loop`).
+struct Counted<'a, R> {
+    inner: R,
+    bytes: &'a AtomicU64,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<'_, R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::os::fd::AsFd;
+
+    /// A large frame arriving slowly (a slow link) is not silence; a peer that stops sending
+    /// is, once `silence` has passed without a byte.
+    #[test]
+    fn silence_is_no_bytes_not_a_slow_frame() {
+        use tokio::io::AsyncWriteExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+            let mut frame = Vec::new();
+            let m = Message::Write {
+                offset: 0,
+                fua: false,
+                data: vec![0x5a; 256 << 10],
+            };
+            frame::encode(9, &m, &mut frame);
+            let sender = tokio::spawn(async move {
+                // 0.9 s for one frame, a piece every 50 ms, with a silence of 0.3 s.
+                for piece in frame.chunks(frame.len().div_ceil(18)) {
+                    theirs.write_all(piece).await.expect("send");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // Then nothing, with the stream still open.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                drop(theirs);
+            });
+            let link = Link::new("peer".into(), Duration::from_secs(10), None);
+            let mut got = Vec::new();
+            let started = std::time::Instant::now();
+            let end = reader_loop(&link, ours, Duration::from_millis(300), |seq, m| {
+                got.push((seq, m))
+            })
+            .await;
+            assert!(matches!(end, ReadEnd::Silent(_)), "{end}");
+            assert_eq!(got.len(), 1, "the slow frame arrived whole");
+            assert_eq!(got[0].0, 9);
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_secs(3),
+                "silence noticed {took:?} after the start"
+            );
+            sender.abort();
+        });
+    }
 
     /// Before authentication, a header announcing a full-size body is refused at once: the
     /// body is neither awaited nor allocated.
