@@ -1076,7 +1076,7 @@ impl Volume {
     fn count_received(&self, n: u64) {
         self.resync_received.fetch_add(n, Ordering::Relaxed);
         if let Some(p) = lock(&self.shared).target_progress.as_mut() {
-            p.done += n;
+            p.done = p.done.saturating_add(n);
         }
     }
 
@@ -1109,6 +1109,12 @@ impl Volume {
         raw_crc: u32,
         payload: Vec<u8>,
     ) -> Message {
+        if !self.in_range(offset, u64::from(raw_len)) {
+            // Before decompressing: a chunk outside the volume would be refused anyway.
+            return Message::Ack {
+                errno: libc::EINVAL as u32,
+            };
+        }
         let data = if compressed {
             match zstd::bulk::decompress(&payload, raw_len as usize) {
                 Ok(d) if d.len() == raw_len as usize => d,
@@ -1214,7 +1220,7 @@ impl Volume {
 
     async fn hash_blocks(&self, offset: u64, length: u64, block: u32) -> Message {
         let block = u64::from(block.max(4096));
-        if !self.in_range(offset, length) || length / block > 4096 {
+        if !self.in_range(offset, length) || length.div_ceil(block) > 4096 {
             return Message::Ack {
                 errno: libc::EINVAL as u32,
             };
@@ -1751,6 +1757,17 @@ impl Volume {
                     what: format!("the peer could not hash {off}+{len}: {reply:?}"),
                 });
             };
+            if hashes.len() as u64 != len.div_ceil(CHUNK) {
+                // Fewer would leave blocks unchecked yet counted as compared.
+                return Err(VolumeError::Refused {
+                    volume: self.name.clone(),
+                    what: format!(
+                        "the peer sent {} hashes for {off}+{len}, expected {}",
+                        hashes.len(),
+                        len.div_ceil(CHUNK)
+                    ),
+                });
+            }
             let mut b = off;
             for theirs in hashes {
                 let n = CHUNK.min(off + len - b);
