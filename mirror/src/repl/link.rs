@@ -544,55 +544,60 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// Writes queued frames to the socket until the link closes or the socket fails.
 pub async fn writer_task<W: AsyncWrite + Unpin>(link: Arc<Link>, mut w: W) {
     let mut batch: Vec<u8> = Vec::with_capacity(BATCH_BYTES);
-    'link: loop {
+    loop {
         tokio::select! {
             _ = link.queued.notified() => {}
             _ = link.closed() => break,
         }
         // Drain until the queue is empty and everything taken is written; only then may
-        // senders write directly again.
-        loop {
-            let next = {
-                let mut outbox = link.lock_outbox();
-                match outbox.queue.pop_front() {
-                    Some(f) => {
-                        outbox.writer_busy = true;
-                        let already = std::mem::take(&mut outbox.head_sent);
-                        Some((f, already))
+        // senders write directly again. A write can wait for as long as the peer's kernel
+        // keeps its receive window shut (a stopped process): when the link is closed
+        // meanwhile (silence), the socket and the frame are let go at once.
+        let drained = async {
+            loop {
+                let next = {
+                    let mut outbox = link.lock_outbox();
+                    match outbox.queue.pop_front() {
+                        Some(f) => {
+                            outbox.writer_busy = true;
+                            let already = std::mem::take(&mut outbox.head_sent);
+                            Some((f, already))
+                        }
+                        None if batch.is_empty() => {
+                            outbox.writer_busy = false;
+                            None
+                        }
+                        None => Some((OutFrame::from(Vec::new()), 0)),
                     }
-                    None if batch.is_empty() => {
-                        outbox.writer_busy = false;
-                        None
-                    }
-                    None => Some((OutFrame::from(Vec::new()), 0)),
+                };
+                let Some((f, already)) = next else { break };
+                let (head, tail) = f.rest(already);
+                let rest_len = head.len() + tail.len();
+                let flush_first = rest_len == 0 || batch.len() + rest_len > BATCH_BYTES;
+                if flush_first && !batch.is_empty() {
+                    w.write_all(&batch).await?;
+                    batch.clear();
                 }
-            };
-            let Some((f, already)) = next else { break };
-            let (head, tail) = f.rest(already);
-            let rest_len = head.len() + tail.len();
-            let flush_first = rest_len == 0 || batch.len() + rest_len > BATCH_BYTES;
-            if flush_first && !batch.is_empty() {
-                if w.write_all(&batch).await.is_err() {
-                    break 'link;
+                if rest_len >= BATCH_BYTES {
+                    // A large frame goes out on its own, without a copy.
+                    write_parts(&mut w, head, tail).await?;
+                } else {
+                    batch.extend_from_slice(head);
+                    batch.extend_from_slice(tail);
                 }
-                batch.clear();
             }
-            if rest_len >= BATCH_BYTES {
-                // A large frame goes out on its own, without a copy.
-                if write_parts(&mut w, head, tail).await.is_err() {
-                    break 'link;
-                }
-            } else {
-                batch.extend_from_slice(head);
-                batch.extend_from_slice(tail);
-            }
-        }
-        if w.flush().await.is_err() {
+            w.flush().await
+        };
+        let written = tokio::select! {
+            r = drained => r.is_ok(),
+            _ = link.closed() => false,
+        };
+        if !written {
             break;
         }
     }
     link.close();
-    let _ = w.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
 }
 
 /// Writes `head` then `tail` with vectored writes: one segment on the wire where two
@@ -725,6 +730,36 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::os::fd::AsFd;
+
+    /// A writer stuck on a peer that stopped reading (its receive window shut) lets go of the
+    /// socket as soon as the link is closed.
+    #[test]
+    fn a_writer_blocked_by_a_peer_that_does_not_read_ends_with_the_link() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (ours, _theirs_never_read) = tokio::io::duplex(4096);
+            let link = Link::new("peer".into(), Duration::from_secs(10), None);
+            let writer = tokio::spawn(writer_task(link.clone(), ours));
+            link.send(
+                1,
+                &Message::Write {
+                    offset: 0,
+                    fua: false,
+                    data: vec![1; 1 << 20],
+                },
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!writer.is_finished(), "the write is blocked");
+            link.close();
+            tokio::time::timeout(Duration::from_secs(2), writer)
+                .await
+                .expect("the writer ends once the link is closed")
+                .expect("writer task");
+        });
+    }
 
     /// A large frame arriving slowly (a slow link) is not silence; a peer that stops sending
     /// is, once `silence` has passed without a byte.
