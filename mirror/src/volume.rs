@@ -1206,7 +1206,9 @@ impl Volume {
     }
 
     async fn hash_range(&self, offset: u64, len: u64) -> BackendResult<[u8; 32]> {
-        if !self.in_range(offset, len) || len > CHUNK * 64 {
+        // Our own requests hash at most a chunk at a time; the bound keeps a confused peer
+        // from making this node read (and hold) much more per request.
+        if !self.in_range(offset, len) || len > CHUNK * 8 {
             return Err(BackendError::io(
                 "hash",
                 offset,
@@ -1220,7 +1222,7 @@ impl Volume {
 
     async fn hash_blocks(&self, offset: u64, length: u64, block: u32) -> Message {
         let block = u64::from(block.max(4096));
-        if !self.in_range(offset, length) || length.div_ceil(block) > 4096 {
+        if !self.in_range(offset, length) || length.div_ceil(block) > 64 {
             return Message::Ack {
                 errno: libc::EINVAL as u32,
             };

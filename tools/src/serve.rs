@@ -11,7 +11,7 @@ use mirror::volume::{ResyncOptions, VolumeSpec};
 use mirror::EngineKind;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use failover::driver::{Failover, FailoverSpec, GroupSpec};
 use failover::heartbeat::{heartbeat_key, HeartbeatSpec, Heartbeats};
@@ -184,8 +184,29 @@ fn group_specs(cfg: &NodeConfig) -> Vec<GroupSpec> {
         .collect()
 }
 
+/// Raises the soft limit on open files to the hard one: the default soft limit (1024) is
+/// soon reached by NBD clients plus connections to the replication port (a stranger's
+/// handshake holds a descriptor for up to 20 s), and once reached the real peer can no
+/// longer connect.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        // An unlimited hard limit is not a value the kernel takes for open files (nr_open).
+        Ok((soft, hard)) if soft < hard.min(1 << 20) => {
+            let to = hard.min(1 << 20);
+            match setrlimit(Resource::RLIMIT_NOFILE, to, hard) {
+                Ok(()) => debug!(from = soft, to, "raised the open-file limit"),
+                Err(e) => warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 async fn serve(cfg: NodeConfig, threads: Option<u16>) -> anyhow::Result<()> {
     precheck_addresses(&cfg)?;
+    raise_open_file_limit();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
     let control = bind_control(&cfg.control_socket)?;
