@@ -130,6 +130,48 @@ pub struct NodeStatus {
     pub volumes: Vec<VolumeStatus>,
 }
 
+/// Memory the peer's requests being handled may hold at once, in KiB (their data, what a
+/// compressed chunk expands to, what a hash request reads). Our own primary stays far below
+/// (a client's queue, the resync window); a confused one is slowed down, not let to exhaust
+/// this node's memory.
+const PEER_REQUEST_BUDGET_KIB: u32 = 256 << 10;
+
+/// A request's share of [`PEER_REQUEST_BUDGET_KIB`].
+fn request_cost_kib(m: &crate::repl::frame::Message) -> u32 {
+    use crate::repl::frame::Message;
+    let bytes: u64 = match m {
+        Message::Write { data, .. } => data.len() as u64,
+        Message::ResyncData { raw_len, .. } => u64::from(*raw_len),
+        Message::ResyncHash { length, .. } | Message::HashRequest { length, .. } => {
+            (*length).min(8 << 20)
+        }
+        _ => 0,
+    };
+    (bytes / 1024 + 1).min(u64::from(PEER_REQUEST_BUDGET_KIB)) as u32
+}
+
+/// Handles one request of the peer as its own task, holding its share of the budget.
+fn spawn_peer_request(
+    vol: &Arc<Volume>,
+    link: &Arc<Link>,
+    seq: u64,
+    m: crate::repl::frame::Message,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    // Counted from its arrival, so a flush knows whether it is alone, and so the answers to
+    // a burst of requests read from one buffer queue up and leave in one write, not a send()
+    // each: the secondary spent a third of its CPU at queue depth 32 sending acks one by one.
+    let serving = nbd_server::spin::serving();
+    let answering = link.answering();
+    let request = vol.clone().handle_request(link.clone(), seq, m);
+    tokio::spawn(async move {
+        request.await;
+        drop(answering);
+        drop(serving);
+        drop(permit);
+    });
+}
+
 /// A link that lasted less than this ended as if the peer had refused the handshake.
 const STABLE_LINK: Duration = Duration::from_secs(2);
 
@@ -464,27 +506,38 @@ impl Node {
         ));
         vol.link_up(link.clone());
         let (v, l) = (vol.clone(), link.clone());
+        let budget = Arc::new(tokio::sync::Semaphore::new(
+            PEER_REQUEST_BUDGET_KIB as usize,
+        ));
         let end = link::reader_loop(
             &link,
             BufReader::with_capacity(256 * 1024, rd),
             self.peer_timeout,
             |seq, m| {
-                match m {
+                let blocked = match m {
                     // State changes are applied in order, inline.
-                    crate::repl::frame::Message::State(s) => v.peer_state(&l, s),
+                    crate::repl::frame::Message::State(s) => {
+                        v.peer_state(&l, s);
+                        None
+                    }
                     m => {
-                        // Counted from its arrival, so a flush knows whether it is alone,
-                        // and so the answers to a burst of requests read from one buffer
-                        // queue up and leave in one write, not a send() each: the secondary
-                        // spent a third of its CPU at queue depth 32 sending acks one by one.
-                        let serving = nbd_server::spin::serving();
-                        let answering = l.answering();
-                        let request = v.clone().handle_request(l.clone(), seq, m);
-                        tokio::spawn(async move {
-                            request.await;
-                            drop(answering);
-                            drop(serving);
-                        });
+                        let cost = request_cost_kib(&m);
+                        match budget.clone().try_acquire_many_owned(cost) {
+                            Ok(permit) => {
+                                spawn_peer_request(&v, &l, seq, m, permit);
+                                None
+                            }
+                            Err(_) => Some((v.clone(), l.clone(), budget.clone(), m, cost)),
+                        }
+                    }
+                };
+                async move {
+                    // Over budget: the reader waits here, so the peer's frames wait in the
+                    // socket (and TCP slows the peer) instead of in this node's memory.
+                    if let Some((v, l, budget, m, cost)) = blocked {
+                        if let Ok(permit) = budget.acquire_many_owned(cost).await {
+                            spawn_peer_request(&v, &l, seq, m, permit);
+                        }
                     }
                 }
             },
@@ -502,8 +555,41 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
-    use super::{next_dial_pause, should_dial, DIAL_RETRY_FIRST};
+    use super::{
+        next_dial_pause, request_cost_kib, should_dial, DIAL_RETRY_FIRST, PEER_REQUEST_BUDGET_KIB,
+    };
+    use crate::repl::frame::Message;
     use std::time::Duration;
+
+    #[test]
+    fn a_peer_request_costs_the_memory_it_makes_this_node_hold() {
+        let write = Message::Write {
+            offset: 0,
+            fua: false,
+            data: vec![0; 1 << 20],
+        };
+        assert_eq!(request_cost_kib(&write), 1025);
+        let chunk = Message::ResyncData {
+            offset: 0,
+            raw_len: 32 << 20,
+            compressed: true,
+            raw_crc: 0,
+            payload: vec![0; 100],
+        };
+        assert_eq!(
+            request_cost_kib(&chunk),
+            (32 << 10) + 1,
+            "what it expands to"
+        );
+        let hash = Message::HashRequest {
+            offset: 0,
+            length: u64::MAX,
+            block: 1 << 20,
+        };
+        assert_eq!(request_cost_kib(&hash), (8 << 10) + 1);
+        assert_eq!(request_cost_kib(&Message::Flush), 1);
+        assert!(request_cost_kib(&chunk) < PEER_REQUEST_BUDGET_KIB);
+    }
 
     #[test]
     fn dial_pauses_double_up_to_a_cap_that_depends_on_how_far_the_attempt_got() {

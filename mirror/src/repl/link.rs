@@ -655,12 +655,20 @@ impl std::fmt::Display for ReadEnd {
 
 /// Reads frames until the connection ends, delivering responses and passing everything
 /// else to `on_request(seq, message)`.
-pub async fn reader_loop<R: AsyncRead + Unpin>(
+/// Reads the peer's frames until the link ends: answers pings, delivers responses to their
+/// requests, and hands each request to `on_request`, whose future is awaited before the next
+/// frame is read (that is how a busy receiver slows a sender down: see `Node`'s byte budget).
+pub async fn reader_loop<R, F, Fut>(
     link: &Arc<Link>,
     r: R,
     silence: Duration,
-    mut on_request: impl FnMut(u64, Message),
-) -> ReadEnd {
+    mut on_request: F,
+) -> ReadEnd
+where
+    R: AsyncRead + Unpin,
+    F: FnMut(u64, Message) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     // Silence is a peer that sends nothing, not a large frame still arriving: a 32 MiB write
     // takes longer than the default 5 s over a link below ~55 Mbit/s, and the peer's pings
     // queue behind it. So the clock restarts whenever bytes arrive.
@@ -699,7 +707,12 @@ pub async fn reader_loop<R: AsyncRead + Unpin>(
                 Message::Ping => link.send(h.seq, &Message::Pong),
                 Message::Pong => {}
                 m if m.is_response() => link.deliver(h.seq, m),
-                m => on_request(h.seq, m),
+                m => {
+                    tokio::select! {
+                        () = on_request(h.seq, m) => {}
+                        _ = link.closed() => return ReadEnd::Closed,
+                    }
+                }
             },
         }
     }
@@ -793,7 +806,8 @@ mod tests {
             let mut got = Vec::new();
             let started = std::time::Instant::now();
             let end = reader_loop(&link, ours, Duration::from_millis(300), |seq, m| {
-                got.push((seq, m))
+                got.push((seq, m));
+                std::future::ready(())
             })
             .await;
             assert!(matches!(end, ReadEnd::Silent(_)), "{end}");
