@@ -182,6 +182,9 @@ struct Runtime {
     witness_holder_is_me: bool,
     /// The group generation the witness last confirmed for this node.
     registered_generation: u64,
+    /// The volumes' generations behind `registered_generation`, in the group's order: the
+    /// only ones a gate may open for (a volume's current generation may be newer).
+    registered_volumes: Vec<u64>,
     transitions: VecDeque<Transition>,
     ready: bool,
     /// This node fenced the peer since it last lost it (fence-only quorum).
@@ -264,6 +267,7 @@ impl Failover {
                         witness_seen: None,
                         witness_holder_is_me: false,
                         registered_generation: 0,
+                        registered_volumes: Vec::new(),
                         transitions: VecDeque::new(),
                         ready: false,
                         peer_fenced: false,
@@ -400,29 +404,41 @@ impl Failover {
 
     /// A stable digest of the group's volume generations: equal on both nodes exactly when
     /// every volume has the same generation.
-    fn group_generation(&self, g: &GroupRuntime) -> u64 {
-        let mut h = blake3::Hasher::new();
-        for v in &g.spec.volumes {
-            let gen = self
-                .node
-                .volume(v)
-                .map(|x| x.failover_view().generation)
-                .unwrap_or(0);
-            h.update(&gen.to_be_bytes());
-        }
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&h.finalize().as_bytes()[..8]);
-        u64::from_be_bytes(b).max(1)
+    /// The group's volumes' current generations, in the group's order.
+    fn volume_generations(&self, g: &GroupRuntime) -> Vec<u64> {
+        g.spec
+            .volumes
+            .iter()
+            .map(|v| {
+                self.node
+                    .volume(v)
+                    .map(|x| x.failover_view().generation)
+                    .unwrap_or(0)
+            })
+            .collect()
     }
 
+    fn group_generation(&self, g: &GroupRuntime) -> u64 {
+        hash_generations(&self.volume_generations(g))
+    }
+
+    /// Opens or closes the volumes' gates for writes made alone: `None` closes them,
+    /// `Some(ALONE_ALWAYS)` opens them for good (no witness), any other value opens each
+    /// volume for the generation the witness registered for it, never for its current one
+    /// (a write that went alone into a newer generation waits until that one is registered;
+    /// writes waiting at a gate run on the volumes' own threads and pass the moment it
+    /// opens, so a gate must never open, even briefly, for a generation not registered).
     fn set_gates(&self, g: &GroupRuntime, allowed: Option<u64>) {
-        let deadline = lock(&g.rt).lease_until;
-        for v in &g.spec.volumes {
+        let (deadline, registered) = {
+            let rt = lock(&g.rt);
+            (rt.lease_until, rt.registered_volumes.clone())
+        };
+        for (i, v) in g.spec.volumes.iter().enumerate() {
             if let Ok(vol) = self.node.volume(v) {
                 let gen = match allowed {
                     None => 0,
                     Some(ALONE_ALWAYS) => ALONE_ALWAYS,
-                    Some(_) => vol.failover_view().generation,
+                    Some(_) => registered.get(i).copied().unwrap_or(0),
                 };
                 vol.set_alone_deadline(if allowed == Some(ALONE_ALWAYS) {
                     None
@@ -594,11 +610,16 @@ impl Failover {
             // Renew the lease; register a new generation (writing alone) before any write
             // made alone is acknowledged.
             let sent = Instant::now();
-            let gen = self.group_generation(g);
+            let gens = self.volume_generations(g);
+            let gen = hash_generations(&gens);
             let registered = lock(&g.rt).registered_generation;
             if gen != registered {
                 match w.vote(&g.spec.name, round, gen).await {
-                    Ok(VoteOutcome::Granted(_)) => lock(&g.rt).registered_generation = gen,
+                    Ok(VoteOutcome::Granted(_)) => {
+                        let mut rt = lock(&g.rt);
+                        rt.registered_generation = gen;
+                        rt.registered_volumes = gens;
+                    }
                     Ok(VoteOutcome::Denied(rec)) => {
                         // During a handover the old holder's lease has to lapse first; the
                         // lease answer below says whether this node was really deposed.
@@ -711,25 +732,19 @@ impl Failover {
             } => self.promote(g, round, quorum, &reason, peer_name).await,
             Decision::Serve { state, reason } => {
                 let fence_only = self.witness.is_none() && g.spec.fence.is_some();
-                if fence_only && !lock(&g.rt).peer_fenced {
+                let allowed = if fence_only && !lock(&g.rt).peer_fenced {
                     // Fence-only quorum: nothing is acknowledged alone before the peer is off.
-                    self.set_gates(g, None);
+                    None
+                } else if self.witness.is_none() {
+                    Some(ALONE_ALWAYS)
                 } else {
-                    self.set_gates(
-                        g,
-                        Some(match &self.witness {
-                            None => ALONE_ALWAYS,
-                            Some(_) => lock(&g.rt).registered_generation,
-                        }),
-                    );
-                }
-                if self.witness.is_some() {
-                    // Only the generation the witness confirmed may be written alone.
-                    let confirmed = lock(&g.rt).registered_generation == self.group_generation(g);
-                    if !confirmed {
-                        self.set_gates(g, None);
-                    }
-                }
+                    // Only what the witness registered, and only within a lease: decided
+                    // before any gate changes (see set_gates).
+                    let rt = lock(&g.rt);
+                    (rt.registered_generation != 0 && rt.lease_until.is_some())
+                        .then_some(rt.registered_generation)
+                };
+                self.set_gates(g, allowed);
                 if !lock(&g.rt).vip_up {
                     self.vip_up(g).await;
                 }
@@ -883,14 +898,17 @@ impl Failover {
             rt.restarts = 0;
             rt.vm_failed = false;
             rt.registered_generation = 0;
+            rt.registered_volumes.clear();
             rt.lease_until = None;
         }
         if let Some(w) = &self.witness {
             // Register the (possibly new) generation before any write alone is acknowledged.
-            let gen = self.group_generation(g);
+            let gens = self.volume_generations(g);
+            let gen = hash_generations(&gens);
             if let Ok(VoteOutcome::Granted(_)) = w.vote(&g.spec.name, round, gen).await {
                 let mut rt = lock(&g.rt);
                 rt.registered_generation = gen;
+                rt.registered_volumes = gens;
                 rt.lease_until = Some(Instant::now() + LEASE_VALIDITY);
                 rt.lease_holder = Some(true);
                 rt.witness_seen = Some(Instant::now());
@@ -929,6 +947,7 @@ impl Failover {
             rt.handing_over = handover;
             rt.lease_until = None;
             rt.registered_generation = 0;
+            rt.registered_volumes.clear();
         }
         self.transition(g, GroupState::Waiting, reason);
     }
@@ -992,6 +1011,17 @@ fn still_listening(
     !peer_alive
         && since_start < window
         && matches!(state, GroupState::Stopped | GroupState::Waiting)
+}
+
+/// The group generation: one id for the volumes' generations together.
+fn hash_generations(gens: &[u64]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for gen in gens {
+        h.update(&gen.to_be_bytes());
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_be_bytes(b).max(1)
 }
 
 #[cfg(test)]
