@@ -176,7 +176,12 @@ fn stay(state: GroupState, reason: impl Into<String>) -> Decision {
 
 /// The decision for this node. Pure; see the module doc for the invariants.
 pub fn decide(f: &Facts) -> Decision {
-    let next_round = f.round.max(f.peer.map(|p| p.round).unwrap_or(0)) + 1;
+    // Saturating: a round comes from the peer (authenticated, but not to be trusted with
+    // arithmetic); at u64::MAX rounds stop advancing rather than wrap to 0.
+    let next_round = f
+        .round
+        .max(f.peer.map(|p| p.round).unwrap_or(0))
+        .saturating_add(1);
     if f.state.is_primary() {
         return decide_as_primary(f);
     }
