@@ -143,7 +143,7 @@ fn request_cost_kib(m: &crate::repl::frame::Message) -> u32 {
         Message::Write { data, .. } => data.len() as u64,
         Message::ResyncData { raw_len, .. } => u64::from(*raw_len),
         Message::ResyncHash { length, .. } | Message::HashRequest { length, .. } => {
-            (*length).min(8 << 20)
+            (*length).min(crate::volume::HASH_BLOCK_MAX)
         }
         _ => 0,
     };

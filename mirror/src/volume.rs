@@ -28,7 +28,7 @@ use crate::metadata::{
 use crate::rangelock::RangeLocks;
 use crate::repl::frame::{self, encode_resync_data, Message, Role, VolumeState};
 use crate::repl::link::{Link, LinkError, OutFrame};
-use crate::unflushed::{FlushBatch, Unflushed};
+use crate::unflushed::Unflushed;
 use crate::window::ResyncWindow;
 use crate::{create_image, EngineKind, ImageError, ImageFile};
 
@@ -107,6 +107,11 @@ pub const CHUNK: u64 = 1 << 20;
 /// below it. A flush after O_DIRECT chunks costs the target little more than the device
 /// flush itself.
 const RESYNC_FLUSH_EVERY: u64 = 256 << 20;
+
+/// The most one hash request of the peer may cover per block. Our own requests hash a chunk
+/// at a time; the bound keeps a confused peer from making this node read (and hold) much
+/// more per request.
+pub const HASH_BLOCK_MAX: u64 = CHUNK * 8;
 
 /// How often `background_maintenance` looks for work (a resync to retry, a peer flush due).
 const MAINTENANCE_TICK: Duration = Duration::from_secs(2);
@@ -824,27 +829,31 @@ impl Volume {
     /// on its disk. `Ok(false)`: the flush failed or never arrived, and what it covered is
     /// recorded as dirty. `Err`: that record could not be made.
     async fn flush_peer(&self, link: &Arc<Link>) -> Result<bool, MetadataError> {
-        let _serial = self.peer_flush_lock.lock().await;
-        let batch = self.unflushed.begin_flush();
-        let reply = link.request(&Message::Flush).await;
-        self.settle_peer_flush(batch, &reply, "a flush")
+        let reply = self
+            .request_peer_flush(link, &Message::Flush, "a flush")
+            .await?;
+        Ok(matches!(reply, Ok(Message::Ack { errno: 0 })))
     }
 
-    /// The end of a request that made the peer flush (`Flush`, or `ResyncDone`, which flushes
-    /// the resync target). On any failure, what the batch covered is marked dirty at once:
-    /// a peer whose fdatasync failed may have dropped those pages, and one that went away may
-    /// have lost power; kept in the unflushed set instead, they would be forgotten by the next
-    /// flush that succeeds (or by a link_down that drained the set before this ran).
-    fn settle_peer_flush(
+    /// Sends `request`, which makes the peer flush (`Flush`, or `ResyncDone`, which flushes
+    /// the resync target), and settles the unflushed set with its answer. On any failure,
+    /// what the flush covered is marked dirty at once: a peer whose fdatasync failed may have
+    /// dropped those pages, and one that went away may have lost power; kept in the unflushed
+    /// set instead, they would be forgotten by the next flush that succeeds (or by a
+    /// link_down that drained the set before this ran). `Err`: that record could not be made.
+    async fn request_peer_flush(
         &self,
-        batch: FlushBatch,
-        reply: &Result<Message, LinkError>,
+        link: &Arc<Link>,
+        request: &Message,
         what: &str,
-    ) -> Result<bool, MetadataError> {
+    ) -> Result<Result<Message, LinkError>, MetadataError> {
+        let _serial = self.peer_flush_lock.lock().await;
+        let batch = self.unflushed.begin_flush();
+        let reply = link.request(request).await;
         if let Ok(Message::Ack { errno: 0 }) = reply {
             self.unflushed.end_flush(batch);
             *lock(&self.last_peer_flush) = Instant::now();
-            return Ok(true);
+            return Ok(reply);
         }
         let ranges = self.unflushed.fail_flush(batch);
         let bytes: u64 = ranges.iter().map(|r| r.1).sum();
@@ -852,7 +861,7 @@ impl Volume {
         for (off, len) in ranges {
             self.meta.mark_dirty(off, len)?;
         }
-        Ok(false)
+        Ok(reply)
     }
 
     /// Every two seconds: starts a resync when regions went dirty while connected (a write the
@@ -1143,25 +1152,18 @@ impl Volume {
     }
 
     async fn resync_target_done(&self, generations: Generations) -> Message {
-        if self.failed_since_resync_start.load(Ordering::Acquire) {
-            warn!(volume = %self.name, "a write failed here during the resync: staying inconsistent until the next one");
-            lock(&self.shared).target_progress = None;
-            self.announce();
-            return Message::Ack {
-                errno: libc::EIO as u32,
-            };
-        }
         if let Err(e) = self.image.flush().await {
             self.become_inconsistent("the flush at the end of the resync failed");
             return Message::Ack {
                 errno: errno_of(&e),
             };
         }
-        // A mirrored write may have failed here while the flush ran (its error path marks the
-        // range and clears CONSISTENT); from here on nothing awaits, so no other request of
-        // this volume's thread runs before the header says consistent.
+        // Checked after the flush, not before: a mirrored write may also have failed while it
+        // ran (its error path marks the range and clears CONSISTENT). From here on nothing
+        // awaits, so no other request of this volume's thread runs before the header says
+        // consistent.
         if self.failed_since_resync_start.load(Ordering::Acquire) {
-            warn!(volume = %self.name, "a write failed here during the resync's last flush: staying inconsistent until the next one");
+            warn!(volume = %self.name, "a write failed here during the resync: staying inconsistent until the next one");
             lock(&self.shared).target_progress = None;
             self.announce();
             return Message::Ack {
@@ -1206,9 +1208,7 @@ impl Volume {
     }
 
     async fn hash_range(&self, offset: u64, len: u64) -> BackendResult<[u8; 32]> {
-        // Our own requests hash at most a chunk at a time; the bound keeps a confused peer
-        // from making this node read (and hold) much more per request.
-        if !self.in_range(offset, len) || len > CHUNK * 8 {
+        if !self.in_range(offset, len) || len > HASH_BLOCK_MAX {
             return Err(BackendError::io(
                 "hash",
                 offset,
@@ -1363,16 +1363,14 @@ impl Volume {
         let gens = self.meta.generations();
         // The target flushes before it calls itself consistent: that flush covers the chunks
         // (and mirrored writes) it acknowledged before, as a peer flush does.
-        let reply = {
-            let _serial = self.peer_flush_lock.lock().await;
-            let batch = self.unflushed.begin_flush();
-            let reply = link
-                .request(&Message::ResyncDone { generations: gens })
-                .await;
-            self.settle_peer_flush(batch, &reply, "the end of the resync")
-                .map_err(merr)?;
-            reply
-        };
+        let reply = self
+            .request_peer_flush(
+                link,
+                &Message::ResyncDone { generations: gens },
+                "the end of the resync",
+            )
+            .await
+            .map_err(merr)?;
         match reply.map_err(verr)? {
             Message::Ack { errno: 0 } => {}
             other => {
