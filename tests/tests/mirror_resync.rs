@@ -204,10 +204,9 @@ fn frozen_secondary_is_declared_dead_after_peer_timeout() {
     assert_files_equal(&pair.image(A), &pair.image(B));
 }
 
-/// The resync target is killed in the middle of its resync: after a restart it is still
-/// inconsistent (not promotable without --force), and the resync resumes and completes.
-#[test]
-fn resync_target_killed_midway_stays_inconsistent_and_resumes() {
+/// A 128 MiB pair resyncing at 4 MiB/s, node-b away and 40 MiB written through node-a
+/// with `pattern`: a resync that lasts ten seconds, time to interrupt it.
+fn slow_resync_with_40_mib_dirty(pattern: u8) -> Pair {
     let mut pair = Pair::with_options(PairOptions {
         size: "128M".into(),
         extra: "resync_rate = \"4M\"".into(),
@@ -219,8 +218,29 @@ fn resync_target_killed_midway_stays_inconsistent_and_resumes() {
     assert_qemu_io_ok(&qemu_io(
         &pair.env,
         &pair.uri(A),
-        &["write -P 0x19 0 40M", "flush"],
+        &[&format!("write -P {pattern:#x} 0 40M"), "flush"],
     ));
+    pair
+}
+
+/// The resync completes, both nodes say in-sync (node-a also after giving up the primary
+/// role), and the images are byte-identical.
+fn resync_ends_identical(pair: &mut Pair) {
+    pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(90), |v| {
+        v["sync"] == "in-sync" && v["peer"] == "connected"
+    });
+    pair.wait_in_sync(B);
+    pair.demote(A).ok();
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+}
+
+/// The resync target is killed in the middle of its resync: after a restart it is still
+/// inconsistent (not promotable without --force), and the resync resumes and completes.
+#[test]
+fn resync_target_killed_midway_stays_inconsistent_and_resumes() {
+    let mut pair = slow_resync_with_40_mib_dirty(0x19);
     pair.start(B);
     let b = pair.wait_for(
         B,
@@ -245,14 +265,7 @@ fn resync_target_killed_midway_stays_inconsistent_and_resumes() {
     );
     let out = pair.promote(B, false);
     assert_eq!(out.code, Some(1), "an unfinished resync target: {out}");
-    pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(90), |v| {
-        v["sync"] == "in-sync" && v["peer"] == "connected"
-    });
-    pair.wait_in_sync(B);
-    pair.demote(A).ok();
-    pair.wait_in_sync(A);
-    pair.wait_in_sync(B);
-    assert_files_equal(&pair.image(A), &pair.image(B));
+    resync_ends_identical(&mut pair);
 }
 
 /// The resync target crashes in the middle of its resync. The chunks it had acknowledged
@@ -262,19 +275,7 @@ fn resync_target_killed_midway_stays_inconsistent_and_resumes() {
 /// not sent yet.
 #[test]
 fn resync_target_crash_marks_its_unflushed_chunks_dirty_again() {
-    let mut pair = Pair::with_options(PairOptions {
-        size: "128M".into(),
-        extra: "resync_rate = \"4M\"".into(),
-        ..PairOptions::default()
-    });
-    pair.start_with_a_primary();
-    pair.stop(B);
-    pair.wait_disconnected(A);
-    assert_qemu_io_ok(&qemu_io(
-        &pair.env,
-        &pair.uri(A),
-        &["write -P 0x2b 0 40M", "flush"],
-    ));
+    let mut pair = slow_resync_with_40_mib_dirty(0x2b);
     let a = pair.vol(A, VOLUME);
     assert_eq!(num(&a, "dirty_bytes"), 40 * MIB, "{a}");
     let sent_before = num(&a, "resync_bytes_sent");
@@ -296,14 +297,7 @@ fn resync_target_crash_marks_its_unflushed_chunks_dirty_again() {
         "the chunks the target acknowledged but never flushed are dirty again: {a}"
     );
     pair.start(B);
-    pair.wait_for(A, VOLUME, "in-sync", Duration::from_secs(90), |v| {
-        v["sync"] == "in-sync" && v["peer"] == "connected"
-    });
-    pair.wait_in_sync(B);
-    pair.demote(A).ok();
-    pair.wait_in_sync(A);
-    pair.wait_in_sync(B);
-    assert_files_equal(&pair.image(A), &pair.image(B));
+    resync_ends_identical(&mut pair);
 }
 
 /// The primary writes alone, then crashes: its dirty map (durable before each write was
