@@ -172,6 +172,44 @@ fn spawn_peer_request(
     });
 }
 
+/// Most replication connections waiting for their handshake at once. Each holds a task, a
+/// socket and up to `HANDSHAKE_MAX_BODY` bytes until the handshake timeout; past the cap the
+/// oldest is dropped to make room, so idle connections cannot pile up, while the real peer,
+/// which completes its handshake within a round trip, still gets in.
+const PENDING_HANDSHAKES_MAX: usize = 64;
+
+/// The handshakes in progress, oldest first, each with the signal that drops it.
+#[derive(Default)]
+struct PendingHandshakes {
+    next_ticket: u64,
+    queue: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl PendingHandshakes {
+    /// Registers a new handshake, first dropping the oldest ones while `max` are waiting.
+    /// Returns its ticket, the receiver that fires when it is dropped in turn, and whether an
+    /// older one was dropped.
+    fn admit(&mut self, max: usize) -> (u64, tokio::sync::oneshot::Receiver<()>, bool) {
+        let mut dropped = false;
+        while self.queue.len() >= max.max(1) {
+            if let Some((_, evict)) = self.queue.pop_front() {
+                let _ = evict.send(());
+                dropped = true;
+            }
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let (evict, evicted) = tokio::sync::oneshot::channel();
+        self.queue.push_back((ticket, evict));
+        (ticket, evicted, dropped)
+    }
+
+    /// The handshake ended (either way): it no longer counts.
+    fn done(&mut self, ticket: u64) {
+        self.queue.retain(|(t, _)| *t != ticket);
+    }
+}
+
 /// A link that lasted less than this ended as if the peer had refused the handshake.
 const STABLE_LINK: Duration = Duration::from_secs(2);
 
@@ -363,6 +401,8 @@ impl Node {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let pending = Arc::new(std::sync::Mutex::new(PendingHandshakes::default()));
+        let mut last_flood_warning: Option<Instant> = None;
         loop {
             let (stream, addr) = match listener.accept().await {
                 Ok(x) => x,
@@ -372,16 +412,38 @@ impl Node {
                     continue;
                 }
             };
+            let (ticket, mut evicted) = {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                let (ticket, evicted, dropped_one) = p.admit(PENDING_HANDSHAKES_MAX);
+                if dropped_one
+                    && last_flood_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    last_flood_warning = Some(Instant::now());
+                    warn!(%addr, max = PENDING_HANDSHAKES_MAX, "too many replication connections waiting for their handshake: dropping the oldest (a flood on the replication port?); said once a minute");
+                }
+                (ticket, evicted)
+            };
             let node = self.clone();
+            let pending = pending.clone();
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
                 let mut stream = stream;
                 let names: Vec<String> = node.volumes.iter().map(|h| h.vol.name.clone()).collect();
-                match link::accept_handshake(&mut stream, &node.key, &node.name, |v| {
-                    names.iter().any(|n| n == v)
-                })
-                .await
-                {
+                let handshake = tokio::select! {
+                    r = link::accept_handshake(&mut stream, &node.key, &node.name, |v| {
+                        names.iter().any(|n| n == v)
+                    }) => Some(r),
+                    _ = &mut evicted => None,
+                };
+                pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .done(ticket);
+                let Some(handshake) = handshake else {
+                    debug!(%addr, "unauthenticated replication connection dropped to make room");
+                    return;
+                };
+                match handshake {
                     Ok(acc) => {
                         let Ok(vol) = node.volume(&acc.volume).cloned() else {
                             return;
@@ -556,7 +618,8 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::{
-        next_dial_pause, request_cost_kib, should_dial, DIAL_RETRY_FIRST, PEER_REQUEST_BUDGET_KIB,
+        next_dial_pause, request_cost_kib, should_dial, PendingHandshakes, DIAL_RETRY_FIRST,
+        PEER_REQUEST_BUDGET_KIB,
     };
     use crate::repl::frame::Message;
     use std::time::Duration;
@@ -589,6 +652,35 @@ mod tests {
         assert_eq!(request_cost_kib(&hash), (8 << 10) + 1);
         assert_eq!(request_cost_kib(&Message::Flush), 1);
         assert!(request_cost_kib(&chunk) < PEER_REQUEST_BUDGET_KIB);
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_pending_handshake_is_dropped() {
+        let mut p = PendingHandshakes::default();
+        let mut tickets = Vec::new();
+        for i in 0..3 {
+            let (t, rx, dropped) = p.admit(3);
+            assert!(!dropped, "admission {i} fits");
+            tickets.push((t, rx));
+        }
+        // One finished: its place is free, nobody is dropped.
+        let (t1, _) = tickets.remove(1);
+        p.done(t1);
+        let (t3, rx3, dropped) = p.admit(3);
+        assert!(!dropped);
+        // Full again: the next admission drops the oldest (ticket 0), and only it.
+        let (_, rx4, dropped) = p.admit(3);
+        assert!(dropped);
+        let (_, mut rx0) = tickets.remove(0);
+        assert_eq!(rx0.try_recv(), Ok(()));
+        let (_, mut rx2) = tickets.remove(0);
+        assert!(rx2
+            .try_recv()
+            .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty));
+        assert_eq!(p.queue.len(), 3);
+        p.done(t3);
+        drop((rx3, rx4));
+        assert_eq!(p.queue.len(), 2);
     }
 
     #[test]

@@ -175,6 +175,54 @@ fn silent_and_vanishing_connections_do_not_block_the_pair() {
     sc.finish();
 }
 
+/// A flood of idle connections, more than a daemon keeps waiting for their handshake (64):
+/// the oldest are dropped at once instead of each holding its place for the handshake
+/// timeout, and the real peer still gets in (node-a restarts and dials node-b meanwhile).
+#[test]
+fn a_flood_of_idle_connections_drops_the_oldest_and_lets_the_peer_in() {
+    const FLOOD: usize = 80;
+    let mut sc = Scene::new();
+    let mut flood: Vec<(Node, TcpStream)> = Vec::new();
+    for node in [A, B] {
+        for _ in 0..FLOOD {
+            flood.push((node, sc.connect(node)));
+        }
+    }
+    // The first FLOOD - 64 of each node's were dropped when the later ones arrived: well
+    // before the 10 s handshake timeout.
+    let dropped = Instant::now();
+    for (i, (node, s)) in flood.iter_mut().enumerate() {
+        if i % FLOOD < FLOOD - 64 {
+            assert!(
+                closed_within(
+                    s,
+                    Duration::from_secs(3)
+                        .saturating_sub(dropped.elapsed())
+                        .max(Duration::from_millis(300))
+                ),
+                "idle connection {i} to {} still open after {:?}: the oldest must make room",
+                node.name(),
+                dropped.elapsed()
+            );
+        }
+    }
+    sc.assert_healthy("a flood of idle connections");
+    // node-a dials, node-b accepts: node-a restarts (secondary, as every restarted node)
+    // and must get through node-b's full queue; then it takes the primary role back.
+    sc.pair.restart(A);
+    sc.pair.wait_in_sync(A);
+    let promoted = sc.pair.promote(A, false);
+    assert!(promoted.success(), "promote after the restart: {promoted}");
+    sc.assert_healthy("a flood of idle connections and a restart of node-a");
+    let log = sc.pair.log(B);
+    assert!(
+        log.contains("too many replication connections waiting"),
+        "node-b did not say why it dropped connections:\n{log}"
+    );
+    drop(flood);
+    sc.finish();
+}
+
 /// A real daemon with the wrong secret dials node-b as if it were node-a: refused and
 /// logged, the real link stays, and no data reaches the impostor.
 #[test]
