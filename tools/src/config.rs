@@ -439,9 +439,29 @@ pub fn parse(
                 std::time::Duration::from_secs(3),
                 "heartbeat.timeout",
             )?;
-            if interval.is_zero() || timeout < interval * 2 {
+            // With a witness every heartbeat renews the primary's lease, which lasts
+            // LEASE_VALIDITY: a slower beat would let the lease lapse between renewals and
+            // suspend a healthy primary.
+            let max_interval = if h.witness.is_some() {
+                failover::witness::LEASE_VALIDITY / 3
+            } else {
+                secs(10)
+            };
+            if interval < std::time::Duration::from_millis(50) || interval > max_interval {
+                return Err(invalid(format!(
+                    "heartbeat.interval must be between 50ms and {}ms{}",
+                    max_interval.as_millis(),
+                    if h.witness.is_some() {
+                        " with a witness (each beat renews the primary's lease)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            if timeout < interval * 2 || timeout > secs(600) {
                 return Err(invalid(
-                    "heartbeat.timeout must be at least twice heartbeat.interval".into(),
+                    "heartbeat.timeout must be at least twice heartbeat.interval and at most 600s"
+                        .into(),
                 ));
             }
             Some(HeartbeatConfig {
@@ -524,6 +544,18 @@ pub fn parse(
             )?,
             restart_attempts: g.hooks.restart_attempts.unwrap_or(3),
         };
+        if hooks.timeout < secs(1) || hooks.timeout > secs(24 * 3600) {
+            return Err(invalid(format!(
+                "group '{}': hooks.timeout must be between 1s and 24h",
+                g.name
+            )));
+        }
+        if hooks.monitor_interval < secs(1) || hooks.monitor_interval > secs(24 * 3600) {
+            return Err(invalid(format!(
+                "group '{}': hooks.monitor_interval must be between 1s and 24h",
+                g.name
+            )));
+        }
         groups.push(GroupConfig {
             name: g.name,
             volumes: g.volumes,
@@ -580,7 +612,10 @@ fn parse_duration(raw: &RawSize) -> Result<std::time::Duration, String> {
             match unit.trim() {
                 "ms" => Ok(Duration::from_millis(n)),
                 "s" | "" => Ok(Duration::from_secs(n)),
-                "m" => Ok(Duration::from_secs(n * 60)),
+                "m" => n
+                    .checked_mul(60)
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| format!("'{t}' is too long")),
                 other => Err(format!("unknown unit '{other}' in '{t}' (use ms, s or m)")),
             }
         }
@@ -773,6 +808,39 @@ listen = ["127.0.0.1:10811", "unix:run/disk1.sock"]
             parse_err(&format!("{GOOD}\n{hb}\n{}", group.replace("/24", "")))
                 .contains("address/prefix")
         );
+        // Durations are bounded both ways: a beat slower than a third of the lease would let
+        // a healthy primary's lease lapse, and huge values would overflow deadlines.
+        let slow = hb.replace("witness =", "interval = \"1s\"\nwitness =");
+        assert!(parse_err(&format!("{GOOD}\n{slow}\n{group}")).contains("heartbeat.interval"));
+        let no_witness = "[heartbeat]\nlinks = [{ listen = \"10.99.0.1:7790\", peer = \"10.99.0.2:7790\" }]\ninterval = \"1s\"\n";
+        parse_ok(&format!("{GOOD}\n{no_witness}\n{group}"));
+        for (extra, key) in [
+            ("interval = \"1ms\"\n", "heartbeat.interval"),
+            ("timeout = \"1000s\"\n", "heartbeat.timeout"),
+        ] {
+            let h = hb.replace("witness =", &format!("{extra}witness ="));
+            assert!(
+                parse_err(&format!("{GOOD}\n{h}\n{group}")).contains(key),
+                "{extra}"
+            );
+        }
+        for (from, key) in [
+            ("timeout = \"10s\"", "hooks.timeout"),
+            (
+                "timeout = \"10s\", monitor_interval = \"10ms\"",
+                "hooks.monitor_interval",
+            ),
+        ] {
+            let bad = if key == "hooks.timeout" {
+                group.replace(from, "timeout = \"100000000s\"")
+            } else {
+                group.replace("timeout = \"10s\"", from)
+            };
+            assert!(
+                parse_err(&format!("{GOOD}\n{hb}\n{bad}")).contains(key),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
