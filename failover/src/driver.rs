@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mirror::node::Node;
 use mirror::volume::{PlanSummary, ALONE_ALWAYS};
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::group::{self, DataState, Decision, Facts, GroupState, PeerFacts, Quorum, Witness};
 use crate::heartbeat::{HeartbeatError, Heartbeats, PeerView};
@@ -549,6 +549,13 @@ impl Failover {
             .map(decode_payload)
             .and_then(|m| m.get(&g.spec.name).copied())
             .filter(|_| peer.alive);
+        // The payload outlives the peer: what it was when it went silent.
+        let peer_was_primary = peer
+            .last_payload
+            .as_deref()
+            .map(decode_payload)
+            .and_then(|m| m.get(&g.spec.name).copied())
+            .is_some_and(|a| code_state(a.state).is_primary());
         let state = lock(&g.rt).state;
         let (data, peer_newer, equal) = self.data_facts(g, peer.alive, state.is_primary());
         // Ready to take the group: every volume linked and in sync.
@@ -589,7 +596,13 @@ impl Failover {
                 peer: peer_facts,
                 witness,
                 fence_configured: g.spec.fence.is_some(),
-                peer_silent_long: !peer.alive && peer.since.elapsed() >= self.peer_timeout,
+                peer_silent_long: !peer.alive
+                    && peer.since.elapsed()
+                        >= group::fence_grace(
+                            self.peer_timeout,
+                            g.spec.preferred_node == self.node_name,
+                            peer_was_primary,
+                        ),
                 peer_fenced: rt.peer_fenced,
                 vm_failed: rt.vm_failed,
                 swap_requested: rt.swap_requested
@@ -623,7 +636,7 @@ impl Failover {
                     Ok(VoteOutcome::Denied(rec)) => {
                         // During a handover the old holder's lease has to lapse first; the
                         // lease answer below says whether this node was really deposed.
-                        tracing::debug!(group = %g.spec.name, record = ?rec, "the witness has not registered this node's generation yet");
+                        debug!(group = %g.spec.name, record = ?rec, "the witness has not registered this node's generation yet");
                         lock(&g.rt).witness_seen = Some(Instant::now());
                     }
                     Err(e) => warn!(group = %g.spec.name, error = %e, "witness unreachable"),
@@ -645,7 +658,7 @@ impl Failover {
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(group = %g.spec.name, error = %e, "lease not renewed");
+                    debug!(group = %g.spec.name, error = %e, "lease not renewed");
                 }
             }
             let rt = lock(&g.rt);
@@ -770,6 +783,14 @@ impl Failover {
                 if lock(&g.rt).state != GroupState::Suspended {
                     error!(group = %g.spec.name, "{reason}");
                 }
+                // Without quorum the survivor may take the group (and raise the VIP) once
+                // this node's lease lapsed: a suspended node keeping the address would leave
+                // it on two hosts, and clients on the frozen one. Serving again (quorum back,
+                // nobody took over) raises it again.
+                if lock(&g.rt).vip_up {
+                    warn!(group = %g.spec.name, "suspended: removing the virtual IP");
+                    self.vip_down(g).await;
+                }
                 self.transition(g, GroupState::Suspended, &reason);
             }
             Decision::Demote { reason } => self.demote(g, &reason).await,
@@ -856,6 +877,8 @@ impl Failover {
                     );
                     return;
                 }
+                // As primary without the link, the rules would otherwise fence it again.
+                lock(&g.rt).peer_fenced = true;
             }
         }
         if quorum != Quorum::PeerConsent {
@@ -935,9 +958,25 @@ impl Failover {
         };
         self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
         self.vip_down(g).await;
+        let mut all_demoted = true;
         for v in &g.spec.volumes {
             if let Err(e) = self.node.demote(v).await {
                 error!(group = %g.spec.name, volume = %v, error = %e, "demotion failed");
+                all_demoted = false;
+            }
+        }
+        if let (Some(w), true) = (&self.witness, all_demoted) {
+            // Nothing is written here any more: the peer need not wait out this node's
+            // lease to register as primary (a swap completes at once). Best effort: without
+            // an answer the lease lapses by itself.
+            let round = lock(&g.rt).round;
+            match w.release(&g.spec.name, round).await {
+                Ok(released) => {
+                    debug!(group = %g.spec.name, round, released, "witness round released")
+                }
+                Err(e) => {
+                    debug!(group = %g.spec.name, round, error = %e, "witness round not released")
+                }
             }
         }
         {

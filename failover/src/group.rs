@@ -11,6 +11,7 @@
 //! - with both alive, at most one of the two mirrored decisions wants to be primary.
 
 use std::fmt;
+use std::time::Duration;
 
 /// A group's state on one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,8 +122,9 @@ pub struct Facts {
     pub peer: Option<PeerFacts>,
     pub witness: Witness,
     pub fence_configured: bool,
-    /// The peer has been silent for a second failure timeout: the grace a primary gets to
-    /// fence first (so two nodes never fence each other at once).
+    /// The peer has been silent for its [`fence_grace`] after the failure timeout: the time
+    /// a live primary (or the preferred node) gets to fence first, so two nodes never fence
+    /// each other at once.
     pub peer_silent_long: bool,
     /// This node (primary) fenced the peer since it lost it.
     pub peer_fenced: bool,
@@ -171,6 +173,22 @@ fn stay(state: GroupState, reason: impl Into<String>) -> Decision {
     Decision::Stay {
         state,
         reason: reason.into(),
+    }
+}
+
+/// How long a node without a witness lets its peer stay silent (counted from when the
+/// heartbeats declared it dead) before fencing it and taking over.
+///
+/// A live primary fences the moment its replication link drops, so a peer last seen as
+/// primary gets one failure timeout to do so first. When no primary was seen (both nodes
+/// starting with the network down, or both waiting), the two would reach the same deadline
+/// at the same moment and power each other off: the preferred node goes first, the other
+/// waits one more timeout, by which time it has been fenced if its peer is alive.
+pub fn fence_grace(timeout: Duration, is_preferred: bool, peer_was_primary: bool) -> Duration {
+    if peer_was_primary || is_preferred {
+        timeout
+    } else {
+        timeout.saturating_mul(2)
     }
 }
 
@@ -466,6 +484,18 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn only_one_node_reaches_its_fence_deadline_first() {
+        let t = Duration::from_secs(3);
+        // A peer last seen primary fences at once: one timeout of grace, whoever we are.
+        assert_eq!(fence_grace(t, false, true), t);
+        assert_eq!(fence_grace(t, true, true), t);
+        // No primary seen: the preferred node fences a whole timeout before the other.
+        assert_eq!(fence_grace(t, true, false), t);
+        assert_eq!(fence_grace(t, false, false), 2 * t);
+        assert_eq!(fence_grace(Duration::MAX, false, false), Duration::MAX);
     }
 
     #[test]

@@ -8,7 +8,11 @@
 //!   grant stores `(round, candidate, generation)`; a denial carries the stored record.
 //! - `Lease { group, node, round }`: "I am alive as holder of round R". The answer says
 //!   whether `node` holds the latest round; the witness remembers (in memory) when the holder
-//!   last said so.
+//!   last said so. A granted vote counts as a lease too: a new holder may write alone at
+//!   once, so its round is protected from the grant on, not from its first lease.
+//! - `Release { group, node, round }`: "I held round R and have given the group up" (sent
+//!   after a demotion, e.g. a swap). The holder's lease counts as lapsed at once, so the new
+//!   primary is voted in without waiting out a lease its predecessor no longer uses.
 //! - `Query { group }`: the stored record, and how long ago its holder last leased.
 //!
 //! Every change is durable (temp file, fsync, rename, fsync of the folder) before the answer
@@ -92,6 +96,11 @@ pub enum Request {
     Query {
         group: String,
     },
+    Release {
+        group: String,
+        node: String,
+        round: u64,
+    },
 }
 
 impl Request {
@@ -99,6 +108,7 @@ impl Request {
         match self {
             Request::Vote { group, .. }
             | Request::Lease { group, .. }
+            | Request::Release { group, .. }
             | Request::Query { group } => group,
         }
     }
@@ -123,6 +133,11 @@ pub enum Reply {
         /// started.
         since_lease_ms: Option<u64>,
     },
+    /// `released`: the asking node held the latest round and its lease now counts as lapsed.
+    Release {
+        released: bool,
+        record: Option<GroupRecord>,
+    },
     /// The request was understood but not served (a node asking on another's behalf, or
     /// the witness cannot write its state file).
     Refused { reason: String },
@@ -143,6 +158,8 @@ pub struct Decision {
     pub store: Option<GroupRecord>,
     /// Remember now as the holder's last lease.
     pub lease: bool,
+    /// The holder gave its round up: its lease counts as lapsed.
+    pub release: bool,
 }
 
 /// The witness's rules: the stored record of the request's group, the authenticated sender
@@ -158,6 +175,7 @@ pub fn decide(
         reply,
         store: None,
         lease: false,
+        release: false,
     };
     match req {
         Request::Vote {
@@ -212,7 +230,10 @@ pub fn decide(
                     record: Some(new.clone()),
                 },
                 store: (stored != Some(&new)).then_some(new),
-                lease: false,
+                // A grant is the holder's first lease: it may write alone from now on, so
+                // nobody else may be voted in before a full lease timeout without it.
+                lease: true,
+                release: false,
             }
         }
         Request::Lease { node, round, .. } => {
@@ -229,6 +250,26 @@ pub fn decide(
                 },
                 store: None,
                 lease: holder,
+                release: false,
+            }
+        }
+        Request::Release { node, round, .. } => {
+            if node != sender {
+                return answer(Reply::Refused {
+                    reason: format!("{sender} sent a release for {node}"),
+                });
+            }
+            // Only the holder of the latest round can give it up; anything else (an old
+            // round, a replay after a later election) changes nothing.
+            let released = stored.is_some_and(|s| s.round == *round && s.holder == *node);
+            Decision {
+                reply: Reply::Release {
+                    released,
+                    record: stored.cloned(),
+                },
+                store: None,
+                lease: false,
+                release: released,
             }
         }
         Request::Query { .. } => answer(Reply::Query {
@@ -525,6 +566,12 @@ pub fn encode_request(key: &[u8; 32], e: &Envelope) -> Result<Vec<u8>, WireError
             w.u8(3);
             w.name(group)?;
         }
+        Request::Release { group, node, round } => {
+            w.u8(4);
+            w.name(group)?;
+            w.name(node)?;
+            w.u64(*round);
+        }
     }
     w.finish(key)
 }
@@ -548,6 +595,11 @@ pub fn decode_request(key: &[u8; 32], bytes: &[u8]) -> Result<Envelope, WireErro
             round: r.u64()?,
         },
         3 => Request::Query { group: r.name()? },
+        4 => Request::Release {
+            group: r.name()?,
+            node: r.name()?,
+            round: r.u64()?,
+        },
         _ => return Err(WireError::Malformed("unknown request")),
     };
     r.end()?;
@@ -592,6 +644,11 @@ pub fn encode_reply(
                 }
             }
         }
+        Reply::Release { released, record } => {
+            w.u8(5);
+            w.u8(u8::from(*released));
+            w.record(record)?;
+        }
         Reply::Refused { reason } => {
             w.u8(4);
             let mut end = reason.len().min(MAX_REASON);
@@ -628,6 +685,10 @@ pub fn decode_reply(
         3 => Reply::Query {
             record: r.record()?,
             since_lease_ms: if r.bool()? { Some(r.u64()?) } else { None },
+        },
+        5 => Reply::Release {
+            released: r.bool()?,
+            record: r.record()?,
         },
         4 => {
             let b = r.take(2)?;
@@ -803,8 +864,8 @@ struct Server {
     key: [u8; 32],
     state_file: PathBuf,
     state: WitnessState,
-    /// Per group: (round, holder, when it last leased).
-    leases: HashMap<String, (u64, String, Instant)>,
+    /// Per group: (round, holder, when it last leased; `None` once it released the round).
+    leases: HashMap<String, (u64, String, Option<Instant>)>,
     started: Instant,
     replay: ReplayFilter,
     last_warning: Option<Instant>,
@@ -868,7 +929,7 @@ impl Server {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let since_lease_ms = match (&stored, self.leases.get(&group)) {
             (Some(s), Some((round, holder, at))) if s.round == *round && s.holder == *holder => {
-                Some(ms(at.elapsed()))
+                Some(at.map_or(u64::MAX, |t| ms(t.elapsed())))
             }
             // After a restart the witness does not know when the holder last leased: count
             // from the start, so a live holder keeps its round for a full lease timeout.
@@ -908,9 +969,24 @@ impl Server {
             info!(group = %group, sender = %env.sender, request = ?env.request, "vote denied");
         }
         if d.lease {
-            if let Request::Lease { node, round, .. } = &env.request {
+            let holder = match (&env.request, &d.reply) {
+                (Request::Lease { node, round, .. }, _) => Some((*round, node.clone())),
+                (
+                    _,
+                    Reply::Vote {
+                        record: Some(r), ..
+                    },
+                ) => Some((r.round, r.holder.clone())),
+                _ => None,
+            };
+            if let Some((round, node)) = holder {
                 self.leases
-                    .insert(group, (*round, node.clone(), Instant::now()));
+                    .insert(group, (round, node, Some(Instant::now())));
+            }
+        } else if d.release {
+            if let Request::Release { node, round, .. } = &env.request {
+                info!(group = %group, holder = %node, round, "the holder released its round");
+                self.leases.insert(group, (*round, node.clone(), None));
             }
         }
         d.reply
@@ -1039,6 +1115,20 @@ impl WitnessClient {
         }
     }
 
+    /// Tells the witness this node gave up `round` (it demoted): another node may be voted
+    /// in without waiting for this node's lease to lapse. Returns whether it took effect.
+    pub async fn release(&self, group: &str, round: u64) -> Result<bool, WitnessError> {
+        let req = Request::Release {
+            group: group.into(),
+            node: self.node.clone(),
+            round,
+        };
+        match self.request(req).await? {
+            Reply::Release { released, .. } => Ok(released),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The witness's record of `group`.
     pub async fn query(&self, group: &str) -> Result<QueryOutcome, WitnessError> {
         match self
@@ -1161,6 +1251,7 @@ mod tests {
         );
         let d = decide(None, "a", &vote("g", 1, "a", 5), None);
         assert_eq!(d.store, Some(rec(1, "a", 5)));
+        assert!(d.lease, "a grant starts the holder's lease");
         let s = rec(1, "a", 5);
         // Same round, same holder: granted again, nothing to store unless the generation changed.
         let d = decide(Some(&s), "a", &vote("g", 1, "a", 5), None);
@@ -1256,6 +1347,32 @@ mod tests {
             decide(Some(&s), "b", &lease("a", 4), None).reply,
             Reply::Refused { .. }
         ));
+        // Release: only the holder of the latest round gives it up.
+        let release = |node: &str, round| Request::Release {
+            group: "g".into(),
+            node: node.into(),
+            round,
+        };
+        let d = decide(Some(&s), "a", &release("a", 4), None);
+        assert_eq!(
+            (d.release, d.lease, d.store, d.reply),
+            (
+                true,
+                false,
+                None,
+                Reply::Release {
+                    released: true,
+                    record: Some(s.clone())
+                }
+            )
+        );
+        assert!(!decide(Some(&s), "a", &release("a", 3), None).release);
+        assert!(!decide(Some(&s), "b", &release("b", 4), None).release);
+        assert!(!decide(None, "a", &release("a", 4), None).release);
+        assert!(matches!(
+            decide(Some(&s), "b", &release("a", 4), None).reply,
+            Reply::Refused { .. }
+        ));
         let q = Request::Query { group: "g".into() };
         assert_eq!(
             decide(Some(&s), "b", &q, Some(70)).reply,
@@ -1336,6 +1453,8 @@ mod tests {
             (arb_name(), arb_name(), any::<u64>())
                 .prop_map(|(group, node, round)| Request::Lease { group, node, round }),
             arb_name().prop_map(|group| Request::Query { group }),
+            (arb_name(), arb_name(), any::<u64>())
+                .prop_map(|(group, node, round)| Request::Release { group, node, round }),
         ]
     }
 
@@ -1345,6 +1464,8 @@ mod tests {
                 .prop_map(|(granted, record)| Reply::Vote { granted, record }),
             (any::<bool>(), arb_record())
                 .prop_map(|(holder, record)| Reply::Lease { holder, record }),
+            (any::<bool>(), arb_record())
+                .prop_map(|(released, record)| Reply::Release { released, record }),
             (arb_record(), proptest::option::of(any::<u64>())).prop_map(
                 |(record, since_lease_ms)| Reply::Query {
                     record,
@@ -1371,7 +1492,7 @@ mod tests {
             0usize..2,
             0u64..6,
             0u64..4,
-            0usize..3,
+            0usize..4,
             any::<u8>(),
         )
             .prop_map(|(sender, g, round, generation, kind, other)| {
@@ -1391,6 +1512,11 @@ mod tests {
                         generation,
                     },
                     1 => Request::Lease {
+                        group,
+                        node: named,
+                        round,
+                    },
+                    2 => Request::Release {
                         group,
                         node: named,
                         round,

@@ -102,13 +102,18 @@ async fn votes_leases_and_queries_survive_a_restart() {
     let l = a.lease("vm1", 1).await.expect("lease");
     assert!(!l.holder);
     assert_eq!(l.record, Some(rec(2, "node-b", 10)));
-    // node-b never leased: the age counts from the witness's start (at least the lapse).
+    // The grant was node-b's first lease: node-a, which still has node-b's data, cannot take
+    // round 3 straight away (node-b may already be writing alone under its grant).
     assert!(b
         .query("vm1")
         .await
         .expect("query")
         .since_lease
-        .is_some_and(|d| d >= Duration::from_millis(LEASE_TIMEOUT_MS)));
+        .is_some_and(|d| d < Duration::from_millis(LEASE_TIMEOUT_MS)));
+    assert_eq!(
+        a.vote("vm1", 3, 10).await.expect("vote"),
+        VoteOutcome::Denied(Some(rec(2, "node-b", 10)))
+    );
 
     // Restart: the votes are back, and the rules still hold.
     server.stop().await;
@@ -133,6 +138,52 @@ async fn votes_leases_and_queries_survive_a_restart() {
         b.vote("vm1", 3, 13).await.expect("vote"),
         VoteOutcome::Granted(rec(3, "node-b", 13))
     );
+    server.stop().await;
+}
+
+/// A holder that gave the group up (a swap) releases its round: the other node is voted in
+/// at once instead of after the lease timeout. Only the holder's own latest round counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_round_is_handed_over_without_waiting_for_the_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(
+        &dir.path().join("witness.json"),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let addr = server.local_addr();
+    let (a, b) = (client(addr, "node-a"), client(addr, "node-b"));
+    assert!(matches!(
+        a.vote("vm1", 1, 10).await.expect("vote"),
+        VoteOutcome::Granted(_)
+    ));
+    assert!(a.lease("vm1", 1).await.expect("lease").holder);
+    assert!(matches!(
+        b.vote("vm1", 2, 10).await.expect("vote"),
+        VoteOutcome::Denied(_)
+    ));
+    // Releases that are not the holder's latest round change nothing.
+    assert!(!b.release("vm1", 1).await.expect("release"));
+    assert!(!a.release("vm1", 0).await.expect("release"));
+    assert!(matches!(
+        b.vote("vm1", 2, 10).await.expect("vote"),
+        VoteOutcome::Denied(_)
+    ));
+    assert!(a.release("vm1", 1).await.expect("release"));
+    // Still only with the data node-a last reported.
+    assert!(matches!(
+        b.vote("vm1", 2, 11).await.expect("vote"),
+        VoteOutcome::Denied(_)
+    ));
+    assert_eq!(
+        b.vote("vm1", 2, 10).await.expect("vote"),
+        VoteOutcome::Granted(rec(2, "node-b", 10))
+    );
+    // node-b's grant is its lease: node-a cannot take the group straight back.
+    assert!(matches!(
+        a.vote("vm1", 3, 10).await.expect("vote"),
+        VoteOutcome::Denied(_)
+    ));
     server.stop().await;
 }
 

@@ -278,6 +278,18 @@ impl Lab {
         out
     }
 
+    /// Whether the host has the group's virtual IP on one of its interfaces.
+    pub fn holds_vip(&self, host: Host) -> bool {
+        let out = self.exec(
+            host,
+            &["ip", "-4", "-o", "addr", "show"],
+            Duration::from_secs(10),
+        );
+        out.stdout
+            .split_whitespace()
+            .any(|w| w.split('/').next() == Some(VIP))
+    }
+
     /// Runs `nbdmirror ARGS` inside a host (30 s deadline).
     pub fn nbdmirror(&self, host: Host, args: &[&str]) -> CmdOutput {
         let bin = self.bin.to_str().unwrap();

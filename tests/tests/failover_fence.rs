@@ -1,7 +1,7 @@
 //! Issue 4, quorum by fencing: no witness, a `fence` hook on each node that powers off the
 //! other (here: `lab.sh kill`, SIGKILL to every process of the host and its links down).
 //! - The primary dies: the survivor gives a live primary one more failure timeout to fence
-//!   first, then fences the dead one (harmless) and takes over.
+//!   first, then fences the dead one (harmless), once, and takes over.
 //! - The primary is cut off but alive: it fences the secondary first and serves alone (never
 //!   two primaries); writes it makes alone wait until the fence succeeded.
 
@@ -67,6 +67,16 @@ fn a_dead_primary_is_fenced_and_the_survivor_takes_over() {
     let b = lab.status(Host::B);
     assert_eq!(group_field(&b, "primary_node"), "node-b", "{b}");
     assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x5a 0 4M"]));
+    // Serving alone after a fence needs no second one: a few heartbeat intervals later the
+    // hook has still run once.
+    std::thread::sleep(Duration::from_secs(2));
+    let fenced = fence_log(&lab).matches("fencing node-a").count();
+    assert_eq!(
+        fenced,
+        1,
+        "node-a fenced {fenced} times:\n{}",
+        fence_log(&lab)
+    );
 }
 
 #[test]

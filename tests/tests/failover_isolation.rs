@@ -1,8 +1,9 @@
 //! Issue 4: the primary (node-a) is isolated from both its peer and the witness but keeps
 //! running. Within the heartbeat timeout (+1 s) it suspends the group: a write issued in
 //! host a against its own export waits, neither failed nor acknowledged. node-b takes over
-//! with the witness's vote. After healing node-a does not stay primary, and no acknowledged
-//! write is lost.
+//! with the witness's vote; node-a has removed the virtual IP by then, so the address is on
+//! one host only. After healing node-a does not stay primary, and no acknowledged write is
+//! lost.
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,13 @@ fn isolate_and_heal(lab: &mut Lab) {
     let sb = lab.wait_group_state(Host::B, &["primary", "alone"], Duration::from_secs(20));
     eprintln!("cut -> node-b {}: {:?}", group_state(&sb), t0.elapsed());
     assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
+    // The suspended node gave the address up, so only node-b holds it.
+    assert!(lab.holds_vip(Host::B), "node-b took over without the VIP");
+    assert!(
+        !lab.holds_vip(Host::A),
+        "the suspended node-a still holds the VIP node-b raised\n{}",
+        lab.all_logs()
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         writer.is_running(),
