@@ -16,11 +16,16 @@
 //!   delay a heartbeat.
 //!
 //! Replays: within one incarnation a datagram must carry a higher sequence number than the
-//! last one accepted on that link. A new incarnation (the peer restarted) is accepted when its
-//! wall clock is later than the last datagram of the current one (both readings come from the
-//! peer's own clock), or when the current one has been silent for `timeout`; the incarnations
-//! it replaces are remembered and refused from then on. The link index is MAC'd, so a
-//! datagram recorded on one link cannot be played back on another.
+//! last one accepted on that link. Every datagram echoes the receiver's incarnation as the
+//! sender last heard it, and a new incarnation of the peer is accepted only from a datagram
+//! that echoes this run's (random) incarnation: a recording made before this node started
+//! cannot, so a restarted node is never fooled by an old heartbeat, whatever it remembers.
+//! Until then the node echoes what it heard, so two nodes starting together confirm each
+//! other within a round trip (an unconfirmed datagram is answered at once). A new incarnation
+//! must also have a wall clock later than the last datagram of the current one (both readings
+//! come from the peer's own clock), unless the current one has been silent for `timeout`; the
+//! incarnations it replaces are remembered and refused from then on. The link index is MAC'd,
+//! so a datagram recorded on one link cannot be played back on another.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -42,10 +47,11 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
 const MAGIC: [u8; 4] = *b"NBMH";
-const VERSION: u8 = 1;
+/// 2: the echo of the receiver's incarnation.
+const VERSION: u8 = 2;
 const MAC_LEN: usize = 32;
-/// magic, version, link, name length, incarnation, seq, sent_ms, payload length.
-const FIXED_LEN: usize = 4 + 1 + 1 + 1 + 8 + 8 + 8 + 2;
+/// magic, version, link, name length, incarnation, seq, sent_ms, echo, payload length.
+const FIXED_LEN: usize = 4 + 1 + 1 + 1 + 8 + 8 + 8 + 8 + 2;
 /// Largest valid datagram.
 pub const MAX_DATAGRAM: usize = FIXED_LEN + MAX_NODE_NAME + MAX_PAYLOAD + MAC_LEN;
 /// Domain separation for the key derived from the configured secret.
@@ -103,6 +109,8 @@ pub struct Datagram {
     pub seq: u64,
     /// The sender's wall clock, milliseconds since the Unix epoch.
     pub sent_ms: u64,
+    /// The receiver's incarnation as the sender last heard it (0: not heard yet).
+    pub echo: u64,
     pub payload: Vec<u8>,
 }
 
@@ -128,6 +136,7 @@ pub fn encode(key: &[u8; 32], d: &Datagram) -> Result<Vec<u8>, CodecError> {
     out.extend_from_slice(&d.incarnation.to_be_bytes());
     out.extend_from_slice(&d.seq.to_be_bytes());
     out.extend_from_slice(&d.sent_ms.to_be_bytes());
+    out.extend_from_slice(&d.echo.to_be_bytes());
     out.extend_from_slice(&(d.payload.len() as u16).to_be_bytes());
     out.extend_from_slice(&d.payload);
     let tag = mac(key, &out);
@@ -193,6 +202,7 @@ pub fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<Datagram, CodecError> {
     let incarnation = r.u64()?;
     let seq = r.u64()?;
     let sent_ms = r.u64()?;
+    let echo = r.u64()?;
     let payload_len = usize::from(r.u16()?);
     if payload_len > MAX_PAYLOAD {
         return Err(CodecError::PayloadTooLarge(payload_len));
@@ -207,6 +217,7 @@ pub fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<Datagram, CodecError> {
         incarnation,
         seq,
         sent_ms,
+        echo,
         payload,
     })
 }
@@ -225,6 +236,9 @@ pub enum Freshness {
     /// A new incarnation whose clock is not later than the current one's, while the current
     /// one is still speaking: a recording of an older run.
     ClockBehind,
+    /// A new incarnation that does not echo this receiver's: it may be a recording from
+    /// before this run started. Accepted once it echoes (the sender heard us).
+    Unconfirmed,
 }
 
 impl Freshness {
@@ -260,12 +274,14 @@ impl ReplayGuard {
     /// Judges an authenticated message and, when it is accepted, remembers it.
     /// `current_silent`: the current incarnation has been silent for the failure timeout
     /// (then a new incarnation is accepted even if the sender's clock went back).
+    /// `echoes_us`: the message echoes this receiver's incarnation (required of a new one).
     pub fn check(
         &mut self,
         incarnation: u64,
         seq: u64,
         sent_ms: u64,
         current_silent: bool,
+        echoes_us: bool,
     ) -> Freshness {
         match self.current {
             Some(ref mut cur) if cur.incarnation == incarnation => {
@@ -277,6 +293,7 @@ impl ReplayGuard {
                 Freshness::Next
             }
             _ if self.retired.contains(&incarnation) => Freshness::Retired,
+            _ if !echoes_us => Freshness::Unconfirmed,
             Some(cur) => {
                 if sent_ms <= cur.last_sent_ms && !current_silent {
                     return Freshness::ClockBehind;
@@ -402,6 +419,11 @@ pub struct PeerView {
 
 struct Shared {
     spec_node: String,
+    /// This run's incarnation, which the peer must echo before a new run of it is accepted.
+    own_incarnation: u64,
+    /// The peer incarnation to echo on every link (one link may carry only one direction):
+    /// the latest accepted one, or while the peer is not alive the latest one heard.
+    heard: u64,
     peer: Option<String>,
     timeout: Duration,
     guards: Vec<ReplayGuard>,
@@ -459,33 +481,45 @@ impl Shared {
         });
     }
 
-    /// Takes an authenticated datagram received on link `i`.
-    fn accept(&mut self, i: usize, d: Datagram, from: SocketAddr, now: Instant) {
+    /// Takes an authenticated datagram received on link `i`. Returns true when it is a new
+    /// incarnation waiting for our echo: answering at once saves it an interval.
+    fn accept(&mut self, i: usize, d: Datagram, from: SocketAddr, now: Instant) -> bool {
         if usize::from(d.link) != i {
             debug!(link = i, claimed = d.link, %from, "heartbeat for another link: dropped");
-            return;
+            return false;
         }
         if d.node == self.spec_node {
             debug!(link = i, %from, "heartbeat signed with our own name (reflection): dropped");
-            return;
+            return false;
         }
         if let Some(p) = &self.peer {
             if *p != d.node {
                 debug!(link = i, node = %d.node, %from, "heartbeat from an unexpected node: dropped");
-                return;
+                return false;
             }
         }
         let silent = !self.link_up(i, now);
-        let verdict = self.guards[i].check(d.incarnation, d.seq, d.sent_ms, silent);
+        let echoes_us = d.echo == self.own_incarnation;
+        let verdict = self.guards[i].check(d.incarnation, d.seq, d.sent_ms, silent, echoes_us);
+        let peer_alive = (0..self.last_seen.len()).any(|j| self.link_up(j, now));
+        if verdict == Freshness::Unconfirmed && !peer_alive {
+            // Echo it: if it is the peer's live run, its next datagram will echo ours.
+            debug!(link = i, incarnation = d.incarnation, %from, "heartbeat of an unconfirmed run: echoing it");
+            let prompt = self.heard != d.incarnation;
+            self.heard = d.incarnation;
+            return prompt;
+        }
         if !verdict.accepted() {
             debug!(link = i, ?verdict, seq = d.seq, %from, "stale heartbeat: dropped");
-            return;
+            return false;
         }
+        self.heard = d.incarnation;
         if verdict == Freshness::NewIncarnation {
             info!(link = i, node = %d.node, incarnation = d.incarnation, "peer incarnation on link");
         }
         self.last_seen[i] = Some(now);
         self.refresh(now, Some(&d));
+        false
     }
 }
 
@@ -543,6 +577,8 @@ impl Heartbeats {
         let (payload_tx, payload_rx) = watch::channel(Vec::new());
         let shared = Arc::new(Mutex::new(Shared {
             spec_node: spec.node.clone(),
+            own_incarnation: incarnation,
+            heard: 0,
             peer: spec.peer.clone(),
             timeout: spec.timeout,
             guards: vec![ReplayGuard::new(); spec.links.len()],
@@ -653,6 +689,7 @@ impl Link {
         let mut seq: u64 = 0;
         let mut send_failing = false;
         let mut payload_open = true;
+        let mut last_prompt: Option<Instant> = None;
         loop {
             let send_now = tokio::select! {
                 _ = tick.tick() => true,
@@ -662,25 +699,34 @@ impl Link {
                 }
                 r = self.sock.recv_from(&mut buf) => {
                     match r {
-                        Ok((n, from)) => self.received(&buf[..n], from),
+                        // An echo wanted: answer now, at most four times an interval (a
+                        // stream of recordings must not turn into a stream of sends).
+                        Ok((n, from)) => self.received(&buf[..n], from)
+                            && last_prompt.is_none_or(|t| t.elapsed() >= self.interval / 4)
+                            && {
+                                last_prompt = Some(Instant::now());
+                                true
+                            },
                         Err(e) => {
                             debug!(link = self.index, error = %e, "heartbeat receive error");
                             tokio::time::sleep(Duration::from_millis(10)).await;
+                            false
                         }
                     }
-                    false
                 }
             };
             if !send_now {
                 continue;
             }
             seq += 1;
+            let echo = lock(&self.shared).heard;
             let d = Datagram {
                 link: self.index as u8,
                 node: self.node.clone(),
                 incarnation: self.incarnation,
                 seq,
                 sent_ms: unix_ms(),
+                echo,
                 payload: self.payload.borrow_and_update().clone(),
             };
             let bytes = match encode(&self.key, &d) {
@@ -705,10 +751,14 @@ impl Link {
         }
     }
 
-    fn received(&self, bytes: &[u8], from: SocketAddr) {
+    /// Returns whether the sender waits for our echo.
+    fn received(&self, bytes: &[u8], from: SocketAddr) -> bool {
         match decode(&self.key, bytes) {
             Ok(d) => lock(&self.shared).accept(self.index, d, from, Instant::now()),
-            Err(e) => debug!(link = self.index, %from, error = %e, "invalid heartbeat: dropped"),
+            Err(e) => {
+                debug!(link = self.index, %from, error = %e, "invalid heartbeat: dropped");
+                false
+            }
         }
     }
 }
@@ -737,6 +787,7 @@ mod tests {
             incarnation: 42,
             seq: 9,
             sent_ms: 1_700_000_000_000,
+            echo: 77,
             payload: b"role=primary gen=3".to_vec(),
         }
     }
@@ -769,34 +820,40 @@ mod tests {
         bytes[0] = b'X';
         assert_eq!(decode(&KEY, &bytes), Err(CodecError::BadMagic));
         let mut bytes = encode(&KEY, &sample()).expect("encode");
-        bytes[4] = 2;
-        assert_eq!(decode(&KEY, &bytes), Err(CodecError::BadVersion(2)));
+        bytes[4] = 1;
+        assert_eq!(decode(&KEY, &bytes), Err(CodecError::BadVersion(1)));
     }
 
     #[test]
     fn replay_guard_rules() {
         let mut g = ReplayGuard::new();
-        assert_eq!(g.check(1, 5, 100, false), Freshness::NewIncarnation);
-        assert_eq!(g.check(1, 5, 100, false), Freshness::Replayed);
-        assert_eq!(g.check(1, 4, 100, false), Freshness::Replayed);
-        assert_eq!(g.check(1, 6, 101, false), Freshness::Next);
+        // A fresh receiver (just started) takes no run that has not echoed it: a recording
+        // from before its start cannot.
+        assert_eq!(g.check(1, 5, 100, true, false), Freshness::Unconfirmed);
+        assert_eq!(g.incarnation(), None);
+        assert_eq!(g.check(1, 5, 100, false, true), Freshness::NewIncarnation);
+        assert_eq!(g.check(1, 5, 100, false, true), Freshness::Replayed);
+        assert_eq!(g.check(1, 4, 100, false, true), Freshness::Replayed);
+        // Within an accepted run, the echo no longer matters.
+        assert_eq!(g.check(1, 6, 101, false, false), Freshness::Next);
         // A recording of an older run while the current one speaks.
-        assert_eq!(g.check(2, 100, 50, false), Freshness::ClockBehind);
-        // The peer restarted (later clock).
-        assert_eq!(g.check(3, 1, 200, false), Freshness::NewIncarnation);
+        assert_eq!(g.check(2, 100, 50, false, true), Freshness::ClockBehind);
+        // The peer restarted (later clock), and must echo us too.
+        assert_eq!(g.check(3, 1, 200, true, false), Freshness::Unconfirmed);
+        assert_eq!(g.check(3, 1, 200, false, true), Freshness::NewIncarnation);
         assert_eq!(g.incarnation(), Some(3));
         // The old run is refused from now on, even with a later clock or after silence.
-        assert_eq!(g.check(1, 7, 300, true), Freshness::Retired);
+        assert_eq!(g.check(1, 7, 300, true, true), Freshness::Retired);
         // Clock stepped back across a restart: accepted once the current run is silent.
-        assert_eq!(g.check(4, 1, 10, false), Freshness::ClockBehind);
-        assert_eq!(g.check(4, 1, 10, true), Freshness::NewIncarnation);
+        assert_eq!(g.check(4, 1, 10, false, true), Freshness::ClockBehind);
+        assert_eq!(g.check(4, 1, 10, true, true), Freshness::NewIncarnation);
     }
 
     proptest! {
         #[test]
         fn prop_roundtrip(link: u8, node in "[a-z0-9._-]{1,63}", incarnation: u64, seq: u64,
-                          sent_ms: u64, payload in proptest::collection::vec(any::<u8>(), 0..=MAX_PAYLOAD)) {
-            let d = Datagram { link, node, incarnation, seq, sent_ms, payload };
+                          sent_ms: u64, echo: u64, payload in proptest::collection::vec(any::<u8>(), 0..=MAX_PAYLOAD)) {
+            let d = Datagram { link, node, incarnation, seq, sent_ms, echo, payload };
             let bytes = encode(&KEY, &d).expect("encode");
             prop_assert!(bytes.len() <= MAX_DATAGRAM);
             prop_assert_eq!(decode(&KEY, &bytes), Ok(d));
@@ -831,13 +888,15 @@ mod tests {
         /// within an incarnation accepted sequence numbers strictly grow.
         #[test]
         fn prop_guard_never_accepts_a_replay(
-            msgs in proptest::collection::vec((0u64..4, 0u64..20, 0u64..50, any::<bool>()), 0..200)
+            msgs in proptest::collection::vec((0u64..4, 0u64..20, 0u64..50, any::<bool>(), any::<bool>()), 0..200)
         ) {
             let mut g = ReplayGuard::new();
             let mut seen = std::collections::HashSet::new();
             let mut last: std::collections::HashMap<u64, u64> = Default::default();
-            for (inc, seq, ms, silent) in msgs {
-                if g.check(inc, seq, ms, silent).accepted() {
+            for (inc, seq, ms, silent, echoes) in msgs {
+                let before = g.incarnation();
+                if g.check(inc, seq, ms, silent, echoes).accepted() {
+                    prop_assert!(echoes || before == Some(inc), "a new run ({inc}) accepted without our echo");
                     prop_assert!(seen.insert((inc, seq)), "accepted ({inc}, {seq}) twice");
                     if let Some(&prev) = last.get(&inc) {
                         prop_assert!(seq > prev);

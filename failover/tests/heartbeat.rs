@@ -149,16 +149,21 @@ async fn forged_and_replayed_datagrams_are_ignored() {
     let b_addr = b.local_addrs()[0];
     let mut view = b.subscribe();
 
-    let datagram = |seq: u64, payload: &[u8], key: &[u8; 32]| {
+    let b_incarnation = b.incarnation();
+    let datagram_echoing = |seq: u64, payload: &[u8], key: &[u8; 32], echo: u64| {
         let d = Datagram {
             link: 0,
             node: "node-a".into(),
             incarnation: 99,
             seq,
             sent_ms: 1_000 + seq,
+            echo,
             payload: payload.to_vec(),
         };
         encode(key, &d).expect("encode")
+    };
+    let datagram = |seq: u64, payload: &[u8], key: &[u8; 32]| {
+        datagram_echoing(seq, payload, key, b_incarnation)
     };
 
     // Garbage, a wrong secret, our own name (reflection), another link's index: all dropped.
@@ -169,6 +174,7 @@ async fn forged_and_replayed_datagrams_are_ignored() {
         incarnation: 5,
         seq: 1,
         sent_ms: 1,
+        echo: b.incarnation(),
         payload: vec![],
     };
     let reflected = encode(&key(), &own).expect("encode");
@@ -192,8 +198,38 @@ async fn forged_and_replayed_datagrams_are_ignored() {
         "unauthenticated datagrams made the peer alive"
     );
 
-    // Genuine heartbeats (we hold the key) are accepted; a replay of seq 3 is not.
-    let recorded: Vec<Vec<u8>> = (1..=3).map(|s| datagram(s, b"real", &key())).collect();
+    // Authentic heartbeats recorded before node-b started (they echo the incarnation of an
+    // earlier run of node-b) do not make the peer alive; node-b echoes them back, so a live
+    // sender would confirm within a round trip.
+    for seq in 1..=5 {
+        attacker
+            .send_to(&datagram_echoing(seq, b"recorded", &key(), 12345), b_addr)
+            .await
+            .expect("send");
+        tokio::time::sleep(INTERVAL / 2).await;
+    }
+    assert!(
+        !view.borrow().alive,
+        "a recording from before node-b's start made the peer alive"
+    );
+    let mut buf = vec![0u8; 2048];
+    let echoed = tokio::time::timeout(2 * INTERVAL + SLACK, async {
+        loop {
+            let (n, _) = attacker.recv_from(&mut buf).await.expect("recv");
+            if let Ok(d) = failover::heartbeat::decode(&key(), &buf[..n]) {
+                if d.echo == 99 {
+                    return d;
+                }
+            }
+        }
+    })
+    .await
+    .expect("node-b never echoed the run it heard");
+    assert_eq!(echoed.incarnation, b_incarnation);
+
+    // Genuine heartbeats (we hold the key, and echo node-b's run) are accepted; a replay of
+    // seq 3 is not.
+    let recorded: Vec<Vec<u8>> = (6..=8).map(|s| datagram(s, b"real", &key())).collect();
     for bytes in &recorded {
         attacker.send_to(bytes, b_addr).await.expect("send");
     }
@@ -202,7 +238,7 @@ async fn forged_and_replayed_datagrams_are_ignored() {
     })
     .await;
     attacker
-        .send_to(&datagram(3, b"replayed seq", &key()), b_addr)
+        .send_to(&datagram(8, b"replayed seq", &key()), b_addr)
         .await
         .expect("send");
     tokio::time::sleep(INTERVAL).await;
