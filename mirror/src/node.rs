@@ -174,39 +174,62 @@ fn spawn_peer_request(
 
 /// Most replication connections waiting for their handshake at once. Each holds a task, a
 /// socket and up to `HANDSHAKE_MAX_BODY` bytes until the handshake timeout; past the cap the
-/// oldest is dropped to make room, so idle connections cannot pile up, while the real peer,
-/// which completes its handshake within a round trip, still gets in.
+/// oldest connection from the address with the most waiting is dropped to make room. Idle
+/// connections cannot pile up, and a flood from one host cannot push out the real peer's
+/// (which besides completes its handshake within a round trip).
 const PENDING_HANDSHAKES_MAX: usize = 64;
 
-/// The handshakes in progress, oldest first, each with the signal that drops it.
+/// The handshakes in progress, oldest first, each with its source and the signal that drops
+/// it.
 #[derive(Default)]
 struct PendingHandshakes {
     next_ticket: u64,
-    queue: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+    queue: std::collections::VecDeque<(u64, std::net::IpAddr, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl PendingHandshakes {
-    /// Registers a new handshake, first dropping the oldest ones while `max` are waiting.
-    /// Returns its ticket, the receiver that fires when it is dropped in turn, and whether an
-    /// older one was dropped.
-    fn admit(&mut self, max: usize) -> (u64, tokio::sync::oneshot::Receiver<()>, bool) {
+    /// Registers a new handshake from `source`, first dropping, while `max` are waiting, the
+    /// oldest one from the source with the most waiting (the new one counted). Returns its
+    /// ticket, the receiver that fires when it is dropped in turn, and whether one was
+    /// dropped.
+    fn admit(
+        &mut self,
+        max: usize,
+        source: std::net::IpAddr,
+    ) -> (u64, tokio::sync::oneshot::Receiver<()>, bool) {
         let mut dropped = false;
         while self.queue.len() >= max.max(1) {
-            if let Some((_, evict)) = self.queue.pop_front() {
-                let _ = evict.send(());
-                dropped = true;
+            let mut counts: HashMap<std::net::IpAddr, usize> = HashMap::new();
+            *counts.entry(source).or_default() += 1;
+            for (_, ip, _) in &self.queue {
+                *counts.entry(*ip).or_default() += 1;
+            }
+            let busiest = counts.values().copied().max().unwrap_or(0);
+            // The oldest entry among the busiest sources' (the new one is not queued yet;
+            // when it alone is the busiest, the oldest of all goes).
+            let at = self
+                .queue
+                .iter()
+                .position(|(_, ip, _)| counts.get(ip) == Some(&busiest))
+                .unwrap_or(0);
+            match self.queue.remove(at) {
+                Some((_, _, evict)) => {
+                    let _ = evict.send(());
+                    dropped = true;
+                }
+                None => break,
             }
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let (evict, evicted) = tokio::sync::oneshot::channel();
-        self.queue.push_back((ticket, evict));
+        self.queue.push_back((ticket, source, evict));
         (ticket, evicted, dropped)
     }
 
     /// The handshake ended (either way): it no longer counts.
     fn done(&mut self, ticket: u64) {
-        self.queue.retain(|(t, _)| *t != ticket);
+        self.queue.retain(|(t, _, _)| *t != ticket);
     }
 }
 
@@ -414,7 +437,7 @@ impl Node {
             };
             let (ticket, mut evicted) = {
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                let (ticket, evicted, dropped_one) = p.admit(PENDING_HANDSHAKES_MAX);
+                let (ticket, evicted, dropped_one) = p.admit(PENDING_HANDSHAKES_MAX, addr.ip());
                 if dropped_one
                     && last_flood_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
                 {
@@ -623,6 +646,7 @@ mod tests {
     };
     use crate::repl::frame::Message;
     use std::time::Duration;
+    use tokio::sync::oneshot::error::TryRecvError;
 
     #[test]
     fn a_peer_request_costs_the_memory_it_makes_this_node_hold() {
@@ -656,31 +680,60 @@ mod tests {
 
     #[test]
     fn past_the_cap_the_oldest_pending_handshake_is_dropped() {
+        let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         let mut p = PendingHandshakes::default();
         let mut tickets = Vec::new();
         for i in 0..3 {
-            let (t, rx, dropped) = p.admit(3);
+            let (t, rx, dropped) = p.admit(3, ip);
             assert!(!dropped, "admission {i} fits");
             tickets.push((t, rx));
         }
         // One finished: its place is free, nobody is dropped.
         let (t1, _) = tickets.remove(1);
         p.done(t1);
-        let (t3, rx3, dropped) = p.admit(3);
+        let (t3, rx3, dropped) = p.admit(3, ip);
         assert!(!dropped);
         // Full again: the next admission drops the oldest (ticket 0), and only it.
-        let (_, rx4, dropped) = p.admit(3);
+        let (_, rx4, dropped) = p.admit(3, ip);
         assert!(dropped);
         let (_, mut rx0) = tickets.remove(0);
         assert_eq!(rx0.try_recv(), Ok(()));
         let (_, mut rx2) = tickets.remove(0);
-        assert!(rx2
-            .try_recv()
-            .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty));
+        assert!(rx2.try_recv().is_err_and(|e| e == TryRecvError::Empty));
         assert_eq!(p.queue.len(), 3);
         p.done(t3);
         drop((rx3, rx4));
         assert_eq!(p.queue.len(), 2);
+    }
+
+    #[test]
+    fn a_flood_from_one_host_does_not_push_out_another_hosts_handshake() {
+        let peer: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let flood: std::net::IpAddr = "10.0.0.66".parse().unwrap();
+        let mut p = PendingHandshakes::default();
+        let (_, mut peer_rx, _) = p.admit(4, peer);
+        let mut flood_rx = Vec::new();
+        for _ in 0..20 {
+            let (_, rx, _) = p.admit(4, flood);
+            flood_rx.push(rx);
+        }
+        assert!(
+            peer_rx.try_recv().is_err_and(|e| e == TryRecvError::Empty),
+            "the peer's handshake was dropped for the flood's"
+        );
+        assert_eq!(p.queue.len(), 4);
+        // The flood's own oldest went, its newest three wait.
+        let dropped = flood_rx
+            .iter_mut()
+            .map(|rx| rx.try_recv())
+            .filter(Result::is_ok)
+            .count();
+        assert_eq!(dropped, 17);
+        // A second peer connection while the flood holds three places: the flood still loses.
+        let (_, _rx, dropped) = p.admit(4, peer);
+        assert!(dropped);
+        assert!(peer_rx.try_recv().is_err_and(|e| e == TryRecvError::Empty));
+        assert_eq!(p.queue.iter().filter(|(_, ip, _)| *ip == peer).count(), 2);
     }
 
     #[test]
