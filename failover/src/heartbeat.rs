@@ -422,8 +422,13 @@ struct Shared {
     /// This run's incarnation, which the peer must echo before a new run of it is accepted.
     own_incarnation: u64,
     /// The peer incarnation to echo on every link (one link may carry only one direction):
-    /// the latest accepted one, or while the peer is not alive the latest one heard.
+    /// the accepted one, or while the peer is not alive the one heard with the latest clock.
     heard: u64,
+    /// The latest clock reading of `heard`, and when it was last heard: a recording (an
+    /// older run, an earlier clock) cannot displace the live run, unless that run has been
+    /// silent for the failure timeout (a peer whose clock went back across a restart).
+    heard_ms: u64,
+    heard_at: Option<Instant>,
     peer: Option<String>,
     timeout: Duration,
     guards: Vec<ReplayGuard>,
@@ -481,6 +486,16 @@ impl Shared {
         });
     }
 
+    fn hear(&mut self, d: &Datagram, now: Instant) {
+        self.heard_ms = if d.incarnation == self.heard {
+            self.heard_ms.max(d.sent_ms)
+        } else {
+            d.sent_ms
+        };
+        self.heard = d.incarnation;
+        self.heard_at = Some(now);
+    }
+
     /// Takes an authenticated datagram received on link `i`. Returns true when it is a new
     /// incarnation waiting for our echo: answering at once saves it an interval.
     fn accept(&mut self, i: usize, d: Datagram, from: SocketAddr, now: Instant) -> bool {
@@ -504,16 +519,25 @@ impl Shared {
         let peer_alive = (0..self.last_seen.len()).any(|j| self.link_up(j, now));
         if verdict == Freshness::Unconfirmed && !peer_alive {
             // Echo it: if it is the peer's live run, its next datagram will echo ours.
+            let displaces = d.incarnation == self.heard
+                || d.sent_ms > self.heard_ms
+                || self
+                    .heard_at
+                    .is_none_or(|t| now.saturating_duration_since(t) >= self.timeout);
+            if !displaces {
+                debug!(link = i, incarnation = d.incarnation, %from, "heartbeat of an older unconfirmed run: dropped");
+                return false;
+            }
             debug!(link = i, incarnation = d.incarnation, %from, "heartbeat of an unconfirmed run: echoing it");
             let prompt = self.heard != d.incarnation;
-            self.heard = d.incarnation;
+            self.hear(&d, now);
             return prompt;
         }
         if !verdict.accepted() {
             debug!(link = i, ?verdict, seq = d.seq, %from, "stale heartbeat: dropped");
             return false;
         }
-        self.heard = d.incarnation;
+        self.hear(&d, now);
         if verdict == Freshness::NewIncarnation {
             info!(link = i, node = %d.node, incarnation = d.incarnation, "peer incarnation on link");
         }
@@ -579,6 +603,8 @@ impl Heartbeats {
             spec_node: spec.node.clone(),
             own_incarnation: incarnation,
             heard: 0,
+            heard_ms: 0,
+            heard_at: None,
             peer: spec.peer.clone(),
             timeout: spec.timeout,
             guards: vec![ReplayGuard::new(); spec.links.len()],

@@ -226,6 +226,29 @@ async fn forged_and_replayed_datagrams_are_ignored() {
     .await
     .expect("node-b never echoed the run it heard");
     assert_eq!(echoed.incarnation, b_incarnation);
+    // A recording of a still older run (an earlier clock) does not displace the run node-b
+    // echoes: a stream of recordings cannot keep the live run from being confirmed.
+    let older = Datagram {
+        link: 0,
+        node: "node-a".into(),
+        incarnation: 98,
+        seq: 1,
+        sent_ms: 500,
+        echo: 12345,
+        payload: b"older".to_vec(),
+    };
+    let older = encode(&key(), &older).expect("encode");
+    let until = Instant::now() + 3 * INTERVAL;
+    while Instant::now() < until {
+        attacker.send_to(&older, b_addr).await.expect("send");
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(INTERVAL / 4, attacker.recv_from(&mut buf)).await
+        {
+            if let Ok(d) = failover::heartbeat::decode(&key(), &buf[..n]) {
+                assert_eq!(d.echo, 99, "an older recording displaced the echoed run");
+            }
+        }
+    }
 
     // Genuine heartbeats (we hold the key, and echo node-b's run) are accepted; a replay of
     // seq 3 is not.
