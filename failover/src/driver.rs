@@ -17,7 +17,7 @@ use crate::group::{self, DataState, Decision, Facts, GroupState, PeerFacts, Quor
 use crate::heartbeat::{HeartbeatError, Heartbeats, PeerView};
 use crate::hooks::{self, HookAction, HookEnv, HookSpec};
 use crate::vip::{self, Vip};
-use crate::witness::{VoteOutcome, WitnessClient, LEASE_VALIDITY};
+use crate::witness::{GroupRecord, VoteOutcome, WitnessClient, LEASE_VALIDITY};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FailoverError {
@@ -189,6 +189,8 @@ struct Runtime {
     ready: bool,
     /// This node fenced the peer since it last lost it (fence-only quorum).
     peer_fenced: bool,
+    /// The volumes' link count when the fence hook started: a link since voids the fence.
+    fenced_at_links: u64,
 }
 
 pub struct GroupRuntime {
@@ -271,6 +273,7 @@ impl Failover {
                         transitions: VecDeque::new(),
                         ready: false,
                         peer_fenced: false,
+                        fenced_at_links: 0,
                     }),
                 })
             })
@@ -558,6 +561,7 @@ impl Failover {
             .is_some_and(|a| code_state(a.state).is_primary());
         let state = lock(&g.rt).state;
         let (data, peer_newer, equal) = self.data_facts(g, peer.alive, state.is_primary());
+        let links = self.links_established(g);
         // Ready to take the group: every volume linked and in sync.
         lock(&g.rt).ready = data == DataState::UpToDate && equal;
         let witness = self.witness_facts(g, state.is_primary(), peer.alive).await;
@@ -574,8 +578,7 @@ impl Failover {
         });
         let facts = {
             let mut rt = lock(&g.rt);
-            if data == DataState::UpToDate {
-                // Replicating again: the peer is back, a later loss needs a new fence.
+            if !group::fence_holds(rt.fenced_at_links, links, data) {
                 rt.peer_fenced = false;
             }
             if let Some(p) = &peer_facts {
@@ -614,6 +617,23 @@ impl Failover {
         self.execute(g, decision, peer.node.clone()).await;
     }
 
+    /// Links to the peer the group's volumes have had since start (only grows).
+    fn links_established(&self, g: &GroupRuntime) -> u64 {
+        g.spec
+            .volumes
+            .iter()
+            .filter_map(|v| self.node.volume(v).ok())
+            .map(|v| v.failover_view().links_established)
+            .fold(0, u64::saturating_add)
+    }
+
+    /// The fence hook confirmed the peer is off; `links`: the link count before it ran.
+    fn mark_fenced(&self, g: &GroupRuntime, links: u64) {
+        let mut rt = lock(&g.rt);
+        rt.peer_fenced = true;
+        rt.fenced_at_links = links;
+    }
+
     async fn witness_facts(&self, g: &GroupRuntime, primary: bool, peer_alive: bool) -> Witness {
         let Some(w) = &self.witness else {
             return Witness::None;
@@ -637,7 +657,11 @@ impl Failover {
                         // During a handover the old holder's lease has to lapse first; the
                         // lease answer below says whether this node was really deposed.
                         debug!(group = %g.spec.name, record = ?rec, "the witness has not registered this node's generation yet");
-                        lock(&g.rt).witness_seen = Some(Instant::now());
+                        let mut rt = lock(&g.rt);
+                        rt.witness_seen = Some(Instant::now());
+                        if let Some(r) = &rec {
+                            learn_round(&mut rt, r, &self.node_name);
+                        }
                     }
                     Err(e) => warn!(group = %g.spec.name, error = %e, "witness unreachable"),
                 }
@@ -649,9 +673,13 @@ impl Failover {
                     // Deposed only by a newer round (or another holder of ours). A round
                     // older than ours is a handover whose registration waits for the old
                     // holder's lease to lapse: not a reason to give the group back.
-                    let deposed = l.record.as_ref().is_some_and(|r| {
-                        r.round > round || (r.round == round && r.holder != self.node_name)
-                    });
+                    let deposed = l
+                        .record
+                        .as_ref()
+                        .is_some_and(|r| r.holder != self.node_name && r.round >= round);
+                    if let Some(r) = &l.record {
+                        learn_round(&mut rt, r, &self.node_name);
+                    }
                     rt.lease_holder = Some(!deposed);
                     if l.holder && rt.registered_generation == gen {
                         rt.lease_until = Some(sent + LEASE_VALIDITY);
@@ -768,12 +796,13 @@ impl Failover {
                 // Writes alone wait (never failed, never acknowledged) until the peer is off.
                 self.set_gates(g, None);
                 self.transition(g, GroupState::Suspended, &reason);
+                let links = self.links_established(g);
                 if self
                     .run_hook(g, &g.spec.fence, HookAction::Fence, peer_name)
                     .await
                 {
                     warn!(group = %g.spec.name, "the peer is fenced: serving alone");
-                    lock(&g.rt).peer_fenced = true;
+                    self.mark_fenced(g, links);
                     self.set_gates(g, Some(ALONE_ALWAYS));
                     self.transition(g, GroupState::Alone, "the peer is fenced: serving alone");
                 }
@@ -816,7 +845,9 @@ impl Failover {
     async fn vip_down(&self, g: &GroupRuntime) {
         if let Some((v, ifname)) = &g.spec.vip {
             if let Err(e) = vip::remove(*v, ifname).await {
+                // Still up as far as we know: a suspended group tries again next tick.
                 error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot remove the virtual IP");
+                return;
             }
         }
         lock(&g.rt).vip_up = false;
@@ -866,6 +897,7 @@ impl Failover {
             }
             Quorum::Fence => {
                 info!(group = %g.spec.name, peer = ?peer, "fencing the peer before taking over");
+                let links = self.links_established(g);
                 if !self
                     .run_hook(g, &g.spec.fence, HookAction::Fence, peer)
                     .await
@@ -878,7 +910,7 @@ impl Failover {
                     return;
                 }
                 // As primary without the link, the rules would otherwise fence it again.
-                lock(&g.rt).peer_fenced = true;
+                self.mark_fenced(g, links);
             }
         }
         if quorum != Quorum::PeerConsent {
@@ -928,11 +960,14 @@ impl Failover {
             // Register the (possibly new) generation before any write alone is acknowledged.
             let gens = self.volume_generations(g);
             let gen = hash_generations(&gens);
+            // The witness starts the lease when it grants, after the request left: counting
+            // from the send keeps this side's lease inside the witness's.
+            let sent = Instant::now();
             if let Ok(VoteOutcome::Granted(_)) = w.vote(&g.spec.name, round, gen).await {
                 let mut rt = lock(&g.rt);
                 rt.registered_generation = gen;
                 rt.registered_volumes = gens;
-                rt.lease_until = Some(Instant::now() + LEASE_VALIDITY);
+                rt.lease_until = Some(sent + LEASE_VALIDITY);
                 rt.lease_holder = Some(true);
                 rt.witness_seen = Some(Instant::now());
             }
@@ -1034,6 +1069,23 @@ impl Failover {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+/// Takes the witness's round into a primary's view. Rounds live in memory: after both nodes
+/// restarted, the pair starts at a low round while the witness holds a later one. If this
+/// node holds that round, it adopts it (the next registration is then granted); if another
+/// node does, this node is deposed, and its next promotion starts above that round instead
+/// of climbing one round per promote-and-demote cycle (each restarting the VM).
+fn learn_round(rt: &mut Runtime, record: &GroupRecord, me: &str) {
+    if record.round > rt.round {
+        if record.holder == me {
+            info!(
+                round = record.round,
+                "the witness says this node holds a later round: adopting it"
+            );
+        }
+        rt.round = record.round;
     }
 }
 

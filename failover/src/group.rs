@@ -192,6 +192,14 @@ pub fn fence_grace(timeout: Duration, is_preferred: bool, peer_was_primary: bool
     }
 }
 
+/// Whether a fence this node ran still covers the peer: not once the pair replicates again,
+/// nor once any replication link came up after the hook started (the peer was back, however
+/// briefly; if the link drops again, a write alone needs a new fence). `fenced_at_links` and
+/// `links_now` count the links the group's volumes have had since start.
+pub fn fence_holds(fenced_at_links: u64, links_now: u64, data: DataState) -> bool {
+    data != DataState::UpToDate && links_now == fenced_at_links
+}
+
 /// The decision for this node. Pure; see the module doc for the invariants.
 pub fn decide(f: &Facts) -> Decision {
     // Saturating: a round comes from the peer (authenticated, but not to be trusted with
@@ -484,6 +492,15 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_fence_is_void_once_a_link_came_up_after_it() {
+        assert!(fence_holds(4, 4, DataState::InSyncWhenLost));
+        // The fenced peer came back and the link dropped again before any tick saw it in
+        // sync: the old fence no longer covers it.
+        assert!(!fence_holds(4, 5, DataState::InSyncWhenLost));
+        assert!(!fence_holds(4, 4, DataState::UpToDate));
     }
 
     #[test]

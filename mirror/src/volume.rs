@@ -178,6 +178,7 @@ pub struct Volume {
     alone_deadline: Mutex<Option<Instant>>,
     /// The link dropped while the pair was in sync (this copy had every acknowledged write).
     in_sync_at_loss: AtomicBool,
+    links_established: AtomicU64,
     /// Secondary: a write of the primary failed here since the last resync started, so a
     /// `ResyncDone` must not make this copy consistent.
     failed_since_resync_start: AtomicBool,
@@ -201,6 +202,9 @@ pub struct FailoverView {
     pub in_sync_at_loss: bool,
     pub consistent: bool,
     pub generation: u64,
+    /// How many links to the peer this volume has had since the daemon started: a fence is
+    /// void once the count moved (the fenced peer came back, even if only briefly).
+    pub links_established: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,6 +336,7 @@ impl Volume {
             alone_gate: tokio::sync::watch::channel(ALONE_ALWAYS).0,
             alone_deadline: Mutex::new(None),
             in_sync_at_loss: AtomicBool::new(false),
+            links_established: AtomicU64::new(0),
             failed_since_resync_start: AtomicBool::new(false),
             demoting: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
@@ -404,6 +409,7 @@ impl Volume {
             sh.peer = None;
             sh.plan = None;
             sh.reason = "connected; exchanging state".into();
+            self.links_established.fetch_add(1, Ordering::AcqRel);
             sh.link.replace(link.clone())
         };
         if let Some(old) = old {
@@ -722,6 +728,7 @@ impl Volume {
             in_sync_at_loss: self.in_sync_at_loss.load(Ordering::Acquire),
             consistent: self.meta.flags().contains(Flags::CONSISTENT),
             generation: self.meta.generations().current,
+            links_established: self.links_established.load(Ordering::Acquire),
         }
     }
 
