@@ -279,6 +279,60 @@ pub fn decide(
     }
 }
 
+/// When each group's holder last leased, on the witness's own clock (milliseconds since it
+/// started). In memory only (pure: the caller passes the clock).
+#[derive(Debug, Clone, Default)]
+pub struct LeaseTable {
+    /// Per group: (round, holder, when it last leased; `None` once it released the round).
+    leases: HashMap<String, (u64, String, Option<u64>)>,
+}
+
+impl LeaseTable {
+    /// How long ago the stored holder last leased, for [`decide`]. Without a lease since the
+    /// witness started (just restarted, or the holder never leased here), the age counts
+    /// from the start, so a live holder keeps its round for a full lease timeout.
+    pub fn since_lease_ms(
+        &self,
+        group: &str,
+        stored: Option<&GroupRecord>,
+        now_ms: u64,
+    ) -> Option<u64> {
+        let s = stored?;
+        match self.leases.get(group) {
+            Some((round, holder, at)) if s.round == *round && s.holder == *holder => {
+                Some(at.map_or(u64::MAX, |t| now_ms.saturating_sub(t)))
+            }
+            _ => Some(now_ms),
+        }
+    }
+
+    /// Records what a decision says about the holder's lease: renewed (a lease, or a grant,
+    /// which is the new holder's first) or released.
+    pub fn apply(&mut self, group: &str, req: &Request, d: &Decision, now_ms: u64) {
+        if d.lease {
+            let holder = match (req, &d.reply) {
+                (Request::Lease { node, round, .. }, _) => Some((*round, node.clone())),
+                (
+                    _,
+                    Reply::Vote {
+                        record: Some(r), ..
+                    },
+                ) => Some((r.round, r.holder.clone())),
+                _ => None,
+            };
+            if let Some((round, node)) = holder {
+                self.leases
+                    .insert(group.to_string(), (round, node, Some(now_ms)));
+            }
+        } else if d.release {
+            if let Request::Release { node, round, .. } = req {
+                self.leases
+                    .insert(group.to_string(), (*round, node.clone(), None));
+            }
+        }
+    }
+}
+
 /// The state file's contents.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WitnessState {
@@ -826,7 +880,7 @@ impl WitnessServer {
             key: spec.key,
             state_file: spec.state_file,
             state,
-            leases: HashMap::new(),
+            leases: LeaseTable::default(),
             started: Instant::now(),
             replay: ReplayFilter::new(),
             last_warning: None,
@@ -865,7 +919,8 @@ struct Server {
     state_file: PathBuf,
     state: WitnessState,
     /// Per group: (round, holder, when it last leased; `None` once it released the round).
-    leases: HashMap<String, (u64, String, Option<Instant>)>,
+    leases: LeaseTable,
+    /// The clock of `leases`.
     started: Instant,
     replay: ReplayFilter,
     last_warning: Option<Instant>,
@@ -926,18 +981,10 @@ impl Server {
     async fn handle(&mut self, env: &Envelope) -> Reply {
         let group = env.request.group().to_string();
         let stored = self.state.groups.get(&group).cloned();
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let since_lease_ms = match (&stored, self.leases.get(&group)) {
-            (Some(s), Some((round, holder, at))) if s.round == *round && s.holder == *holder => {
-                Some(at.map_or(u64::MAX, |t| ms(t.elapsed())))
-            }
-            // After a restart the witness does not know when the holder last leased: count
-            // from the start, so a live holder keeps its round for a full lease timeout.
-            (Some(_), _) => Some(ms(self.started.elapsed())),
-            _ => None,
-        };
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let since_lease_ms = self.leases.since_lease_ms(&group, stored.as_ref(), now_ms);
         let d = decide(stored.as_ref(), &env.sender, &env.request, since_lease_ms);
-        if let Some(new) = d.store {
+        if let Some(new) = d.store.clone() {
             let mut next = self.state.clone();
             next.groups.insert(group.clone(), new.clone());
             let path = self.state_file.clone();
@@ -968,27 +1015,10 @@ impl Server {
         } else if let Reply::Vote { granted: false, .. } = d.reply {
             info!(group = %group, sender = %env.sender, request = ?env.request, "vote denied");
         }
-        if d.lease {
-            let holder = match (&env.request, &d.reply) {
-                (Request::Lease { node, round, .. }, _) => Some((*round, node.clone())),
-                (
-                    _,
-                    Reply::Vote {
-                        record: Some(r), ..
-                    },
-                ) => Some((r.round, r.holder.clone())),
-                _ => None,
-            };
-            if let Some((round, node)) = holder {
-                self.leases
-                    .insert(group, (round, node, Some(Instant::now())));
-            }
-        } else if d.release {
-            if let Request::Release { node, round, .. } = &env.request {
-                info!(group = %group, holder = %node, round, "the holder released its round");
-                self.leases.insert(group, (*round, node.clone(), None));
-            }
+        if let (true, Request::Release { node, round, .. }) = (d.release, &env.request) {
+            info!(group = %group, holder = %node, round, "the holder released its round");
         }
+        self.leases.apply(&group, &env.request, &d, now_ms);
         d.reply
     }
 }
@@ -1571,6 +1601,67 @@ mod tests {
                 let ms = starts[inc] + seq;
                 if f.accept(NODES[sender], inc as u64, seq, ms) {
                     prop_assert!(seen.insert((sender, inc, seq)), "accepted {sender}/{inc}/{seq} twice");
+                }
+            }
+        }
+
+        /// The lease rule over any history of requests, clock steps and witness restarts, with
+        /// the real lease bookkeeping: once a node was granted a round or leased it, no other
+        /// node is voted in within LEASE_TIMEOUT_MS of that, unless the holder released that
+        /// very round since.
+        #[test]
+        fn prop_no_takeover_within_a_live_lease(
+            steps in proptest::collection::vec((arb_step(), 0u64..2000), 0..300)
+        ) {
+            let mut state = WitnessState { version: STATE_VERSION, groups: BTreeMap::new() };
+            let mut table = LeaseTable::default();
+            let mut now = 0u64;
+            let mut started = 0u64;
+            // Per group: (round, holder, protected until) from the holder's last grant or lease.
+            let mut protected: HashMap<String, (u64, String, u64)> = HashMap::new();
+            for (step, dt) in steps {
+                now += dt;
+                match step {
+                    Step::Restart => {
+                        table = LeaseTable::default();
+                        started = now;
+                    }
+                    Step::Ask { sender, req } => {
+                        let group = req.group().to_string();
+                        let stored = state.groups.get(&group).cloned();
+                        let since = table.since_lease_ms(&group, stored.as_ref(), now - started);
+                        let d = decide(stored.as_ref(), NODES[sender], &req, since);
+                        if let Reply::Vote { granted: true, record: Some(r) } = &d.reply {
+                            if let Some((round, holder, until)) = protected.get(&group) {
+                                if *holder != r.holder {
+                                    prop_assert!(
+                                        now >= *until,
+                                        "{} voted in at {now} while {holder} (round {round}) was protected until {until}",
+                                        r.holder
+                                    );
+                                }
+                            }
+                        }
+                        table.apply(&group, &req, &d, now - started);
+                        // The model, from the answers alone: a grant or a holder's lease
+                        // protects; the holder's own release of its latest round ends it.
+                        match (&req, &d.reply) {
+                            (_, Reply::Vote { granted: true, record: Some(r) })
+                            | (_, Reply::Lease { holder: true, record: Some(r) }) => {
+                                protected.insert(group.clone(), (r.round, r.holder.clone(), now + LEASE_TIMEOUT_MS));
+                            }
+                            (Request::Release { node, round, .. }, _)
+                                if *node == NODES[sender]
+                                    && stored.as_ref().is_some_and(|s| s.round == *round && s.holder == *node) =>
+                            {
+                                protected.remove(&group);
+                            }
+                            _ => {}
+                        }
+                        if let Some(new) = d.store {
+                            state.groups.insert(group, new);
+                        }
+                    }
                 }
             }
         }
