@@ -185,6 +185,8 @@ struct Runtime {
     /// The volumes' generations behind `registered_generation`, in the group's order: the
     /// only ones a gate may open for (a volume's current generation may be newer).
     registered_volumes: Vec<u64>,
+    /// The latest round the witness named another node for, taken into `round` on demotion.
+    witness_round: u64,
     transitions: VecDeque<Transition>,
     ready: bool,
     /// This node fenced the peer since it last lost it (fence-only quorum).
@@ -270,6 +272,7 @@ impl Failover {
                         witness_holder_is_me: false,
                         registered_generation: 0,
                         registered_volumes: Vec::new(),
+                        witness_round: 0,
                         transitions: VecDeque::new(),
                         ready: false,
                         peer_fenced: false,
@@ -299,6 +302,9 @@ impl Failover {
                 }
             }
             tokio::spawn(f.clone().run_group(g.clone()));
+            if f.witness.is_some() && g.spec.vip.is_some() {
+                tokio::spawn(f.clone().watch_lease(g.clone()));
+            }
         }
         Ok(f)
     }
@@ -479,6 +485,28 @@ impl Failover {
             self.publish();
             // Next evaluation: at the interval, or at once when the peer's view changes.
             let _ = tokio::time::timeout(self.interval, hb.changed()).await;
+        }
+    }
+
+    /// With a witness, the survivor may raise the virtual IP as soon as this node's lease
+    /// lapsed on the witness. The tick removes it when it decides to suspend, but a tick can
+    /// spend a second waiting on an unreachable witness: this watch removes it the moment the
+    /// lease ends while the peer is silent (the tick would suspend then anyway; serving again
+    /// raises it again).
+    async fn watch_lease(self: Arc<Self>, g: Arc<GroupRuntime>) {
+        let peer = self.heartbeats.subscribe();
+        loop {
+            tokio::time::sleep(LEASE_WATCH_PERIOD).await;
+            let lapsed = {
+                let rt = lock(&g.rt);
+                rt.vip_up
+                    && rt.state.is_primary()
+                    && rt.lease_until.is_none_or(|t| Instant::now() >= t)
+            };
+            if lapsed && !peer.borrow().alive {
+                warn!(group = %g.spec.name, "lease lapsed with the peer silent: removing the virtual IP");
+                self.vip_down(&g).await;
+            }
         }
     }
 
@@ -1019,6 +1047,7 @@ impl Failover {
             rt.swap_requested = false;
             rt.vm_failed = false;
             rt.handing_over = handover;
+            rt.round = rt.round.max(rt.witness_round);
             rt.lease_until = None;
             rt.registered_generation = 0;
             rt.registered_volumes.clear();
@@ -1072,20 +1101,25 @@ impl Failover {
     }
 }
 
+/// How often [`Failover::watch_lease`] looks at a group's lease.
+const LEASE_WATCH_PERIOD: Duration = Duration::from_millis(100);
+
 /// Takes the witness's round into a primary's view. Rounds live in memory: after both nodes
 /// restarted, the pair starts at a low round while the witness holds a later one. If this
-/// node holds that round, it adopts it (the next registration is then granted); if another
-/// node does, this node is deposed, and its next promotion starts above that round instead
-/// of climbing one round per promote-and-demote cycle (each restarting the VM).
+/// node holds that round, it adopts it (the next registration is then granted). If another
+/// node does, this node is deposed: the round is kept aside and taken when it demotes, so
+/// its next promotion starts above it instead of climbing one round per promote-and-demote
+/// cycle (each restarting the VM). Not before: a deposed primary announcing the winner's
+/// round would tie with it, and the tie-break could make the winner yield.
 fn learn_round(rt: &mut Runtime, record: &GroupRecord, me: &str) {
-    if record.round > rt.round {
-        if record.holder == me {
-            info!(
-                round = record.round,
-                "the witness says this node holds a later round: adopting it"
-            );
-        }
+    if record.holder == me && record.round > rt.round {
+        info!(
+            round = record.round,
+            "the witness says this node holds a later round: adopting it"
+        );
         rt.round = record.round;
+    } else {
+        rt.witness_round = rt.witness_round.max(record.round);
     }
 }
 

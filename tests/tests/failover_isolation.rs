@@ -44,13 +44,13 @@ fn isolate_and_heal(lab: &mut Lab) {
     let sb = lab.wait_group_state(Host::B, &["primary", "alone"], Duration::from_secs(20));
     eprintln!("cut -> node-b {}: {:?}", group_state(&sb), t0.elapsed());
     assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
-    // The suspended node gives the address up (at its first tick past its lease; a tick can
-    // wait up to a second on the unreachable witness), so only node-b holds it.
+    // The suspended node gave the address up when its lease ended, before the witness let
+    // node-b in (half a second of margin by design; a little slack for a loaded machine).
     assert!(lab.holds_vip(Host::B), "node-b took over without the VIP");
     let raised = Instant::now();
     while lab.holds_vip(Host::A) {
         assert!(
-            raised.elapsed() < Duration::from_millis(2500),
+            raised.elapsed() < Duration::from_millis(300),
             "the suspended node-a still holds the VIP node-b raised\n{}",
             lab.all_logs()
         );
