@@ -174,9 +174,10 @@ fn spawn_peer_request(
 
 /// Most replication connections waiting for their handshake at once. Each holds a task, a
 /// socket and up to `HANDSHAKE_MAX_BODY` bytes until the handshake timeout; past the cap the
-/// oldest connection from the address with the most waiting is dropped to make room. Idle
-/// connections cannot pile up, and a flood from one host cannot push out the real peer's
-/// (which besides completes its handshake within a round trip).
+/// oldest connection from the address with the most waiting is dropped to make room, never
+/// one from the configured peer's address while others wait. Idle connections cannot pile
+/// up, and a flood (from one host or many) cannot push out the real peer's, which besides
+/// completes its handshake within a round trip.
 const PENDING_HANDSHAKES_MAX: usize = 64;
 
 /// The handshakes in progress, oldest first, each with its source and the signal that drops
@@ -189,13 +190,15 @@ struct PendingHandshakes {
 
 impl PendingHandshakes {
     /// Registers a new handshake from `source`, first dropping, while `max` are waiting, the
-    /// oldest one from the source with the most waiting (the new one counted). Returns its
+    /// oldest one from the source with the most waiting (the new one counted), other than
+    /// `protected` (the configured peer's address) unless only it is waiting. Returns its
     /// ticket, the receiver that fires when it is dropped in turn, and whether one was
     /// dropped.
     fn admit(
         &mut self,
         max: usize,
         source: std::net::IpAddr,
+        protected: Option<std::net::IpAddr>,
     ) -> (u64, tokio::sync::oneshot::Receiver<()>, bool) {
         let mut dropped = false;
         while self.queue.len() >= max.max(1) {
@@ -204,13 +207,17 @@ impl PendingHandshakes {
             for (_, ip, _) in &self.queue {
                 *counts.entry(*ip).or_default() += 1;
             }
-            let busiest = counts.values().copied().max().unwrap_or(0);
+            let busiest = counts
+                .iter()
+                .filter(|(ip, _)| Some(**ip) != protected)
+                .map(|(_, n)| *n)
+                .max();
             // The oldest entry among the busiest sources' (the new one is not queued yet;
-            // when it alone is the busiest, the oldest of all goes).
+            // when it alone is the busiest, or only the peer's wait, the oldest of all goes).
             let at = self
                 .queue
                 .iter()
-                .position(|(_, ip, _)| counts.get(ip) == Some(&busiest))
+                .position(|(_, ip, _)| Some(*ip) != protected && counts.get(ip).copied() == busiest)
                 .unwrap_or(0);
             match self.queue.remove(at) {
                 Some((_, _, evict)) => {
@@ -425,6 +432,12 @@ impl Node {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let pending = Arc::new(std::sync::Mutex::new(PendingHandshakes::default()));
+        // A name (not an address) is not protected: resolving it here would be a guess.
+        let peer_ip = self
+            .peer_addr
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip());
         let mut last_flood_warning: Option<Instant> = None;
         loop {
             let (stream, addr) = match listener.accept().await {
@@ -437,7 +450,8 @@ impl Node {
             };
             let (ticket, mut evicted) = {
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                let (ticket, evicted, dropped_one) = p.admit(PENDING_HANDSHAKES_MAX, addr.ip());
+                let (ticket, evicted, dropped_one) =
+                    p.admit(PENDING_HANDSHAKES_MAX, addr.ip(), peer_ip);
                 if dropped_one
                     && last_flood_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
                 {
@@ -684,17 +698,17 @@ mod tests {
         let mut p = PendingHandshakes::default();
         let mut tickets = Vec::new();
         for i in 0..3 {
-            let (t, rx, dropped) = p.admit(3, ip);
+            let (t, rx, dropped) = p.admit(3, ip, None);
             assert!(!dropped, "admission {i} fits");
             tickets.push((t, rx));
         }
         // One finished: its place is free, nobody is dropped.
         let (t1, _) = tickets.remove(1);
         p.done(t1);
-        let (t3, rx3, dropped) = p.admit(3, ip);
+        let (t3, rx3, dropped) = p.admit(3, ip, None);
         assert!(!dropped);
         // Full again: the next admission drops the oldest (ticket 0), and only it.
-        let (_, rx4, dropped) = p.admit(3, ip);
+        let (_, rx4, dropped) = p.admit(3, ip, None);
         assert!(dropped);
         let (_, mut rx0) = tickets.remove(0);
         assert_eq!(rx0.try_recv(), Ok(()));
@@ -711,10 +725,10 @@ mod tests {
         let peer: std::net::IpAddr = "10.0.0.2".parse().unwrap();
         let flood: std::net::IpAddr = "10.0.0.66".parse().unwrap();
         let mut p = PendingHandshakes::default();
-        let (_, mut peer_rx, _) = p.admit(4, peer);
+        let (_, mut peer_rx, _) = p.admit(4, peer, None);
         let mut flood_rx = Vec::new();
         for _ in 0..20 {
-            let (_, rx, _) = p.admit(4, flood);
+            let (_, rx, _) = p.admit(4, flood, None);
             flood_rx.push(rx);
         }
         assert!(
@@ -730,10 +744,30 @@ mod tests {
             .count();
         assert_eq!(dropped, 17);
         // A second peer connection while the flood holds three places: the flood still loses.
-        let (_, _rx, dropped) = p.admit(4, peer);
+        let (_, _rx, dropped) = p.admit(4, peer, None);
         assert!(dropped);
         assert!(peer_rx.try_recv().is_err_and(|e| e == TryRecvError::Empty));
         assert_eq!(p.queue.iter().filter(|(_, ip, _)| *ip == peer).count(), 2);
+    }
+
+    #[test]
+    fn a_flood_from_many_hosts_does_not_push_out_the_peers_handshake() {
+        let peer: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let mut p = PendingHandshakes::default();
+        let (_, mut peer_rx, _) = p.admit(4, peer, Some(peer));
+        for i in 0..50u8 {
+            let flood = std::net::IpAddr::from([10, 1, 0, i]);
+            p.admit(4, flood, Some(peer));
+        }
+        assert!(peer_rx.try_recv().is_err_and(|e| e == TryRecvError::Empty));
+        assert_eq!(p.queue.len(), 4);
+        // Only the peer's waiting: the oldest of them goes after all.
+        let mut q = PendingHandshakes::default();
+        let (_, mut first, _) = q.admit(2, peer, Some(peer));
+        q.admit(2, peer, Some(peer));
+        let (_, _, dropped) = q.admit(2, peer, Some(peer));
+        assert!(dropped);
+        assert_eq!(first.try_recv(), Ok(()));
     }
 
     #[test]
