@@ -429,6 +429,9 @@ struct Shared {
     /// silent for the failure timeout (a peer whose clock went back across a restart).
     heard_ms: u64,
     heard_at: Option<Instant>,
+    /// The highest sequence number of `heard` so far: only a newer one refreshes
+    /// `heard_at`, so replaying a recorded run does not keep it from falling silent.
+    heard_seq: u64,
     peer: Option<String>,
     timeout: Duration,
     guards: Vec<ReplayGuard>,
@@ -487,13 +490,18 @@ impl Shared {
     }
 
     fn hear(&mut self, d: &Datagram, now: Instant) {
-        self.heard_ms = if d.incarnation == self.heard {
-            self.heard_ms.max(d.sent_ms)
+        if d.incarnation == self.heard {
+            if d.seq > self.heard_seq {
+                self.heard_seq = d.seq;
+                self.heard_ms = self.heard_ms.max(d.sent_ms);
+                self.heard_at = Some(now);
+            }
         } else {
-            d.sent_ms
-        };
-        self.heard = d.incarnation;
-        self.heard_at = Some(now);
+            self.heard = d.incarnation;
+            self.heard_seq = d.seq;
+            self.heard_ms = d.sent_ms;
+            self.heard_at = Some(now);
+        }
     }
 
     /// Takes an authenticated datagram received on link `i`. Returns true when it is a new
@@ -605,6 +613,7 @@ impl Heartbeats {
             heard: 0,
             heard_ms: 0,
             heard_at: None,
+            heard_seq: 0,
             peer: spec.peer.clone(),
             timeout: spec.timeout,
             guards: vec![ReplayGuard::new(); spec.links.len()],

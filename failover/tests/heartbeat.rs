@@ -239,16 +239,30 @@ async fn forged_and_replayed_datagrams_are_ignored() {
     };
     let older = encode(&key(), &older).expect("encode");
     let until = Instant::now() + 3 * INTERVAL;
+    let mut echoes = 0;
+    let mut live_seq = 100;
     while Instant::now() < until {
+        // The live run keeps speaking (still unconfirmed), the older recording alongside.
+        live_seq += 1;
+        attacker
+            .send_to(&datagram_echoing(live_seq, b"live", &key(), 12345), b_addr)
+            .await
+            .expect("send");
         attacker.send_to(&older, b_addr).await.expect("send");
         if let Ok(Ok((n, _))) =
             tokio::time::timeout(INTERVAL / 4, attacker.recv_from(&mut buf)).await
         {
             if let Ok(d) = failover::heartbeat::decode(&key(), &buf[..n]) {
                 assert_eq!(d.echo, 99, "an older recording displaced the echoed run");
+                echoes += 1;
             }
         }
     }
+    assert!(
+        echoes >= 2,
+        "node-b sent {echoes} heartbeats in {:?}",
+        3 * INTERVAL
+    );
 
     // Genuine heartbeats (we hold the key, and echo node-b's run) are accepted; a replay of
     // seq 3 is not.
