@@ -173,6 +173,8 @@ struct Runtime {
     wants_group: bool,
     vm_failed: bool,
     vip_up: bool,
+    /// When a failed VIP removal was last logged as an error (retries say it once a minute).
+    vip_error_at: Option<Instant>,
     restarts: u32,
     last_monitor: Option<Instant>,
     /// Witness: last lease result and until when this node may write alone.
@@ -264,6 +266,7 @@ impl Failover {
                         wants_group: false,
                         vm_failed: false,
                         vip_up: false,
+                        vip_error_at: None,
                         restarts: 0,
                         last_monitor: None,
                         lease_until: None,
@@ -482,6 +485,14 @@ impl Failover {
         let mut hb = self.heartbeats.subscribe();
         loop {
             self.tick(&g).await;
+            let stale_vip = {
+                let rt = lock(&g.rt);
+                rt.vip_up && !rt.state.is_primary() && g.spec.vip.is_some()
+            };
+            if stale_vip {
+                // A removal that failed on demotion: the address must not stay here.
+                self.vip_down(&g).await;
+            }
             self.publish();
             // Next evaluation: at the interval, or at once when the peer's view changes.
             let _ = tokio::time::timeout(self.interval, hb.changed()).await;
@@ -489,14 +500,54 @@ impl Failover {
     }
 
     /// With a witness, the survivor may raise the virtual IP as soon as this node's lease
-    /// lapsed on the witness. The tick removes it when it decides to suspend, but a tick can
-    /// spend a second waiting on an unreachable witness: this watch removes it the moment the
-    /// lease ends while the peer is silent (the tick would suspend then anyway; serving again
-    /// raises it again).
+    /// lapsed on the witness. The tick renews the lease and removes the VIP when it decides
+    /// to suspend, but a tick can spend a second waiting on an unreachable witness, or a
+    /// minute in a start or monitor hook. This watch renews a lease the tick left to run low
+    /// (so a slow hook neither stalls writes made alone nor drops the VIP of a healthy
+    /// primary), and removes the VIP the moment the lease ends while the peer is silent (the
+    /// tick would suspend then anyway; serving again raises it again).
     async fn watch_lease(self: Arc<Self>, g: Arc<GroupRuntime>) {
         let peer = self.heartbeats.subscribe();
+        let Some(witness) = self.witness.clone() else {
+            return;
+        };
+        // Short: the VIP check below waits for it.
+        let witness = witness.with_timeout(LEASE_WATCH_PERIOD * 3);
         loop {
             tokio::time::sleep(LEASE_WATCH_PERIOD).await;
+            let low = {
+                let rt = lock(&g.rt);
+                (rt.state.is_primary()
+                    && rt.registered_generation != 0
+                    && rt.lease_until.is_some_and(|t| {
+                        t.saturating_duration_since(Instant::now()) < LEASE_VALIDITY / 2
+                    }))
+                .then_some((rt.round, rt.registered_generation))
+            };
+            if let Some((round, registered)) = low {
+                let sent = Instant::now();
+                if let Ok(l) = witness.lease(&g.spec.name, round).await {
+                    let mut rt = lock(&g.rt);
+                    // Only the registration the tick made: a changed one is the tick's to
+                    // register (its gates stay closed until then).
+                    let renewed =
+                        l.holder && rt.round == round && rt.registered_generation == registered;
+                    if renewed {
+                        let until = sent + LEASE_VALIDITY;
+                        let until = rt.lease_until.map_or(until, |t| t.max(until));
+                        rt.lease_until = Some(until);
+                        rt.witness_seen = Some(Instant::now());
+                        drop(rt);
+                        // Only the deadline: which generation a gate lets through (if any)
+                        // stays the tick's decision.
+                        for v in &g.spec.volumes {
+                            if let Ok(vol) = self.node.volume(v) {
+                                vol.set_alone_deadline(Some(until));
+                            }
+                        }
+                    }
+                }
+            }
             let lapsed = {
                 let rt = lock(&g.rt);
                 rt.vip_up
@@ -614,9 +665,7 @@ impl Failover {
                     rt.handing_over = false;
                     rt.wants_group = false;
                 }
-                rt.round = rt
-                    .round
-                    .max(p.round.min(rt.round.saturating_add(1_000_000)));
+                rt.round = group::round_after_peer(rt.round, rt.state, p.round);
             }
             Facts {
                 state: rt.state,
@@ -873,8 +922,17 @@ impl Failover {
     async fn vip_down(&self, g: &GroupRuntime) {
         if let Some((v, ifname)) = &g.spec.vip {
             if let Err(e) = vip::remove(*v, ifname).await {
-                // Still up as far as we know: a suspended group tries again next tick.
-                error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot remove the virtual IP");
+                // Still up as far as we know: tried again at the next tick (or lease watch).
+                let mut rt = lock(&g.rt);
+                if rt
+                    .vip_error_at
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    rt.vip_error_at = Some(Instant::now());
+                    error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot remove the virtual IP (retrying; said once a minute)");
+                } else {
+                    debug!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot remove the virtual IP");
+                }
                 return;
             }
         }
@@ -992,12 +1050,17 @@ impl Failover {
             // from the send keeps this side's lease inside the witness's.
             let sent = Instant::now();
             if let Ok(VoteOutcome::Granted(_)) = w.vote(&g.spec.name, round, gen).await {
-                let mut rt = lock(&g.rt);
-                rt.registered_generation = gen;
-                rt.registered_volumes = gens;
-                rt.lease_until = Some(sent + LEASE_VALIDITY);
-                rt.lease_holder = Some(true);
-                rt.witness_seen = Some(Instant::now());
+                {
+                    let mut rt = lock(&g.rt);
+                    rt.registered_generation = gen;
+                    rt.registered_volumes = gens;
+                    rt.lease_until = Some(sent + LEASE_VALIDITY);
+                    rt.lease_holder = Some(true);
+                    rt.witness_seen = Some(Instant::now());
+                }
+                // Registered and within the lease: writes made alone may pass now, not only
+                // once the start hook below (which can take a minute) let the tick run.
+                self.set_gates(g, Some(gen));
             }
         } else {
             self.set_gates(g, Some(ALONE_ALWAYS));

@@ -192,6 +192,19 @@ pub fn fence_grace(timeout: Duration, is_preferred: bool, peer_was_primary: bool
     }
 }
 
+/// This node's round after hearing the peer's. A node that is not primary takes the peer's
+/// (at most a million ahead: the value comes from the network), so its next promotion is
+/// above it. A primary keeps its own: announcing the peer's round would hide that the peer
+/// won a newer one, the two-primaries rule would see a tie, and on a tie the preferred node
+/// stays even when it is the deposed one.
+pub fn round_after_peer(own: u64, state: GroupState, peer_round: u64) -> u64 {
+    if state.is_primary() {
+        own
+    } else {
+        own.max(peer_round.min(own.saturating_add(1_000_000)))
+    }
+}
+
 /// Whether a fence this node ran still covers the peer: not once the pair replicates again,
 /// nor once any replication link came up after the hook started (the peer was back, however
 /// briefly; if the link drops again, a write alone needs a new fence). `fenced_at_links` and
@@ -355,10 +368,12 @@ fn decide_as_primary(f: &Facts) -> Decision {
     if f.witness == Witness::None
         && f.fence_configured
         && !f.peer_fenced
-        && f.data != DataState::UpToDate
+        && f.data == DataState::InSyncWhenLost
     {
-        // Fence-only quorum and the replication link is down (whatever the heartbeats say):
-        // like DRBD's resource-and-stonith, writes wait until the peer is fenced.
+        // Fence-only quorum and the replication link is down (whatever the heartbeats say;
+        // for a primary that is what InSyncWhenLost means): like DRBD's
+        // resource-and-stonith, writes wait until the peer is fenced. A linked peer (even in
+        // split brain) is not fenced: it would reboot, link again and be fenced again.
         return Decision::FencePeer {
             reason: "the replication link is down: fencing the peer before writing alone".into(),
         };
@@ -495,6 +510,41 @@ mod tests {
     }
 
     #[test]
+    fn a_deposed_primary_keeps_its_round_and_yields_to_the_newer_one() {
+        assert_eq!(round_after_peer(4, GroupState::Secondary, 5), 5);
+        assert_eq!(
+            round_after_peer(4, GroupState::Waiting, u64::MAX),
+            1_000_004
+        );
+        assert_eq!(round_after_peer(4, GroupState::Suspended, 5), 4);
+        assert_eq!(round_after_peer(4, GroupState::Alone, 5), 4);
+        // The preferred node, primary in round 4, hears the peer primary in round 5: with its
+        // own round kept, it yields.
+        let f = Facts {
+            state: GroupState::Suspended,
+            round: round_after_peer(4, GroupState::Suspended, 5),
+            is_preferred: true,
+            data: DataState::InSyncWhenLost,
+            peer: Some(PeerFacts {
+                state: GroupState::Alone,
+                round: 5,
+                data_newer: true,
+                data_equal: false,
+                handing_over: false,
+                ready: false,
+            }),
+            witness: Witness::Unreachable,
+            ..base()
+        };
+        assert!(matches!(decide(&f), Decision::Demote { .. }));
+        let tied = Facts { round: 5, ..f };
+        assert!(
+            !matches!(decide(&tied), Decision::Demote { .. }),
+            "the tie the old rule made"
+        );
+    }
+
+    #[test]
     fn a_fence_is_void_once_a_link_came_up_after_it() {
         assert!(fence_holds(4, 4, DataState::InSyncWhenLost));
         // The fenced peer came back and the link dropped again before any tick saw it in
@@ -570,6 +620,29 @@ mod tests {
                 ..
             }
         ));
+        // The link down, the heartbeats alive: fence first.
+        let link_down = Facts {
+            data: DataState::InSyncWhenLost,
+            peer: Some(PeerFacts {
+                state: GroupState::Secondary,
+                round: 3,
+                data_newer: false,
+                data_equal: false,
+                handing_over: false,
+                ready: false,
+            }),
+            ..f
+        };
+        assert!(matches!(decide(&link_down), Decision::FencePeer { .. }));
+        // Linked but not in sync (split brain, or stale): fencing would not end it, and a
+        // rebooted peer links again, voiding the fence: never fence a linked peer.
+        for data in [DataState::SplitBrain, DataState::Stale] {
+            let linked = Facts { data, ..link_down };
+            assert!(
+                !matches!(decide(&linked), Decision::FencePeer { .. }),
+                "{data:?}"
+            );
+        }
     }
 
     #[test]

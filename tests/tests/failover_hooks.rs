@@ -100,3 +100,63 @@ fn auto_failback_returns_the_group_to_the_preferred_node() {
         "node-b's VM was not stopped: {log}"
     );
 }
+
+/// node-b's start hook takes 6 s after it took the group over from a dead node-a, longer than
+/// the witness lease (2.5 s) the tick would renew. The lease is renewed meanwhile, so writes
+/// made alone go through at once and the VIP stays where the VM is starting.
+#[test]
+fn a_slow_start_hook_neither_stalls_writes_alone_nor_drops_the_vip() {
+    let lab = Lab::new();
+    let dir = lab.path().to_path_buf();
+    let script = dir.join("slow-start.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> {d}/hooks.log\n\
+             if [ \"$NBDMIRROR_ACTION\" = start ] && [ \"$NBDMIRROR_NODE\" = node-b ]; then sleep 6; fi\n\
+             echo \"$NBDMIRROR_NODE $NBDMIRROR_ACTION done\" >> {d}/hooks.log\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    for f in ["node-a.toml", "node-b.toml"] {
+        lab.patch(
+            f,
+            "vip_interface = \"pub0\"\n",
+            &format!(
+                "vip_interface = \"pub0\"\nhooks = {{ start = \"sh {}\", timeout = \"20s\" }}\n",
+                script.display()
+            ),
+        );
+    }
+    let mut lab = lab;
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.kill(Host::A);
+    lab.wait_for("node-b's start hook", Duration::from_secs(30), |lab| {
+        hooks_log(lab).contains("node-b start").then_some(())
+    });
+    let hook_started = Instant::now();
+    // Past the lease the takeover registered, with the hook still running.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        !hooks_log(&lab).contains("node-b start done"),
+        "the hook ended early"
+    );
+    assert!(
+        lab.holds_vip(Host::B),
+        "node-b dropped the VIP during its start hook"
+    );
+    let t = Instant::now();
+    nbdmirror_tests::assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x77 0 64k", "flush"]));
+    let took = t.elapsed();
+    eprintln!(
+        "write alone during the hook ({:?} into it) took {took:?}",
+        hook_started.elapsed()
+    );
+    assert!(
+        !hooks_log(&lab).contains("node-b start done"),
+        "the write completed only after the hook ended ({took:?})\n{}",
+        lab.all_logs()
+    );
+}

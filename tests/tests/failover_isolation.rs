@@ -45,20 +45,12 @@ fn isolate_and_heal(lab: &mut Lab) {
     eprintln!("cut -> node-b {}: {:?}", group_state(&sb), t0.elapsed());
     assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
     // The suspended node gave the address up when its lease ended, before the witness let
-    // node-b in (half a second of margin by design; a little slack for a loaded machine).
+    // node-b in (half a second of margin by design): never on both hosts.
     assert!(lab.holds_vip(Host::B), "node-b took over without the VIP");
-    let raised = Instant::now();
-    while lab.holds_vip(Host::A) {
-        assert!(
-            raised.elapsed() < Duration::from_millis(300),
-            "the suspended node-a still holds the VIP node-b raised\n{}",
-            lab.all_logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!(
-        "node-a's VIP gone {:?} after node-b took over",
-        raised.elapsed()
+    assert!(
+        !lab.holds_vip(Host::A),
+        "the suspended node-a still holds the VIP node-b raised\n{}",
+        lab.all_logs()
     );
     std::thread::sleep(Duration::from_secs(3));
     assert!(

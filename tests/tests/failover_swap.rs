@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nbdmirror_tests::assert_qemu_io_ok;
 use nbdmirror_tests::data::assert_files_equal;
-use nbdmirror_tests::lab::{group_field, Host, Lab, GROUP};
+use nbdmirror_tests::lab::{group_field, group_state, Host, Lab, GROUP};
 
 #[test]
 fn swap_on_a_healthy_pair_moves_the_group_once() {
@@ -95,9 +95,16 @@ fn a_restarted_pair_takes_the_witness_round_in_one_step() {
         "{takes} promotions after the restart (witness round {before}):\n{}",
         lab.all_logs()
     );
-    let s = lab.status(Host::A);
-    eprintln!(
-        "after the restart: {takes} promotion(s), round {:?}",
-        round(&s)
+    // And the group did start, in a round above the witness's.
+    let (sa, sb) = (lab.status(Host::A), lab.status(Host::B));
+    let primary = [&sa, &sb]
+        .into_iter()
+        .find(|s| group_state(s) == "primary")
+        .unwrap_or_else(|| panic!("no primary after the restart: {sa}\n{sb}"));
+    let after = round(primary).unwrap_or(0);
+    eprintln!("after the restart: {takes} promotion(s), round {after}");
+    assert!(
+        after > before,
+        "round {after} after the restart, {before} before"
     );
 }
