@@ -429,9 +429,10 @@ struct Shared {
     /// silent for the failure timeout (a peer whose clock went back across a restart).
     heard_ms: u64,
     heard_at: Option<Instant>,
-    /// The highest sequence number of `heard` so far: only a newer one refreshes
-    /// `heard_at`, so replaying a recorded run does not keep it from falling silent.
-    heard_seq: u64,
+    /// Per link (each counts its own), the highest sequence number of `heard` so far: only
+    /// a newer one refreshes `heard_at`, so replaying a recorded run does not keep it from
+    /// falling silent.
+    heard_seq: Vec<u64>,
     peer: Option<String>,
     timeout: Duration,
     guards: Vec<ReplayGuard>,
@@ -489,16 +490,17 @@ impl Shared {
         });
     }
 
-    fn hear(&mut self, d: &Datagram, now: Instant) {
+    fn hear(&mut self, link: usize, d: &Datagram, now: Instant) {
         if d.incarnation == self.heard {
-            if d.seq > self.heard_seq {
-                self.heard_seq = d.seq;
+            if d.seq > self.heard_seq[link] {
+                self.heard_seq[link] = d.seq;
                 self.heard_ms = self.heard_ms.max(d.sent_ms);
                 self.heard_at = Some(now);
             }
         } else {
             self.heard = d.incarnation;
-            self.heard_seq = d.seq;
+            self.heard_seq.iter_mut().for_each(|s| *s = 0);
+            self.heard_seq[link] = d.seq;
             self.heard_ms = d.sent_ms;
             self.heard_at = Some(now);
         }
@@ -538,14 +540,14 @@ impl Shared {
             }
             debug!(link = i, incarnation = d.incarnation, %from, "heartbeat of an unconfirmed run: echoing it");
             let prompt = self.heard != d.incarnation;
-            self.hear(&d, now);
+            self.hear(i, &d, now);
             return prompt;
         }
         if !verdict.accepted() {
             debug!(link = i, ?verdict, seq = d.seq, %from, "stale heartbeat: dropped");
             return false;
         }
-        self.hear(&d, now);
+        self.hear(i, &d, now);
         if verdict == Freshness::NewIncarnation {
             info!(link = i, node = %d.node, incarnation = d.incarnation, "peer incarnation on link");
         }
@@ -613,7 +615,7 @@ impl Heartbeats {
             heard: 0,
             heard_ms: 0,
             heard_at: None,
-            heard_seq: 0,
+            heard_seq: vec![0; spec.links.len()],
             peer: spec.peer.clone(),
             timeout: spec.timeout,
             guards: vec![ReplayGuard::new(); spec.links.len()],
