@@ -433,11 +433,12 @@ impl Node {
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let pending = Arc::new(std::sync::Mutex::new(PendingHandshakes::default()));
         // A name (not an address) is not protected: resolving it here would be a guess.
+        // Canonical: a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
         let peer_ip = self
             .peer_addr
             .parse::<std::net::SocketAddr>()
             .ok()
-            .map(|a| a.ip());
+            .map(|a| a.ip().to_canonical());
         let mut last_flood_warning: Option<Instant> = None;
         loop {
             let (stream, addr) = match listener.accept().await {
@@ -451,7 +452,7 @@ impl Node {
             let (ticket, mut evicted) = {
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
                 let (ticket, evicted, dropped_one) =
-                    p.admit(PENDING_HANDSHAKES_MAX, addr.ip(), peer_ip);
+                    p.admit(PENDING_HANDSHAKES_MAX, addr.ip().to_canonical(), peer_ip);
                 if dropped_one
                     && last_flood_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
                 {
