@@ -305,7 +305,7 @@ impl Failover {
                 }
             }
             tokio::spawn(f.clone().run_group(g.clone()));
-            if f.witness.is_some() && g.spec.vip.is_some() {
+            if f.witness.is_some() {
                 tokio::spawn(f.clone().watch_lease(g.clone()));
             }
         }
@@ -511,52 +511,58 @@ impl Failover {
         let Some(witness) = self.witness.clone() else {
             return;
         };
-        // Short: the VIP check below waits for it.
-        let witness = witness.with_timeout(LEASE_WATCH_PERIOD * 3);
         loop {
             tokio::time::sleep(LEASE_WATCH_PERIOD).await;
-            let low = {
-                let rt = lock(&g.rt);
-                (rt.state.is_primary()
-                    && rt.registered_generation != 0
-                    && rt.lease_until.is_some_and(|t| {
-                        t.saturating_duration_since(Instant::now()) < LEASE_VALIDITY / 2
-                    }))
-                .then_some((rt.round, rt.registered_generation))
-            };
-            if let Some((round, registered)) = low {
-                let sent = Instant::now();
-                if let Ok(l) = witness.lease(&g.spec.name, round).await {
-                    let mut rt = lock(&g.rt);
-                    // Only the registration the tick made: a changed one is the tick's to
-                    // register (its gates stay closed until then).
-                    let renewed =
-                        l.holder && rt.round == round && rt.registered_generation == registered;
-                    if renewed {
-                        let until = sent + LEASE_VALIDITY;
-                        let until = rt.lease_until.map_or(until, |t| t.max(until));
-                        rt.lease_until = Some(until);
-                        rt.witness_seen = Some(Instant::now());
-                        drop(rt);
-                        // Only the deadline: which generation a gate lets through (if any)
-                        // stays the tick's decision.
-                        for v in &g.spec.volumes {
-                            if let Ok(vol) = self.node.volume(v) {
-                                vol.set_alone_deadline(Some(until));
-                            }
-                        }
-                    }
-                }
-            }
+            // First the VIP, so a slow renewal below never delays its removal.
             let lapsed = {
                 let rt = lock(&g.rt);
                 rt.vip_up
+                    && g.spec.vip.is_some()
                     && rt.state.is_primary()
                     && rt.lease_until.is_none_or(|t| Instant::now() >= t)
             };
             if lapsed && !peer.borrow().alive {
                 warn!(group = %g.spec.name, "lease lapsed with the peer silent: removing the virtual IP");
                 self.vip_down(&g).await;
+            }
+            let low = {
+                let rt = lock(&g.rt);
+                let left = rt
+                    .lease_until
+                    .map(|t| t.saturating_duration_since(Instant::now()));
+                (rt.state.is_primary()
+                    && rt.registered_generation != 0
+                    && left.is_some_and(|l| l < LEASE_VALIDITY / 2 && !l.is_zero()))
+                .then_some((rt.round, rt.registered_generation, left.unwrap_or_default()))
+            };
+            let Some((round, registered, left)) = low else {
+                continue;
+            };
+            // No longer than the lease has left, nor than three watch periods.
+            let client = witness
+                .clone()
+                .with_timeout(left.min(LEASE_WATCH_PERIOD * 3));
+            let sent = Instant::now();
+            if let Ok(l) = client.lease(&g.spec.name, round).await {
+                let mut rt = lock(&g.rt);
+                // Only the registration the tick made: a changed one is the tick's to
+                // register (its gates stay closed until then).
+                let renewed =
+                    l.holder && rt.round == round && rt.registered_generation == registered;
+                if renewed {
+                    let until = sent + LEASE_VALIDITY;
+                    let until = rt.lease_until.map_or(until, |t| t.max(until));
+                    rt.lease_until = Some(until);
+                    rt.witness_seen = Some(Instant::now());
+                    drop(rt);
+                    // Only the deadline: which generation a gate lets through (if any)
+                    // stays the tick's decision.
+                    for v in &g.spec.volumes {
+                        if let Ok(vol) = self.node.volume(v) {
+                            vol.set_alone_deadline(Some(until));
+                        }
+                    }
+                }
             }
         }
     }
@@ -1062,11 +1068,20 @@ impl Failover {
                 // once the start hook below (which can take a minute) let the tick run.
                 self.set_gates(g, Some(gen));
             }
+        } else if g.spec.fence.is_some() && !lock(&g.rt).peer_fenced {
+            // Fence-only quorum, promoted with the peer's consent (swap, failback): nothing
+            // is acknowledged alone before the peer is fenced, as in the Serve rule. Open
+            // here, a partition during the start hook would let this node write alone while
+            // the peer, which never saw it primary, fences it and takes over without those
+            // writes.
+            self.set_gates(g, None);
         } else {
             self.set_gates(g, Some(ALONE_ALWAYS));
         }
         self.vip_up(g).await;
         self.transition(g, GroupState::Primary, reason);
+        // The peer learns the new primary now, not after the start hook.
+        self.publish();
         if !self
             .run_hook(g, &g.spec.start, HookAction::Start, None)
             .await
@@ -1079,7 +1094,10 @@ impl Failover {
     async fn demote(&self, g: &Arc<GroupRuntime>, reason: &str) {
         info!(group = %g.spec.name, reason, "giving up the group");
         let handover = {
-            let rt = lock(&g.rt);
+            let mut rt = lock(&g.rt);
+            // The lease watch stops renewing: a lease after the release below would make the
+            // peer wait out a lease nobody uses.
+            rt.registered_generation = 0;
             rt.swap_requested || rt.vm_failed || reason.contains("failback")
         };
         self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;

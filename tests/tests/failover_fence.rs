@@ -100,3 +100,72 @@ fn an_isolated_live_primary_fences_its_peer_first() {
         fence_log(&lab)
     );
 }
+
+/// Fence-only quorum and a swap: node-b takes the group with node-a's consent, and its start
+/// hook takes 15 s. The network splits during the hook. node-b has fenced nobody, so a write
+/// made alone there must wait: node-a (which saw node-b primary) fences node-b and takes the
+/// group back from its own copy, and a write node-b acknowledged alone would be lost.
+#[test]
+fn after_a_swap_nothing_is_acknowledged_alone_before_a_fence() {
+    let lab = fence_lab();
+    let slow = lab.path().join("slow-start.sh");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> {d}/hooks.log\n\
+             if [ \"$NBDMIRROR_ACTION\" = start ] && [ \"$NBDMIRROR_NODE\" = node-b ]; then sleep 15; fi\n",
+            d = lab.path().display()
+        ),
+    )
+    .unwrap();
+    for f in ["node-a.toml", "node-b.toml"] {
+        lab.patch(
+            f,
+            "hooks = { fence =",
+            &format!("hooks = {{ start = \"sh {}\", fence =", slow.display()),
+        );
+    }
+    let mut lab = lab;
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    let cfg_a = lab.config(Host::A);
+    let out = lab.nbdmirror(
+        Host::A,
+        &[
+            "swap",
+            nbdmirror_tests::lab::GROUP,
+            "--config",
+            cfg_a.to_str().unwrap(),
+        ],
+    );
+    assert!(out.success(), "swap failed: {out}\n{}", lab.all_logs());
+    lab.wait_for("node-b's start hook", Duration::from_secs(30), |lab| {
+        std::fs::read_to_string(lab.path().join("hooks.log"))
+            .unwrap_or_default()
+            .contains("node-b start")
+            .then_some(())
+    });
+    lab.cut(Link::All, Host::B, true);
+    let writer = lab.spawn(
+        Host::B,
+        &[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xee 16M 64k",
+            "nbd://127.0.0.1:10809/disk0",
+        ],
+    );
+    // node-a fences node-b (its grace after losing a primary: one failure timeout).
+    lab.wait_for("node-a fences node-b", Duration::from_secs(30), |lab| {
+        fence_log(lab).contains("fencing node-b").then_some(())
+    });
+    let (_, out) = writer.wait_or_kill(Duration::from_secs(10));
+    eprintln!("the write on node-b during the split: {out}");
+    assert!(
+        !out.contains("wrote "),
+        "node-b acknowledged a write alone without fencing node-a first: {out}\n{}",
+        lab.all_logs()
+    );
+}
