@@ -434,6 +434,22 @@ impl Failover {
         hash_generations(&self.volume_generations(g))
     }
 
+    /// What a serving primary's alone gates let through, for [`Failover::set_gates`]:
+    /// - fence-only quorum: nothing before the peer is fenced;
+    /// - no witness (and no fence hook): everything (nobody else takes over);
+    /// - witness: only what the witness registered, and only within a lease; decided before
+    ///   any gate changes (see set_gates).
+    fn alone_allowed(&self, g: &GroupRuntime) -> Option<u64> {
+        let rt = lock(&g.rt);
+        if self.witness.is_none() {
+            let fence_only = g.spec.fence.is_some();
+            (!fence_only || rt.peer_fenced).then_some(ALONE_ALWAYS)
+        } else {
+            (rt.registered_generation != 0 && rt.lease_until.is_some())
+                .then_some(rt.registered_generation)
+        }
+    }
+
     /// Opens or closes the volumes' gates for writes made alone: `None` closes them,
     /// `Some(ALONE_ALWAYS)` opens them for good (no witness), any other value opens each
     /// volume for the generation the witness registered for it, never for its current one
@@ -631,19 +647,14 @@ impl Failover {
             );
             return;
         }
-        let entry = peer
+        let last_entry = peer
             .last_payload
             .as_deref()
             .map(decode_payload)
-            .and_then(|m| m.get(&g.spec.name).copied())
-            .filter(|_| peer.alive);
+            .and_then(|m| m.get(&g.spec.name).copied());
+        let entry = last_entry.filter(|_| peer.alive);
         // The payload outlives the peer: what it was when it went silent.
-        let peer_was_primary = peer
-            .last_payload
-            .as_deref()
-            .map(decode_payload)
-            .and_then(|m| m.get(&g.spec.name).copied())
-            .is_some_and(|a| code_state(a.state).is_primary());
+        let peer_was_primary = last_entry.is_some_and(|a| code_state(a.state).is_primary());
         let state = lock(&g.rt).state;
         let (data, peer_newer, equal) = self.data_facts(g, peer.alive, state.is_primary());
         let links = self.links_established(g);
@@ -855,20 +866,7 @@ impl Failover {
                 reason,
             } => self.promote(g, round, quorum, &reason, peer_name).await,
             Decision::Serve { state, reason } => {
-                let fence_only = self.witness.is_none() && g.spec.fence.is_some();
-                let allowed = if fence_only && !lock(&g.rt).peer_fenced {
-                    // Fence-only quorum: nothing is acknowledged alone before the peer is off.
-                    None
-                } else if self.witness.is_none() {
-                    Some(ALONE_ALWAYS)
-                } else {
-                    // Only what the witness registered, and only within a lease: decided
-                    // before any gate changes (see set_gates).
-                    let rt = lock(&g.rt);
-                    (rt.registered_generation != 0 && rt.lease_until.is_some())
-                        .then_some(rt.registered_generation)
-                };
-                self.set_gates(g, allowed);
+                self.set_gates(g, self.alone_allowed(g));
                 if !lock(&g.rt).vip_up {
                     self.vip_up(g).await;
                 }
@@ -1056,28 +1054,21 @@ impl Failover {
             // from the send keeps this side's lease inside the witness's.
             let sent = Instant::now();
             if let Ok(VoteOutcome::Granted(_)) = w.vote(&g.spec.name, round, gen).await {
-                {
-                    let mut rt = lock(&g.rt);
-                    rt.registered_generation = gen;
-                    rt.registered_volumes = gens;
-                    rt.lease_until = Some(sent + LEASE_VALIDITY);
-                    rt.lease_holder = Some(true);
-                    rt.witness_seen = Some(Instant::now());
-                }
-                // Registered and within the lease: writes made alone may pass now, not only
-                // once the start hook below (which can take a minute) let the tick run.
-                self.set_gates(g, Some(gen));
+                let mut rt = lock(&g.rt);
+                rt.registered_generation = gen;
+                rt.registered_volumes = gens;
+                rt.lease_until = Some(sent + LEASE_VALIDITY);
+                rt.lease_holder = Some(true);
+                rt.witness_seen = Some(Instant::now());
             }
-        } else if g.spec.fence.is_some() && !lock(&g.rt).peer_fenced {
-            // Fence-only quorum, promoted with the peer's consent (swap, failback): nothing
-            // is acknowledged alone before the peer is fenced, as in the Serve rule. Open
-            // here, a partition during the start hook would let this node write alone while
-            // the peer, which never saw it primary, fences it and takes over without those
-            // writes.
-            self.set_gates(g, None);
-        } else {
-            self.set_gates(g, Some(ALONE_ALWAYS));
         }
+        // The serving rule, now rather than at the first tick after the start hook (which
+        // can take a minute): with a witness, registered writes alone pass at once; in
+        // fence-only mode after a promotion by the peer's consent (swap, failback) nothing
+        // passes before a fence, or a partition during the hook would let this node write
+        // alone while the peer, which never saw it primary, fences it and takes over without
+        // those writes.
+        self.set_gates(g, self.alone_allowed(g));
         self.vip_up(g).await;
         self.transition(g, GroupState::Primary, reason);
         // The peer learns the new primary now, not after the start hook.
