@@ -256,6 +256,19 @@ impl Lab {
         fs::write(&p, text.replace(from, to)).unwrap();
     }
 
+    /// Adds TOML lines (e.g. `hooks = { ... }`) to the `[[group]]` of one node's config, or of
+    /// both with `None`.
+    pub fn add_to_group(&self, host: Option<Host>, lines: &str) {
+        let files = match host {
+            Some(h) => vec![h.config_name()],
+            None => vec![Host::A.config_name(), Host::B.config_name()],
+        };
+        let anchor = "vip_interface = \"pub0\"\n";
+        for f in files {
+            self.patch(f, anchor, &format!("{anchor}{lines}"));
+        }
+    }
+
     /// Runs `lab.sh ARGS` with this lab's prefix (30 s deadline).
     pub fn lab_sh(&self, args: &[&str]) -> CmdOutput {
         self.lab_sh_timeout(args, Duration::from_secs(30))
@@ -431,6 +444,19 @@ impl Lab {
                 host.letter(),
                 fs::read_to_string(&p.log).unwrap_or_default()
             ),
+        }
+    }
+
+    /// Stops node-a then node-b with SIGTERM and insists both exit cleanly.
+    pub fn stop_nodes_cleanly(&mut self) {
+        for h in [Host::A, Host::B] {
+            let st = self.stop(h, Duration::from_secs(30));
+            assert!(
+                st.success(),
+                "{} exited with {st}\n{}",
+                h.node(),
+                self.log(h)
+            );
         }
     }
 

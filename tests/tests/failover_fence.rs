@@ -28,15 +28,14 @@ fn fence_lab() -> Lab {
     .unwrap();
     for f in ["node-a.toml", "node-b.toml"] {
         lab.patch(f, "witness = \"10.99.0.10:7790\"\n", "");
-        lab.patch(
-            f,
-            "vip_interface = \"pub0\"\n",
-            &format!(
-                "vip_interface = \"pub0\"\nhooks = {{ fence = \"sh {}\", timeout = \"20s\" }}\n",
-                script.display()
-            ),
-        );
     }
+    lab.add_to_group(
+        None,
+        &format!(
+            "hooks = {{ fence = \"sh {}\", timeout = \"20s\" }}\n",
+            script.display()
+        ),
+    );
     lab
 }
 

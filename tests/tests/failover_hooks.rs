@@ -32,13 +32,7 @@ fn hook_lab(extra: &str) -> Lab {
          monitor_interval = \"1s\", restart_attempts = 1, timeout = \"10s\" }}\n{extra}",
         s = script.display()
     );
-    for f in ["node-a.toml", "node-b.toml"] {
-        lab.patch(
-            f,
-            "vip_interface = \"pub0\"\n",
-            &format!("vip_interface = \"pub0\"\n{hooks}"),
-        );
-    }
+    lab.add_to_group(None, &hooks);
     lab
 }
 
@@ -119,16 +113,13 @@ fn a_slow_start_hook_neither_stalls_writes_alone_nor_drops_the_vip() {
         ),
     )
     .unwrap();
-    for f in ["node-a.toml", "node-b.toml"] {
-        lab.patch(
-            f,
-            "vip_interface = \"pub0\"\n",
-            &format!(
-                "vip_interface = \"pub0\"\nhooks = {{ start = \"sh {}\", timeout = \"20s\" }}\n",
-                script.display()
-            ),
-        );
-    }
+    lab.add_to_group(
+        None,
+        &format!(
+            "hooks = {{ start = \"sh {}\", timeout = \"20s\" }}\n",
+            script.display()
+        ),
+    );
     let mut lab = lab;
     lab.start_all();
     lab.wait_handshake(Instant::now(), Duration::from_secs(20));

@@ -82,15 +82,7 @@ fn rejoin_node_a(lab: &mut Lab) {
 
 /// Stops both daemons cleanly and compares the images.
 fn stop_and_compare(lab: &mut Lab) {
-    for h in [Host::A, Host::B] {
-        let st = lab.stop(h, Duration::from_secs(30));
-        assert!(
-            st.success(),
-            "{} exited with {st}\n{}",
-            h.node(),
-            lab.log(h)
-        );
-    }
+    lab.stop_nodes_cleanly();
     assert_files_equal(&lab.image(Host::A), &lab.image(Host::B));
 }
 

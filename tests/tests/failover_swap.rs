@@ -35,15 +35,7 @@ fn swap_on_a_healthy_pair_moves_the_group_once() {
     }
     assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x5a 0 4M", "write -P 0x33 50M 1M", "flush"]));
     lab.wait_in_sync(Duration::from_secs(30));
-    for h in [Host::A, Host::B] {
-        let st = lab.stop(h, Duration::from_secs(30));
-        assert!(
-            st.success(),
-            "{} exited with {st}\n{}",
-            h.node(),
-            lab.log(h)
-        );
-    }
+    lab.stop_nodes_cleanly();
     assert_files_equal(&lab.image(Host::A), &lab.image(Host::B));
 }
 
@@ -71,15 +63,7 @@ fn a_restarted_pair_takes_the_witness_round_in_one_step() {
     );
     eprintln!("round before the restart: {before}");
     lab.wait_in_sync(Duration::from_secs(30));
-    for h in [Host::A, Host::B] {
-        let st = lab.stop(h, Duration::from_secs(30));
-        assert!(
-            st.success(),
-            "{} exited with {st}\n{}",
-            h.node(),
-            lab.log(h)
-        );
-    }
+    lab.stop_nodes_cleanly();
     lab.start_node(Host::A);
     lab.start_node(Host::B);
     lab.wait_handshake(Instant::now(), Duration::from_secs(30));

@@ -67,11 +67,10 @@ exec bash {h} "$@"
         .unwrap();
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
         let h = hook.display();
-        lab.patch(
-            host.config_name(),
-            "vip_interface = \"pub0\"\n",
+        lab.add_to_group(
+            Some(host),
             &format!(
-                "vip_interface = \"pub0\"\nhooks = {{ start = \"{h}\", stop = \"{h}\", monitor = \"{h}\", timeout = \"60s\" }}\n"
+                "hooks = {{ start = \"{h}\", stop = \"{h}\", monitor = \"{h}\", timeout = \"60s\" }}\n"
             ),
         );
         VmNode { host, dir }
