@@ -161,7 +161,15 @@ fn spawn_peer_request(
     // Counted from its arrival, so a flush knows whether it is alone, and so the answers to
     // a burst of requests read from one buffer queue up and leave in one write, not a send()
     // each: the secondary spent a third of its CPU at queue depth 32 sending acks one by one.
-    let serving = nbd_server::spin::serving();
+    // A secondary's thread polls longer for the next mirrored write (see
+    // `spin::DEFAULT_REPLICA_SPIN_US`); pings and state changes leave the budget alone.
+    use crate::repl::frame::Message;
+    let serving = match m {
+        Message::Write { .. } | Message::Trim { .. } | Message::Zeroes { .. } | Message::Flush => {
+            nbd_server::spin::serving_replica()
+        }
+        _ => nbd_server::spin::serving(),
+    };
     let answering = link.answering();
     let request = vol.clone().handle_request(link.clone(), seq, m);
     tokio::spawn(async move {

@@ -532,7 +532,7 @@ async fn transmission<B: BlockBackend>(
                 match next_request(&mut rd, &header[..header_len], &session, size, &payload_stop).await? {
                     AfterRequest::Run(req) => {
                         cost_in_flight += req.cost;
-                        inflight.push(execute(backend.clone(), req, crate::spin::serving()));
+                        inflight.push(execute(backend.clone(), req, crate::spin::serving_client()));
                     }
                     AfterRequest::StopReading => reading = false,
                 }

@@ -55,11 +55,21 @@ pub struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = nbd_server::spin::DEFAULT_SPIN_US,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     spin_us: u64,
+    /// Microseconds a volume's thread polls before it sleeps while it serves the peer's
+    /// mirrored writes one at a time, as a secondary under a queue-depth-1 client does (0:
+    /// never). The next write reaches a secondary only after the primary answered its client
+    /// and read the client's next request, a longer wait than the primary's: a short poll
+    /// mostly ends just before it arrives. Costs the secondary's CPU while such writes keep
+    /// coming, none when they stop; bursts of writes get the --spin-us poll.
+    #[arg(long, value_name = "US", default_value_t = nbd_server::spin::DEFAULT_REPLICA_SPIN_US,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    replica_spin_us: u64,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = config::load(&args.config)?;
     nbd_server::spin::set_budget(args.spin_us);
+    nbd_server::spin::set_replica_budget(args.replica_spin_us);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
