@@ -162,12 +162,19 @@ fn spawn_peer_request(
     // a burst of requests read from one buffer queue up and leave in one write, not a send()
     // each: the secondary spent a third of its CPU at queue depth 32 sending acks one by one.
     // A secondary's thread polls longer for the next mirrored write (see
-    // `spin::DEFAULT_REPLICA_SPIN_US`); pings and state changes leave the budget alone.
+    // `spin::DEFAULT_REPLICA_SPIN_US`). A resync or verify is bulk traffic that waits for the
+    // disk, where a long poll would only take CPU from the source: the short poll. Pings and
+    // state changes leave the budget alone.
     use crate::repl::frame::Message;
     let serving = match m {
         Message::Write { .. } | Message::Trim { .. } | Message::Zeroes { .. } | Message::Flush => {
             nbd_server::spin::serving_replica()
         }
+        Message::ResyncStart { .. }
+        | Message::ResyncData { .. }
+        | Message::ResyncZero { .. }
+        | Message::ResyncHash { .. }
+        | Message::HashRequest { .. } => nbd_server::spin::serving_client(),
         _ => nbd_server::spin::serving(),
     };
     let answering = link.answering();

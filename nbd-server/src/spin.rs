@@ -134,8 +134,8 @@ pub fn serving() -> Held {
     Held::new(&SERVING)
 }
 
-/// Counts a client's NBD request, from its arrival, until the guard drops, and puts the
-/// thread back on the `--spin-us` budget.
+/// Counts a client's NBD request (from its arrival) or the peer's bulk traffic (resync,
+/// verify) until the guard drops, and puts the thread back on the `--spin-us` budget.
 pub fn serving_client() -> Held {
     REPLICA.set(false);
     Held::new(&SERVING)
