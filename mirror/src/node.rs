@@ -163,8 +163,8 @@ fn spawn_peer_request(
     // each: the secondary spent a third of its CPU at queue depth 32 sending acks one by one.
     // A secondary's thread polls longer for the next mirrored write (see
     // `spin::DEFAULT_REPLICA_SPIN_US`). A resync or verify is bulk traffic that waits for the
-    // disk, where a long poll would only take CPU from the source: the short poll. Pings and
-    // state changes leave the budget alone.
+    // disk, where a long poll would only take CPU from the source: the short poll. (Pings
+    // and state frames are handled by the reader and never come here.)
     use crate::repl::frame::Message;
     let serving = match m {
         Message::Write { .. } | Message::Trim { .. } | Message::Zeroes { .. } | Message::Flush => {
@@ -174,6 +174,7 @@ fn spawn_peer_request(
         | Message::ResyncData { .. }
         | Message::ResyncZero { .. }
         | Message::ResyncHash { .. }
+        | Message::ResyncDone { .. }
         | Message::HashRequest { .. } => nbd_server::spin::serving_client(),
         _ => nbd_server::spin::serving(),
     };

@@ -1892,11 +1892,13 @@ fn compress(data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Runs `work` on tokio's blocking pool.
+/// Runs `work` on tokio's blocking pool. The calling thread does not poll meanwhile: that
+/// would only take the pool thread's CPU.
 async fn blocking<T: Send + 'static>(
     volume: &str,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, VolumeError> {
+    let _worker = nbd_server::spin::pause();
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| VolumeError::Refused {

@@ -35,7 +35,7 @@ pub const DEFAULT_SPIN_US: u64 = 50;
 /// and answered to the client, the client's next request read and forwarded), so at queue
 /// depth 1 a 50 us poll mostly ended just before the frame came and the wake-up landed on
 /// the write. Measured on this 2-vCPU VM, alternated single runs of a pair, 4 KiB writes at
-/// queue depth 1: p50 79-86 us with 50 us on both nodes, 33-39 us with 200 us on the
+/// queue depth 1: p50 67-92 us with 50 us on both nodes, 33-41 us with 200 us on the
 /// secondary (and 45-50 us with 200 us on both: a primary that polls longer takes the CPU its
 /// client needs). Queue depth 32 and 1 MiB writes did not move.
 pub const DEFAULT_REPLICA_SPIN_US: u64 = 200;
@@ -92,13 +92,7 @@ pub struct Held {
 
 impl Held {
     fn new(count: &'static std::thread::LocalKey<Cell<u32>>) -> Held {
-        let now = count.with(|c| {
-            c.set(c.get().saturating_add(1));
-            c.get()
-        });
-        if std::ptr::eq(count, &SERVING) {
-            PEAK_SINCE_PARK.set(PEAK_SINCE_PARK.get().max(now));
-        }
+        count.with(|c| c.set(c.get().saturating_add(1)));
         Held {
             count,
             thread: std::thread::current().id(),
@@ -128,17 +122,19 @@ pub fn device_flushed() {
 }
 
 /// Counts a request being served on the current thread until the guard drops (a peer's
-/// replication request other than a mirrored write: a ping, a state change). The thread's
-/// budget stays as it was.
+/// request that is neither a mirrored write nor bulk traffic, such as the end of a resync).
+/// The thread's budget stays as it was.
 pub fn serving() -> Held {
-    Held::new(&SERVING)
+    let held = Held::new(&SERVING);
+    PEAK_SINCE_PARK.set(PEAK_SINCE_PARK.get().max(SERVING.get()));
+    held
 }
 
 /// Counts a client's NBD request (from its arrival) or the peer's bulk traffic (resync,
 /// verify) until the guard drops, and puts the thread back on the `--spin-us` budget.
 pub fn serving_client() -> Held {
     REPLICA.set(false);
-    Held::new(&SERVING)
+    serving()
 }
 
 /// Counts a peer's mirrored write (or trim, zeroes, flush) being served on the current thread
@@ -146,17 +142,19 @@ pub fn serving_client() -> Held {
 /// ([`set_replica_budget`]) until it serves a client's request again.
 pub fn serving_replica() -> Held {
     REPLICA.set(true);
-    Held::new(&SERVING)
+    serving()
 }
 
 /// How long the current thread polls before it parks: the replica budget if the last request
-/// it served was a peer's mirrored write and it served them one at a time since it last
-/// parked (a queue-depth-1 stream), else `--spin-us`. With bursts in flight the next frame
+/// it served was a peer's mirrored write and exactly one request was in service at a time
+/// since it last parked (a queue-depth-1 stream), else `--spin-us`. A thread that served
+/// nothing since its last park (idle, or a former secondary's thread now the home of a
+/// primary whose clients run on other threads) gets the short poll. With bursts in flight the next frame
 /// is seldom far, and a long poll only took CPU from the primary and its client on a small
 /// machine (the secondary's CPU per write at queue depth 32: 8.5-10.4 us with 50 us for every
 /// park, 11.2-13.6 with 200).
 fn budget() -> Duration {
-    let one_at_a_time = PEAK_SINCE_PARK.replace(SERVING.get()) <= 1;
+    let one_at_a_time = PEAK_SINCE_PARK.replace(SERVING.get()) == 1;
     let micros = if REPLICA.get() && one_at_a_time {
         &REPLICA_BUDGET_US
     } else {
@@ -338,12 +336,22 @@ mod tests {
         let (r1, r2) = (serving_replica(), serving_replica());
         drop((r1, r2));
         assert_eq!(budget(), Duration::from_micros(DEFAULT_SPIN_US));
+        // Nothing served since the last park (idle, or now a primary whose clients run on
+        // other threads): the short poll, though the flag is still set.
+        assert_eq!(budget(), Duration::from_micros(DEFAULT_SPIN_US));
+        // A write still in flight at the park (waiting for the disk) counts for the next one.
+        let in_flight = serving_replica();
+        assert_eq!(budget(), Duration::from_micros(DEFAULT_REPLICA_SPIN_US));
+        drop(in_flight);
         assert_eq!(budget(), Duration::from_micros(DEFAULT_REPLICA_SPIN_US));
         // Another thread keeps its own budget.
-        std::thread::spawn(|| assert_eq!(budget(), Duration::from_micros(DEFAULT_SPIN_US)))
-            .join()
-            .unwrap();
-        // A ping or a state change leaves it; a client's request ends it.
+        std::thread::spawn(|| {
+            drop(serving());
+            assert_eq!(budget(), Duration::from_micros(DEFAULT_SPIN_US))
+        })
+        .join()
+        .unwrap();
+        // Other peer requests leave the budget; a client's request ends it.
         drop(serving());
         assert_eq!(budget(), Duration::from_micros(DEFAULT_REPLICA_SPIN_US));
         drop(serving_client());

@@ -60,16 +60,20 @@ pub struct ServeArgs {
     /// never). The next write reaches a secondary only after the primary answered its client
     /// and read the client's next request, a longer wait than the primary's: a short poll
     /// mostly ends just before it arrives. Costs the secondary's CPU while such writes keep
-    /// coming, none when they stop; bursts of writes get the --spin-us poll.
-    #[arg(long, value_name = "US", default_value_t = nbd_server::spin::DEFAULT_REPLICA_SPIN_US,
-          value_parser = clap::value_parser!(u64).range(0..=10_000))]
-    replica_spin_us: u64,
+    /// coming, none when they stop; bursts of writes get the --spin-us poll. Default: 200, or
+    /// 0 with --spin-us 0 (no polling at all).
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    replica_spin_us: Option<u64>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = config::load(&args.config)?;
     nbd_server::spin::set_budget(args.spin_us);
-    nbd_server::spin::set_replica_budget(args.replica_spin_us);
+    nbd_server::spin::set_replica_budget(args.replica_spin_us.unwrap_or(if args.spin_us == 0 {
+        0
+    } else {
+        nbd_server::spin::DEFAULT_REPLICA_SPIN_US
+    }));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

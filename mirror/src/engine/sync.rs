@@ -15,6 +15,9 @@ pub struct SyncEngine {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    // A pool thread does the work; a spinning thread would only take its CPU, and its poll
+    // (sockets, rings) would not see the pool's completion anyway.
+    let _worker = nbd_server::spin::pause();
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| io::Error::other(format!("I/O thread failed: {e}")))
