@@ -1,6 +1,8 @@
 //! The server loop: listeners, one task per connection, the handshake over the socket, and
 //! the transmission phase with many requests in flight and replies sent as they complete.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -474,9 +476,48 @@ enum AfterRequest {
     StopReading,
 }
 
+/// Runs `work` (a reply to send, a payload to read: anything that waits on this client)
+/// while the requests in flight keep running; those that finish meanwhile queue in
+/// `finished`. A finished request releases what it holds (a mirrored write's range lock,
+/// its activity registration) only when it is polled to its end, so a loop that stopped
+/// polling while one client dawdled would hold up every other client's overlapping writes,
+/// resync and demotion, for as long as that client stayed stuck.
+async fn while_driving<T, F: Future<Output = Completed>>(
+    work: impl Future<Output = T>,
+    inflight: &mut FuturesUnordered<F>,
+    finished: &mut VecDeque<Completed>,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            Some(done) = inflight.next(), if !inflight.is_empty() => finished.push_back(done),
+        }
+    }
+}
+
+/// Sends the replies of the requests in `finished`, and of those that finish meanwhile.
+async fn send_finished<F: Future<Output = Completed>>(
+    wr: &mut BufWriter<BoxWrite>,
+    mode: ReplyMode,
+    scratch: &mut Vec<u8>,
+    inflight: &mut FuturesUnordered<F>,
+    finished: &mut VecDeque<Completed>,
+    cost_in_flight: &mut u64,
+) -> Result<(), ConnError> {
+    while let Some(done) = finished.pop_front() {
+        *cost_in_flight -= done.cost;
+        let send = send_reply(wr, mode, done, scratch);
+        while_driving(send, inflight, finished).await?;
+    }
+    Ok(())
+}
+
 /// The transmission phase in one loop: read requests, start each at once, send replies as
 /// they complete. One task, no channel: a request starts its I/O in the same poll that
-/// read it. Reading pauses while the in-flight budget is spent, so memory stays bounded.
+/// read it. Reading pauses while the in-flight budget is spent, so memory stays bounded
+/// (a finished request counts against it until its reply is sent).
 async fn transmission<B: BlockBackend>(
     mut rd: BufReader<BoxRead>,
     wr: &mut BufWriter<BoxWrite>,
@@ -490,11 +531,21 @@ async fn transmission<B: BlockBackend>(
     let mut header = [0u8; request::EXTENDED_HEADER_LEN];
     let mut filled = 0usize;
     let mut inflight = FuturesUnordered::new();
+    let mut finished = VecDeque::new();
     let mut cost_in_flight = 0u64;
     let mut reading = true;
     let mut scratch = Vec::with_capacity(64);
     let payload_stop = shutdown.clone();
     loop {
+        send_finished(
+            wr,
+            mode,
+            &mut scratch,
+            &mut inflight,
+            &mut finished,
+            &mut cost_in_flight,
+        )
+        .await?;
         let can_read = reading && cost_in_flight < CONNECTION_BUDGET;
         if !can_read && inflight.is_empty() {
             if reading {
@@ -509,7 +560,8 @@ async fn transmission<B: BlockBackend>(
             Some(done) = inflight.next(), if !inflight.is_empty() => {
                 let done: Completed = done;
                 cost_in_flight -= done.cost;
-                send_reply(wr, mode, done, &mut scratch).await?;
+                let send = send_reply(wr, mode, done, &mut scratch);
+                while_driving(send, &mut inflight, &mut finished).await?;
             }
             _ = stopping(&mut shutdown), if reading => reading = false,
             // read() is cancel-safe: a header arrives in pieces across iterations.
@@ -529,7 +581,8 @@ async fn transmission<B: BlockBackend>(
                     continue;
                 }
                 filled = 0;
-                match next_request(&mut rd, &header[..header_len], &session, size, &payload_stop).await? {
+                let next = next_request(&mut rd, &header[..header_len], &session, size, &payload_stop);
+                match while_driving(next, &mut inflight, &mut finished).await? {
                     AfterRequest::Run(req) => {
                         cost_in_flight += req.cost;
                         inflight.push(execute(backend.clone(), req, crate::spin::serving_client()));
@@ -544,10 +597,18 @@ async fn transmission<B: BlockBackend>(
             }
         }
         while let Some(Some(done)) = inflight.next().now_or_never() {
-            cost_in_flight -= done.cost;
-            send_reply(wr, mode, done, &mut scratch).await?;
+            finished.push_back(done);
         }
-        wr.flush().await?;
+        send_finished(
+            wr,
+            mode,
+            &mut scratch,
+            &mut inflight,
+            &mut finished,
+            &mut cost_in_flight,
+        )
+        .await?;
+        while_driving(wr.flush(), &mut inflight, &mut finished).await?;
     }
     wr.flush().await?;
     Ok(())
