@@ -289,9 +289,10 @@ impl MetadataFile {
         let clean = meta.report.previous_shutdown_clean;
         meta.update_header(|h| {
             h.flags.set(Flags::CLEAN_SHUTDOWN, false);
-            h.counters.opens += 1;
+            // Counters read from the file: a corrupt one must not overflow.
+            h.counters.opens = h.counters.opens.saturating_add(1);
             if !clean {
-                h.counters.unclean_opens += 1;
+                h.counters.unclean_opens = h.counters.unclean_opens.saturating_add(1);
             }
         })?;
         Ok(meta)
