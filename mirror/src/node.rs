@@ -441,9 +441,8 @@ impl Node {
             let _ = e.task.await;
             info!(volume = %name, "export stopped");
         }
-        for h in &self.volumes {
-            h.vol.shutdown().await;
-        }
+        // Together: each may wait for its peer's final flush.
+        futures::future::join_all(self.volumes.iter().map(|h| h.vol.shutdown())).await;
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {

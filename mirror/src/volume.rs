@@ -21,6 +21,7 @@ use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
 use crate::decide::{self, Plan, PromoteRefusal, Side, Who};
+use crate::metadata::header::MAX_MAP_BYTES;
 use crate::metadata::{
     bitmap, ActiveWrite, Flags, Generations, MetadataError, MetadataFile, MetadataOptions,
     OwnedBits,
@@ -115,6 +116,10 @@ pub const HASH_BLOCK_MAX: u64 = CHUNK * 8;
 
 /// How often `background_maintenance` looks for work (a resync to retry, a peer flush due).
 const MAINTENANCE_TICK: Duration = Duration::from_secs(2);
+
+/// How long a stopping node waits for its peer's flush before it marks what the peer has
+/// not flushed as dirty (a resync after the next start, instead of a wait on a dead peer).
+const SHUTDOWN_PEER_FLUSH: Duration = Duration::from_secs(10);
 
 /// The default of the `peer_flush_interval` key.
 pub const DEFAULT_PEER_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
@@ -379,7 +384,12 @@ impl Volume {
     fn state_message(&self) -> Message {
         let side = self.local_side();
         let raw = self.meta.dirty_bits().to_le_bytes();
-        let dirty_map = zstd::bulk::compress(&raw, 1).unwrap_or_default();
+        // Compression fails only when memory runs out; the peer refuses the empty map that
+        // is sent then (it must never read it as clean).
+        let dirty_map = zstd::bulk::compress(&raw, 1).unwrap_or_else(|e| {
+            error!(volume = %self.name, error = %e, "cannot compress the dirty map for the peer");
+            Vec::new()
+        });
         Message::State(VolumeState {
             size: self.size,
             role: side.role,
@@ -466,28 +476,40 @@ impl Volume {
         }
     }
 
-    fn peer_view(state: &VolumeState, own_granularity: u32) -> PeerView {
-        let nbits_guess = (state.size).div_ceil(u64::from(state.granularity.max(1)));
-        let raw = zstd::bulk::decompress(
-            &state.dirty_map,
-            (nbits_guess.div_ceil(8) as usize + 64).min(64 << 20),
-        )
-        .unwrap_or_default();
-        let bits = OwnedBits::from_le_bytes(&raw, nbits_guess);
-        let dirty_bytes = bits.bits().count() * u64::from(state.granularity);
-        let _ = own_granularity;
-        PeerView {
+    /// The peer's state as this node reasons about it. A dirty map that does not decode is an
+    /// error, never an empty map: read as clean, it would let the pair call itself in sync
+    /// while the peer holds writes this node lacks (or lacks some it holds).
+    fn peer_view(state: &VolumeState) -> Result<PeerView, String> {
+        let granularity = u64::from(state.granularity.max(1));
+        let nbits = state.size.div_ceil(granularity);
+        let map_bytes = nbits.div_ceil(64) * 8;
+        if map_bytes > MAX_MAP_BYTES {
+            return Err(format!(
+                "its dirty map would take {map_bytes} bytes, more than the {MAX_MAP_BYTES} the metadata allows"
+            ));
+        }
+        let raw = zstd::bulk::decompress(&state.dirty_map, map_bytes as usize)
+            .map_err(|e| format!("its dirty map does not decompress: {e}"))?;
+        if (raw.len() as u64) < map_bytes {
+            return Err(format!(
+                "its dirty map holds {} bytes, {map_bytes} expected",
+                raw.len()
+            ));
+        }
+        let bits = OwnedBits::from_le_bytes(&raw, nbits);
+        let dirty_count = bits.bits().count();
+        Ok(PeerView {
             side: Side {
                 role: state.role,
                 generations: state.generations,
                 consistent: state.consistent,
                 has_data: state.has_data,
-                dirty: bits.bits().count() > 0,
+                dirty: dirty_count > 0,
                 unconfirmed: state.unconfirmed,
             },
             dirty_map: Arc::new(bits),
-            dirty_bytes: dirty_bytes.min(state.size),
-        }
+            dirty_bytes: (dirty_count * granularity).min(state.size),
+        })
     }
 
     /// The peer told us its state: decide what the pair does.
@@ -502,7 +524,18 @@ impl Volume {
             link.close();
             return;
         }
-        let view = Self::peer_view(&state, self.meta.granularity());
+        let view = match Self::peer_view(&state) {
+            Ok(view) => view,
+            Err(what) => {
+                error!(volume = %self.name, peer = %link.peer_node, problem = %what,
+                       "the peer's state is unreadable; not mirroring");
+                lock(&self.shared).reason = format!(
+                    "the peer's state is unreadable ({what}); check both nodes run the same build"
+                );
+                link.close();
+                return;
+            }
+        };
         {
             let mut sh = lock(&self.shared);
             match &sh.link {
@@ -1808,9 +1841,27 @@ impl Volume {
     /// Clean shutdown: flush the image, leave the metadata clean.
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        if let Some(l) = lock(&self.shared).link.take() {
+        let link = lock(&self.shared).link.take();
+        if let Some(l) = link {
+            // The next start trusts a clean metadata file, so what the peer acknowledged
+            // without flushing must reach its disk now, or go into the dirty map below: a
+            // peer whose host died a moment ago (its link not yet timed out) lost it.
+            if !self.unflushed.is_empty() && !l.is_closed() {
+                match tokio::time::timeout(SHUTDOWN_PEER_FLUSH, self.flush_peer(&l)).await {
+                    // A flush that failed marked what it covered dirty itself.
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        error!(volume = %self.name, error = %e, "cannot record what the peer failed to flush")
+                    }
+                    Err(_) => {
+                        warn!(volume = %self.name, peer = %l.peer_node, timeout = ?SHUTDOWN_PEER_FLUSH,
+                                    "the peer did not answer the final flush; what it had not flushed is marked for resync")
+                    }
+                }
+            }
             l.close();
         }
+        self.record_unflushed_as_dirty();
         self.set_mirror(None);
         if let Err(e) = self.image.flush().await {
             error!(volume = %self.name, error = %e, "final flush failed; the next start resyncs hot extents");
@@ -2112,7 +2163,57 @@ impl BlockBackend for Volume {
 
 #[cfg(test)]
 mod tests {
-    use super::{compress, ActiveGuard, MetadataFile, MetadataOptions};
+
+    fn peer_state_with_map(size: u64, granularity: u32, dirty_map: Vec<u8>) -> VolumeState {
+        VolumeState {
+            size,
+            role: Role::Secondary,
+            consistent: true,
+            has_data: true,
+            unconfirmed: false,
+            generations: Generations::default(),
+            granularity,
+            dirty_map,
+        }
+    }
+
+    #[test]
+    fn a_large_volumes_peer_map_is_read_whole() {
+        // 48 TiB at 64 KiB granules: a 96 MiB map, past the 64 MiB that decoding was once
+        // capped at (every such map then read as clean).
+        let (size, granularity) = (48u64 << 40, 64u32 << 10);
+        let nbits = size / u64::from(granularity);
+        let mut raw = vec![0u8; (nbits / 8) as usize];
+        raw[0] = 1 << 7;
+        let last = raw.len() - 1;
+        raw[last] = 1 << 7;
+        let packed = zstd::bulk::compress(&raw, 1).expect("compress");
+        let view = Volume::peer_view(&peer_state_with_map(size, granularity, packed))
+            .expect("a valid map");
+        assert!(view.side.dirty);
+        assert!(view.dirty_map.bits().test(7));
+        assert!(view.dirty_map.bits().test(nbits - 1));
+        assert_eq!(view.dirty_bytes, 2 * u64::from(granularity));
+    }
+
+    #[test]
+    fn a_peer_map_that_does_not_decode_is_an_error_not_a_clean_map() {
+        let (size, granularity) = (1u64 << 30, 64u32 << 10);
+        let garbage = peer_state_with_map(size, granularity, vec![0x55; 100]);
+        assert!(Volume::peer_view(&garbage).is_err());
+        let short = zstd::bulk::compress(&[0xff; 8], 1).expect("compress");
+        let err = Volume::peer_view(&peer_state_with_map(size, granularity, short))
+            .err()
+            .expect("a map shorter than the volume's is refused");
+        assert!(err.contains("expected"), "{err}");
+        let empty = peer_state_with_map(size, granularity, Vec::new());
+        assert!(Volume::peer_view(&empty).is_err());
+    }
+
+    use super::{
+        compress, ActiveGuard, Generations, MetadataFile, MetadataOptions, Role, Volume,
+        VolumeState,
+    };
 
     /// A write whose future is dropped mid-way (its client went away) hands its activity
     /// registration back, so a clean shutdown stays possible, and leaves its range dirty;

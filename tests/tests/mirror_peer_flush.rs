@@ -52,3 +52,52 @@ fn the_periodic_peer_flush_clears_them_within_the_interval() {
     let a = kill_secondary_after_unflushed_writes("1s", Duration::from_secs(4));
     assert_eq!(num(&a, "dirty_bytes"), 0, "nothing to resync: {a}");
 }
+
+/// A pair whose primary wrote 4 MiB at 8 MiB without FLUSH, no periodic peer flush.
+fn pair_with_unflushed_writes() -> Pair {
+    let mut pair = Pair::with_options(PairOptions {
+        extra: "peer_flush_interval = \"60m\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    let job = [
+        "--name=unflushed",
+        "--rw=write",
+        "--bs=64k",
+        "--offset=8m",
+        "--size=4m",
+    ];
+    assert_fio_ok(&fio(&pair.env, &pair.uri(A), &job));
+    pair
+}
+
+/// A clean stop ends with a metadata file the next start trusts, so the primary must not
+/// forget what its peer acknowledged without flushing. Here the peer is frozen (SIGSTOP: a
+/// host that just died, its link not yet timed out): the final flush gets no answer, and
+/// the writes go into the dirty map before the metadata is called clean.
+#[test]
+fn a_clean_stop_marks_dirty_what_a_silent_peer_never_flushed() {
+    let mut pair = pair_with_unflushed_writes();
+    pair.signal(B, nix::sys::signal::Signal::SIGSTOP);
+    let (status, took) = pair.signal_and_wait(A, nix::sys::signal::Signal::SIGTERM);
+    pair.signal(B, nix::sys::signal::Signal::SIGCONT);
+    assert!(status.success(), "node-a's clean stop failed: {status}");
+    assert!(took < Duration::from_secs(25), "the stop took {took:?}");
+    let m = pair.inspect(A);
+    assert_eq!(m["flags"]["clean_shutdown"], true, "{m}");
+    let dirty = m["dirty_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        dirty >= 4 * MIB,
+        "4 MiB the frozen peer never flushed must be dirty after a clean stop: {m}"
+    );
+}
+
+/// With the peer answering, a clean stop flushes it instead: nothing is left to resync.
+#[test]
+fn a_clean_stop_flushes_a_live_peer_and_leaves_nothing_dirty() {
+    let mut pair = pair_with_unflushed_writes();
+    pair.stop(A);
+    let m = pair.inspect(A);
+    assert_eq!(m["flags"]["clean_shutdown"], true, "{m}");
+    assert_eq!(m["dirty_bytes"].as_u64(), Some(0), "{m}");
+}

@@ -69,7 +69,9 @@ fn a_client_stalled_mid_payload_does_not_hold_its_finished_writes_locks() {
     );
     // The stuck client sends the rest of its payload: both its writes are answered, and the
     // other client's later write of block 0 is what stays there.
-    stuck.send(&[0x22u8; 32768]).expect("send the rest of the payload");
+    stuck
+        .send(&[0x22u8; 32768])
+        .expect("send the rest of the payload");
     stuck.set_timeout(Duration::from_secs(10));
     let mut answered = Vec::new();
     for _ in 0..2 {
