@@ -172,6 +172,11 @@ fn reject(errno: NbdErrno, message: &'static str) -> Rejection {
 /// Validates a request against the session and the export size.
 pub fn validate(h: &RequestHeader, session: &Session, size: u64) -> Result<Command, Rejection> {
     use NbdErrno::*;
+    // The spec gives DISC no reply: whatever its flags, the client is leaving, and an error
+    // reply would keep the connection open past it.
+    if h.kind == CMD_DISC {
+        return Ok(Command::Disconnect);
+    }
     let flags = h.flags;
     if flags & !CMD_FLAGS_KNOWN != 0 {
         return Err(reject(Inval, "unknown command flags"));
@@ -224,7 +229,6 @@ pub fn validate(h: &RequestHeader, session: &Session, size: u64) -> Result<Comma
                 fua,
             })
         }
-        CMD_DISC => Ok(Command::Disconnect),
         CMD_FLUSH => Ok(Command::Flush),
         CMD_TRIM => {
             if read_only {

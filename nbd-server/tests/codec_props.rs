@@ -237,6 +237,29 @@ fn structured_reply_after_extended_headers_is_refused() {
     );
 }
 
+/// NBD_CMD_DISC has no reply, whatever flags it carries: refusing one would answer it and
+/// keep reading.
+#[test]
+fn disconnect_is_never_refused() {
+    let s = session(true, false, false);
+    for flags in [
+        0,
+        CMD_FLAG_FAST_ZERO,
+        CMD_FLAG_DF,
+        CMD_FLAG_PAYLOAD_LEN,
+        0x8000,
+    ] {
+        let h = RequestHeader {
+            flags,
+            kind: CMD_DISC,
+            cookie: 1,
+            offset: u64::MAX,
+            length: 7,
+        };
+        assert_eq!(request::validate(&h, &s, 4096), Ok(Command::Disconnect));
+    }
+}
+
 #[test]
 fn errors_the_spec_names() {
     let s = session(true, false, false);
