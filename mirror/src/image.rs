@@ -48,6 +48,8 @@ pub enum ImageError {
     },
 }
 
+/// The most an NBD_CMD_CACHE advises at once (what one read may carry).
+const CACHE_AHEAD_MAX: u64 = 32 << 20;
 /// Creates a new sparse image of `size` bytes; never touches an existing file.
 pub fn create_image(path: &Path, size: u64) -> Result<(), ImageError> {
     let file = OpenOptions::new()
@@ -483,10 +485,20 @@ impl BlockBackend for ImageFile {
 
     async fn cache(&self, offset: u64, length: u64) -> BackendResult<()> {
         use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        // Advisory, and run on this data-plane thread: a length of 0 would mean "to the end
+        // of the file" to fadvise, and a huge one would hold the thread while the kernel
+        // queues its readahead, so only the first CACHE_AHEAD_MAX bytes are advised.
+        let length = length.min(CACHE_AHEAD_MAX);
+        if length == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
+            return Ok(());
+        };
         posix_fadvise(
             self.file.as_raw_fd(),
-            offset as i64,
-            length as i64,
+            off,
+            len,
             PosixFadviseAdvice::POSIX_FADV_WILLNEED,
         )
         .map_err(|e| BackendError::io("cache", offset, length, e.into()))
