@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use crate::metadata::bitmap::{bits_to_bytes, covering_bits, Bits};
+use crate::metadata::bitmap::{bits_to_bytes, covered_bits, covering_bits, Bits};
 
 pub struct Unflushed {
     sets: [Vec<AtomicU64>; 2],
@@ -50,6 +50,33 @@ impl Unflushed {
             .set_range(covering_bits(offset, len, self.granularity, self.size));
     }
 
+    /// Marks only the granules the range covers entirely (a resync chunk: a granule it
+    /// covers in part was not carried whole).
+    pub fn mark_covered(&self, offset: u64, len: u64) {
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return;
+        }
+        let i = self.active.load(Ordering::Acquire);
+        self.bits(i)
+            .set_range(covered_bits(offset, len, self.granularity, self.size));
+    }
+
+    /// Forgets the granules the range touches, in both sets.
+    pub fn unmark(&self, offset: u64, len: u64) {
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return;
+        }
+        let bits = covering_bits(offset, len, self.granularity, self.size);
+        for i in 0..2 {
+            self.bits(i).clear_range(bits.clone());
+        }
+    }
+
+    /// Granules in either set.
+    pub fn count(&self) -> u64 {
+        self.bits(0).count() + self.bits(1).count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.bits(0).count() == 0 && self.bits(1).count() == 0
     }
@@ -79,6 +106,12 @@ impl Unflushed {
     /// what the batch covered (a failed fdatasync loses the dirty pages it could not write),
     /// so the caller records these byte ranges as dirty; the batch's set is emptied.
     pub fn fail_flush(&self, b: FlushBatch) -> Vec<(u64, u64)> {
+        self.take_ranges(b.0)
+    }
+
+    /// The flush succeeded: the byte ranges it covered, taken out of the set (for a caller
+    /// that acts on them, where `end_flush` just forgets them).
+    pub fn take_flushed(&self, b: FlushBatch) -> Vec<(u64, u64)> {
         self.take_ranges(b.0)
     }
 

@@ -469,6 +469,8 @@ impl Volume {
     /// chunks on a resync source of either role) may be lost if the peer lost power: once the
     /// link that carried it is gone, it goes into the dirty map.
     fn record_unflushed_as_dirty(&self) {
+        // Resync chunks waiting for a flush are still dirty; no later link may settle them.
+        self.meta.forget_resync_pending(None);
         for (off, len) in self.unflushed.drain_ranges() {
             if let Err(e) = self.meta.mark_dirty(off, len) {
                 error!(volume = %self.name, error = %e, "cannot record unflushed peer writes in the dirty map");
@@ -889,12 +891,15 @@ impl Volume {
     ) -> Result<Result<Message, LinkError>, MetadataError> {
         let _serial = self.peer_flush_lock.lock().await;
         let batch = self.unflushed.begin_flush();
+        let settle = self.meta.begin_resync_settle();
         let reply = link.request(request).await;
         if let Ok(Message::Ack { errno: 0 }) = reply {
             self.unflushed.end_flush(batch);
+            self.meta.settle_resync(settle);
             *lock(&self.last_peer_flush) = Instant::now();
             return Ok(reply);
         }
+        self.meta.abandon_resync_settle(settle);
         let ranges = self.unflushed.fail_flush(batch);
         let bytes: u64 = ranges.iter().map(|r| r.1).sum();
         warn!(volume = %self.name, reply = ?reply.as_ref().ok(), bytes, "the peer did not complete {what}; what it covered is marked for resync");
@@ -1320,6 +1325,7 @@ impl Volume {
             volume: self.name.clone(),
             source,
         };
+        self.meta.resync_starting();
         if full {
             self.meta.mark_all_dirty().map_err(merr)?;
         }
@@ -1392,11 +1398,22 @@ impl Volume {
             while let Some(r) = inflight.join_next().await {
                 window.finish(self.chunk_task_result(r)?);
             }
-            if self.meta.dirty_count() == 0 {
-                break;
-            }
             if link.is_closed() {
                 return Err(verr(LinkError::Down));
+            }
+            // The pass's chunks stay dirty until the target flushed them: settle them, then
+            // see whether anything is left.
+            if !self.flush_peer(link).await.map_err(merr)? {
+                if link.is_closed() {
+                    return Err(verr(LinkError::Down));
+                }
+                return Err(VolumeError::Refused {
+                    volume: self.name.clone(),
+                    what: "the peer failed to flush the resync data".into(),
+                });
+            }
+            if self.meta.dirty_count() == 0 {
+                break;
             }
             // Writes the peer failed during the pass: go again.
         }
@@ -1546,17 +1563,15 @@ impl Volume {
     }
 
     /// The target acknowledged a chunk: it is in the target's page cache (or on its way to
-    /// the disk), not yet durable there. Like a mirrored write, it enters the unflushed set
-    /// before its dirty bits go, so a target that loses power before its next flush gets it
-    /// again; and if the link closed meanwhile (link_down may have drained the set already),
-    /// the range goes back into the dirty map.
+    /// the disk), not yet durable there. Its dirty bits stay set, on disk too, until a peer
+    /// flush covers it (`MetadataFile::settle_resync`): cleared at once, they were lost
+    /// with this process if it crashed while the target lost power, and the next resync
+    /// skipped what the target never wrote. If the link closed meanwhile (link_down may
+    /// have forgotten the pending set already), no later flush may settle the chunk.
     fn chunk_done(&self, link: &Link, offset: u64, len: u64, carried: bool) {
-        self.unflushed.mark(offset, len);
-        let _ = self.meta.clear_dirty(offset, len);
+        self.meta.resync_carried(offset, len);
         if link.is_closed() {
-            if let Err(e) = self.meta.mark_dirty(offset, len) {
-                error!(volume = %self.name, offset, len, error = %e, "cannot record a resync chunk the link lost");
-            }
+            self.meta.forget_resync_pending(Some((offset, len)));
         }
         if carried {
             self.resync_sent.fetch_add(len, Ordering::Relaxed);
@@ -1882,7 +1897,8 @@ impl Volume {
             match p {
                 Some(p) => {
                     let left = if sh.source_progress.is_some() {
-                        dirty
+                        // Carried, waiting only for the target's next flush.
+                        dirty.saturating_sub(self.meta.resync_pending_bytes())
                     } else {
                         p.total.saturating_sub(p.done)
                     };

@@ -309,3 +309,53 @@ fn concurrent_writers_set_every_bit() {
     );
     assert!(m.hot_extents().len() <= 16);
 }
+
+/// Resync chunks the target acknowledged stay dirty until a peer flush settles them; a
+/// granule marked dirty again in between (a write the peer failed, a failed flush) is not
+/// cleared by that settle, and a failed flush clears nothing.
+#[test]
+fn resync_chunks_stay_dirty_until_a_flush_settles_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8 * MIB + 5000;
+    let m = MetadataFile::create(&dir.path().join("r.meta"), size, "a", opts(8)).unwrap();
+    m.mark_all_dirty().unwrap();
+    m.resync_starting();
+    let all = m.dirty_bytes();
+    m.resync_carried(0, MIB);
+    m.resync_carried(MIB, MIB);
+    m.resync_carried(8 * MIB, 5000);
+    assert_eq!(m.dirty_bytes(), all, "carried, not flushed: still dirty");
+    assert_eq!(m.resync_pending_bytes(), 2 * MIB + 64 * KIB);
+
+    let failed = m.begin_resync_settle();
+    m.abandon_resync_settle(failed);
+    assert_eq!(m.dirty_bytes(), all, "a failed flush settles nothing");
+
+    m.resync_carried(0, MIB);
+    m.resync_carried(MIB, MIB);
+    let settle = m.begin_resync_settle();
+    m.mark_dirty(MIB + 4096, 1).unwrap(); // marked again before the flush answered
+    m.resync_carried(2 * MIB, MIB); // after the flush was sent: not covered by it
+    m.settle_resync(settle);
+    assert!(!m.is_dirty(0, MIB), "settled");
+    assert!(m.is_dirty(MIB, 64 * KIB), "marked again: stays dirty");
+    assert!(
+        !m.is_dirty(MIB + 64 * KIB, MIB - 64 * KIB),
+        "the rest settled"
+    );
+    assert!(m.is_dirty(2 * MIB, MIB), "carried after the flush began");
+
+    m.forget_resync_pending(None);
+    let next = m.begin_resync_settle();
+    m.settle_resync(next);
+    assert!(
+        m.is_dirty(2 * MIB, MIB),
+        "forgotten with its link: never settled"
+    );
+
+    // A chunk covering a granule in part settles none of it.
+    m.resync_carried(4 * MIB + 4096, 64 * KIB);
+    let s = m.begin_resync_settle();
+    m.settle_resync(s);
+    assert!(m.is_dirty(4 * MIB, 128 * KIB));
+}

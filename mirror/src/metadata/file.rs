@@ -17,6 +17,7 @@ use super::bitmap::{bits_to_bytes, covered_bits, covering_bits, Bits};
 use super::header::{Counters, Flags, Generations, Header, Layout, HEADER_AREA, SLOTS, SLOT_SIZE};
 use super::mapping::Mapping;
 use super::{choose_header, FormatError, MetadataError};
+use crate::unflushed::{FlushBatch, Unflushed};
 
 /// Default bytes per dirty bit.
 pub const DEFAULT_GRANULARITY: u32 = 64 << 10;
@@ -106,7 +107,19 @@ pub struct MetadataFile {
     poisoned: AtomicBool,
     shut_down: AtomicBool,
     report: OpenReport,
+    /// Granules a resync carried whose target has not flushed them yet: they stay dirty,
+    /// on disk too, until a peer flush covers them ([`MetadataFile::settle_resync`]), so a
+    /// target that loses power while this node crashes gets them again.
+    resync_pending: Unflushed,
+    /// Set when a resync starts; from then on every mark of the dirty map takes
+    /// `pending_lock` and forgets what it marks from `resync_pending`, so a settle can never
+    /// clear a mark made after the chunk it settles.
+    resync_started: AtomicBool,
+    pending_lock: Mutex<()>,
 }
+
+/// A peer flush's share of [`MetadataFile`]'s pending resync granules.
+pub struct ResyncSettle(FlushBatch);
 
 impl MetadataFile {
     /// Creates a metadata file for a volume of `volume_size` bytes on node `node_name`, then
@@ -282,6 +295,9 @@ impl MetadataFile {
                 folded_extents: 0,
                 folded_dirty_bits: 0,
             },
+            resync_pending: Unflushed::new(header.volume_size, u64::from(header.dirty_granularity)),
+            resync_started: AtomicBool::new(false),
+            pending_lock: Mutex::new(()),
         };
         if !meta.report.previous_shutdown_clean {
             meta.fold_activity()?;
@@ -455,12 +471,71 @@ impl MetadataFile {
             u64::from(self.granularity()),
             self.volume_size(),
         );
-        self.set_durable(&self.dirty_region, bits)
+        let _pending = self.pending_guard();
+        let changed = self.set_durable(&self.dirty_region, bits)?;
+        self.resync_pending.unmark(offset, len);
+        Ok(changed)
     }
 
     /// Marks the whole volume dirty, durably (e.g. when the peer's copy is unknown).
     pub fn mark_all_dirty(&self) -> Result<bool, MetadataError> {
-        self.set_durable(&self.dirty_region, 0..self.dirty_region.nbits)
+        let _pending = self.pending_guard();
+        let changed = self.set_durable(&self.dirty_region, 0..self.dirty_region.nbits)?;
+        self.resync_pending.unmark(0, self.volume_size());
+        Ok(changed)
+    }
+
+    /// Held around a mark of the dirty map once a resync has started (see `resync_pending`).
+    /// Before that, no granule is pending, and marks stay lock-free.
+    fn pending_guard(&self) -> Option<MutexGuard<'_, ()>> {
+        self.resync_started
+            .load(Ordering::SeqCst)
+            .then(|| self.pending_lock.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A resync is about to carry dirty granules to the peer.
+    pub fn resync_starting(&self) {
+        self.resync_started.store(true, Ordering::SeqCst);
+    }
+
+    /// The peer acknowledged a resync chunk: the granules it covers whole stay dirty until a
+    /// peer flush settles them.
+    pub fn resync_carried(&self, offset: u64, len: u64) {
+        self.resync_pending.mark_covered(offset, len);
+    }
+
+    /// What a peer flush about to be sent covers of the pending granules.
+    pub fn begin_resync_settle(&self) -> ResyncSettle {
+        ResyncSettle(self.resync_pending.begin_flush())
+    }
+
+    /// The peer flush succeeded: its pending granules are clean now (those marked dirty
+    /// again since were dropped from the set by that mark).
+    pub fn settle_resync(&self, settle: ResyncSettle) {
+        let _pending = self.pending_lock.lock().unwrap_or_else(|p| p.into_inner());
+        for (off, len) in self.resync_pending.take_flushed(settle.0) {
+            let _ = self.clear_dirty(off, len);
+        }
+    }
+
+    /// The peer flush failed or never arrived: its pending granules stay dirty.
+    pub fn abandon_resync_settle(&self, settle: ResyncSettle) {
+        let _ = self.resync_pending.fail_flush(settle.0);
+    }
+
+    /// The link that carried the pending granules is gone: they stay dirty, and no flush on
+    /// a later link may settle them.
+    pub fn forget_resync_pending(&self, offset_len: Option<(u64, u64)>) {
+        let _pending = self.pending_lock.lock().unwrap_or_else(|p| p.into_inner());
+        match offset_len {
+            Some((off, len)) => self.resync_pending.unmark(off, len),
+            None => drop(self.resync_pending.drain_ranges()),
+        }
+    }
+
+    /// Bytes of dirty granules a resync carried that wait for a peer flush.
+    pub fn resync_pending_bytes(&self) -> u64 {
+        (self.resync_pending.count() * u64::from(self.granularity())).min(self.volume_size())
     }
 
     /// Clears the granules that `offset..offset+len` covers entirely (call after the peer
