@@ -655,12 +655,10 @@ impl Volume {
         let _g = lock(&self.solo_lock);
         let g = self.meta.generations();
         if g.current == g.sync || g.current == 0 {
-            let new = self.meta.start_new_generation()?;
             // With a witness, nothing of this generation is acknowledged until it confirms
             // it: until then its writes may be discarded safely (see decide()).
             let gated = *self.alone_gate.borrow() != ALONE_ALWAYS;
-            self.meta
-                .update_header(|h| h.flags.set(Flags::UNCONFIRMED, gated))?;
+            let new = self.meta.start_new_generation_unconfirmed(gated)?;
             info!(volume = %self.name, generation = %format_gen(new), unconfirmed = gated, "writing without the peer: new generation");
         }
         Ok(())
@@ -678,15 +676,12 @@ impl Volume {
     /// (no witness: the peer is never promoted by itself), the generation a witness confirmed,
     /// or 0 to suspend: writes without the peer then wait, neither failed nor acknowledged.
     pub fn set_alone_allowed(&self, generation: u64) {
-        if generation != 0
-            && (generation == ALONE_ALWAYS || generation == self.meta.generations().current)
-            && self.meta.flags().contains(Flags::UNCONFIRMED)
-        {
-            // The witness confirmed this generation: this node is its legitimate writer.
-            if let Err(e) = self
-                .meta
-                .update_header(|h| h.flags.set(Flags::UNCONFIRMED, false))
-            {
+        if generation != 0 && self.meta.flags().contains(Flags::UNCONFIRMED) {
+            // The witness confirmed this generation: this node is its legitimate writer. The
+            // comparison with the current generation is made inside the header update, so a
+            // generation started meanwhile (a write alone) keeps its flag.
+            let which = (generation != ALONE_ALWAYS).then_some(generation);
+            if let Err(e) = self.meta.confirm_generation(which) {
                 error!(volume = %self.name, error = %e, "cannot record the confirmed generation");
                 return;
             }
@@ -1605,10 +1600,10 @@ impl Volume {
             source,
         };
         if effect.new_generation {
-            let g = self.meta.start_new_generation().map_err(merr)?;
             let gated = *self.alone_gate.borrow() != ALONE_ALWAYS;
-            self.meta
-                .update_header(|h| h.flags.set(Flags::UNCONFIRMED, gated))
+            let g = self
+                .meta
+                .start_new_generation_unconfirmed(gated)
                 .map_err(merr)?;
             info!(volume = %self.name, generation = %format_gen(g), "new generation");
         }

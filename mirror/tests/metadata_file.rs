@@ -359,3 +359,35 @@ fn resync_chunks_stay_dirty_until_a_flush_settles_them() {
     m.settle_resync(s);
     assert!(m.is_dirty(4 * MIB, 128 * KIB));
 }
+
+/// A new generation and its UNCONFIRMED flag are one header write (a crash cannot land
+/// between them), and a confirmation of an older generation leaves a newer one's flag set.
+#[test]
+fn an_unconfirmed_generation_is_one_header_write_and_only_its_own_confirmation_clears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u.meta");
+    let m = MetadataFile::create(&path, 8 * MIB, "a", opts(8)).unwrap();
+    let before = m.header().sequence;
+    let g1 = m.start_new_generation_unconfirmed(true).unwrap();
+    assert_eq!(m.header().sequence, before + 1, "one durable header write");
+    assert!(m.flags().contains(Flags::UNCONFIRMED));
+    assert_eq!(m.generations().current, g1);
+
+    let g2 = m.start_new_generation_unconfirmed(true).unwrap();
+    assert!(
+        !m.confirm_generation(Some(g1)).unwrap(),
+        "an older generation's confirmation"
+    );
+    assert!(
+        m.flags().contains(Flags::UNCONFIRMED),
+        "g2 was never confirmed"
+    );
+    assert!(m.confirm_generation(Some(g2)).unwrap());
+    assert!(!m.flags().contains(Flags::UNCONFIRMED));
+
+    m.start_new_generation_unconfirmed(false).unwrap();
+    assert!(!m.flags().contains(Flags::UNCONFIRMED));
+    drop(m);
+    let m = MetadataFile::open(&path).unwrap();
+    assert!(!m.flags().contains(Flags::UNCONFIRMED));
+}

@@ -434,6 +434,20 @@ impl MetadataFile {
     /// Starts a new, random generation (the current one moves into the history) and returns
     /// it. Called when this node starts writing without its peer (promotion while alone).
     pub fn start_new_generation(&self) -> Result<u64, MetadataError> {
+        self.advance_generation(|_| {})
+    }
+
+    /// [`MetadataFile::start_new_generation`], and sets `Flags::UNCONFIRMED` in the same
+    /// header write: in two writes, a crash between them left the new generation with the
+    /// old flag, and a partition that should heal by itself asked for a manual resolve.
+    pub fn start_new_generation_unconfirmed(
+        &self,
+        unconfirmed: bool,
+    ) -> Result<u64, MetadataError> {
+        self.advance_generation(|h| h.flags.set(Flags::UNCONFIRMED, unconfirmed))
+    }
+
+    fn advance_generation(&self, also: impl FnOnce(&mut Header)) -> Result<u64, MetadataError> {
         let mut new = 0;
         self.update_header(|h| {
             let g = h.generations;
@@ -441,8 +455,23 @@ impl MetadataFile {
                 v != 0 && v != g.current && v != g.sync && !g.history.contains(&v)
             });
             h.generations.advance(new);
+            also(h);
         })?;
         Ok(new)
+    }
+
+    /// Clears `Flags::UNCONFIRMED` if `generation` is still the current one (checked in the
+    /// same header update, so a new generation started meanwhile keeps its flag).
+    /// Returns whether it cleared it.
+    pub fn confirm_generation(&self, generation: Option<u64>) -> Result<bool, MetadataError> {
+        let mut cleared = false;
+        self.update_header(|h| {
+            if generation.is_none_or(|g| g == h.generations.current) {
+                cleared = h.flags.contains(Flags::UNCONFIRMED);
+                h.flags.set(Flags::UNCONFIRMED, false);
+            }
+        })?;
+        Ok(cleared)
     }
 
     // ----- dirty map -----
