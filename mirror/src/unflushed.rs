@@ -9,6 +9,7 @@
 //! Two bitmaps alternate: writes mark the active one; a flush switches to the other and, on
 //! success, clears the one it covered. Flushes are serialised by the caller.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::metadata::bitmap::{bits_to_bytes, covered_bits, covering_bits, Bits};
@@ -41,34 +42,39 @@ impl Unflushed {
         Bits::new(&self.sets[i], self.nbits)
     }
 
+    /// The granules of a non-empty range inside the volume, by `pick` (covering or covered).
+    fn granules(
+        &self,
+        offset: u64,
+        len: u64,
+        pick: fn(u64, u64, u64, u64) -> Range<u64>,
+    ) -> Option<Range<u64>> {
+        let inside = len > 0 && offset.checked_add(len).is_some_and(|e| e <= self.size);
+        inside.then(|| pick(offset, len, self.granularity, self.size))
+    }
+
     pub fn mark(&self, offset: u64, len: u64) {
-        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
-            return;
+        if let Some(bits) = self.granules(offset, len, covering_bits) {
+            self.bits(self.active.load(Ordering::Acquire))
+                .set_range(bits);
         }
-        let i = self.active.load(Ordering::Acquire);
-        self.bits(i)
-            .set_range(covering_bits(offset, len, self.granularity, self.size));
     }
 
     /// Marks only the granules the range covers entirely (a resync chunk: a granule it
     /// covers in part was not carried whole).
     pub fn mark_covered(&self, offset: u64, len: u64) {
-        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
-            return;
+        if let Some(bits) = self.granules(offset, len, covered_bits) {
+            self.bits(self.active.load(Ordering::Acquire))
+                .set_range(bits);
         }
-        let i = self.active.load(Ordering::Acquire);
-        self.bits(i)
-            .set_range(covered_bits(offset, len, self.granularity, self.size));
     }
 
     /// Forgets the granules the range touches, in both sets.
     pub fn unmark(&self, offset: u64, len: u64) {
-        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
-            return;
-        }
-        let bits = covering_bits(offset, len, self.granularity, self.size);
-        for i in 0..2 {
-            self.bits(i).clear_range(bits.clone());
+        if let Some(bits) = self.granules(offset, len, covering_bits) {
+            for i in 0..2 {
+                self.bits(i).clear_range(bits.clone());
+            }
         }
     }
 

@@ -2174,6 +2174,10 @@ impl BlockBackend for Volume {
 
 #[cfg(test)]
 mod tests {
+    use super::{
+        compress, ActiveGuard, Generations, MetadataFile, MetadataOptions, Role, Volume,
+        VolumeState,
+    };
 
     fn peer_state_with_map(size: u64, granularity: u32, dirty_map: Vec<u8>) -> VolumeState {
         VolumeState {
@@ -2220,11 +2224,6 @@ mod tests {
         let empty = peer_state_with_map(size, granularity, Vec::new());
         assert!(Volume::peer_view(&empty).is_err());
     }
-
-    use super::{
-        compress, ActiveGuard, Generations, MetadataFile, MetadataOptions, Role, Volume,
-        VolumeState,
-    };
 
     /// A write whose future is dropped mid-way (its client went away) hands its activity
     /// registration back, so a clean shutdown stays possible, and leaves its range dirty;

@@ -7,8 +7,21 @@ use std::time::Duration;
 
 use nbdmirror_tests::pair::{assert_fio_ok, fio, num, Pair, PairOptions, A, B, MIB, VOLUME};
 
-/// 4 MiB written at 8 MiB in 64 KiB writes, no FLUSH (fio's nbd engine sends none unless
-/// asked); then `pause`, then kill -9 of the secondary. Returns the primary's status.
+/// 4 MiB written at 8 MiB in 64 KiB writes through node-a, no FLUSH (fio's nbd engine sends
+/// none unless asked).
+fn write_unflushed(pair: &Pair) {
+    let job = [
+        "--name=unflushed",
+        "--rw=write",
+        "--bs=64k",
+        "--offset=8m",
+        "--size=4m",
+    ];
+    assert_fio_ok(&fio(&pair.env, &pair.uri(A), &job));
+}
+
+/// `write_unflushed`, then `pause`, then kill -9 of the secondary. Returns the primary's
+/// status.
 fn kill_secondary_after_unflushed_writes(
     peer_flush_interval: &str,
     pause: Duration,
@@ -18,15 +31,7 @@ fn kill_secondary_after_unflushed_writes(
         ..PairOptions::default()
     });
     pair.start_with_a_primary();
-    let uri = pair.uri(A);
-    let job = [
-        "--name=unflushed",
-        "--rw=write",
-        "--bs=64k",
-        "--offset=8m",
-        "--size=4m",
-    ];
-    assert_fio_ok(&fio(&pair.env, &uri, &job));
+    write_unflushed(&pair);
     std::thread::sleep(pause);
     pair.kill9(B);
     pair.wait_disconnected(A);
@@ -60,14 +65,7 @@ fn pair_with_unflushed_writes() -> Pair {
         ..PairOptions::default()
     });
     pair.start_with_a_primary();
-    let job = [
-        "--name=unflushed",
-        "--rw=write",
-        "--bs=64k",
-        "--offset=8m",
-        "--size=4m",
-    ];
-    assert_fio_ok(&fio(&pair.env, &pair.uri(A), &job));
+    write_unflushed(&pair);
     pair
 }
 

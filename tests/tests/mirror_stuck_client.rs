@@ -8,9 +8,9 @@
 use std::time::{Duration, Instant};
 
 use nbd_server::proto::*;
+use nbdmirror_tests::assert_qemu_io_ok;
 use nbdmirror_tests::pair::{Pair, A, MIB, VOLUME};
 use nbdmirror_tests::raw::{Mode, RawClient};
-use nbdmirror_tests::{assert_qemu_io_ok, CmdOutput};
 
 /// Far longer than a mirrored 4 KiB write takes, far shorter than any stuck client.
 const OTHER_WRITER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -27,7 +27,7 @@ fn stuck_client(pair: &Pair, mode: Mode) -> RawClient {
 }
 
 /// Another client writes the range the stuck client wrote; it must finish, and soon.
-fn other_client_writes_block_zero(pair: &Pair) -> (CmdOutput, Duration) {
+fn assert_other_client_writes_block_zero(pair: &Pair) {
     let started = Instant::now();
     let out = pair.env.run_with_timeout(
         &[
@@ -40,7 +40,12 @@ fn other_client_writes_block_zero(pair: &Pair) -> (CmdOutput, Duration) {
         ],
         OTHER_WRITER_TIMEOUT,
     );
-    (out, started.elapsed())
+    let took = started.elapsed();
+    assert_qemu_io_ok(&out);
+    assert!(
+        took < OTHER_WRITER_TIMEOUT,
+        "a write overlapping the stuck client's finished write took {took:?}"
+    );
 }
 
 #[test]
@@ -61,12 +66,7 @@ fn a_client_stalled_mid_payload_does_not_hold_its_finished_writes_locks() {
     stuck.send(&half).expect("send half a write");
     std::thread::sleep(Duration::from_millis(500));
 
-    let (out, took) = other_client_writes_block_zero(&pair);
-    assert_qemu_io_ok(&out);
-    assert!(
-        took < OTHER_WRITER_TIMEOUT,
-        "a write overlapping the stuck client's finished write took {took:?}"
-    );
+    assert_other_client_writes_block_zero(&pair);
     // The stuck client sends the rest of its payload: both its writes are answered, and the
     // other client's later write of block 0 is what stays there.
     stuck
@@ -123,12 +123,7 @@ fn a_client_that_stops_reading_replies_does_not_hold_its_finished_writes_locks()
     stuck.send(&burst).expect("send the burst");
     std::thread::sleep(Duration::from_millis(500));
 
-    let (out, took) = other_client_writes_block_zero(&pair);
-    assert_qemu_io_ok(&out);
-    assert!(
-        took < OTHER_WRITER_TIMEOUT,
-        "a write overlapping the stuck client's finished write took {took:?}"
-    );
+    assert_other_client_writes_block_zero(&pair);
     // Everything the stuck client asked for is still answered, in full, once it reads.
     stuck.set_timeout(Duration::from_secs(30));
     let mut write_done = false;

@@ -111,9 +111,9 @@ pub struct MetadataFile {
     /// on disk too, until a peer flush covers them ([`MetadataFile::settle_resync`]), so a
     /// target that loses power while this node crashes gets them again.
     resync_pending: Unflushed,
-    /// Set when a resync starts; from then on every mark of the dirty map takes
-    /// `pending_lock` and forgets what it marks from `resync_pending`, so a settle can never
-    /// clear a mark made after the chunk it settles.
+    /// Set when a resync starts, cleared when its link is gone: meanwhile every mark of the
+    /// dirty map takes `pending_lock` and forgets what it marks from `resync_pending`, so a
+    /// settle can never clear a mark made after the chunk it settles.
     resync_started: AtomicBool,
     pending_lock: Mutex<()>,
 }
@@ -500,22 +500,27 @@ impl MetadataFile {
             u64::from(self.granularity()),
             self.volume_size(),
         );
-        let _pending = self.pending_guard();
+        let pending = self.pending_guard();
         let changed = self.set_durable(&self.dirty_region, bits)?;
-        self.resync_pending.unmark(offset, len);
+        if pending.is_some() {
+            self.resync_pending.unmark(offset, len);
+        }
         Ok(changed)
     }
 
     /// Marks the whole volume dirty, durably (e.g. when the peer's copy is unknown).
     pub fn mark_all_dirty(&self) -> Result<bool, MetadataError> {
-        let _pending = self.pending_guard();
+        let pending = self.pending_guard();
         let changed = self.set_durable(&self.dirty_region, 0..self.dirty_region.nbits)?;
-        self.resync_pending.unmark(0, self.volume_size());
+        if pending.is_some() {
+            self.resync_pending.unmark(0, self.volume_size());
+        }
         Ok(changed)
     }
 
-    /// Held around a mark of the dirty map once a resync has started (see `resync_pending`).
-    /// Before that, no granule is pending, and marks stay lock-free.
+    /// Held around a mark of the dirty map while a resync may have granules pending (from
+    /// its start until its link is gone). Otherwise nothing is pending, and marks (a degraded
+    /// primary's writes) stay lock-free, as they were.
     fn pending_guard(&self) -> Option<MutexGuard<'_, ()>> {
         self.resync_started
             .load(Ordering::SeqCst)
@@ -558,7 +563,11 @@ impl MetadataFile {
         let _pending = self.pending_lock.lock().unwrap_or_else(|p| p.into_inner());
         match offset_len {
             Some((off, len)) => self.resync_pending.unmark(off, len),
-            None => drop(self.resync_pending.drain_ranges()),
+            None => {
+                drop(self.resync_pending.drain_ranges());
+                // No resync runs without a link; the next one sets it again.
+                self.resync_started.store(false, Ordering::SeqCst);
+            }
         }
     }
 
