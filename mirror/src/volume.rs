@@ -29,7 +29,7 @@ use crate::metadata::{
 use crate::rangelock::RangeLocks;
 use crate::repl::frame::{self, encode_resync_data, Message, Role, VolumeState};
 use crate::repl::link::{Link, LinkError, OutFrame};
-use crate::unflushed::Unflushed;
+use crate::unflushed::{SentTicket, Unflushed};
 use crate::window::ResyncWindow;
 use crate::{create_image, EngineKind, ImageError, ImageFile};
 
@@ -801,6 +801,7 @@ impl Volume {
         let mut went_alone = false;
         let result = match self.mirror_link() {
             Some(link) => {
+                let sent = self.unflushed.ticket();
                 let peer = link.request_frame(frame(&payload));
                 // The peer first: its frame is queued before a small local write runs inline.
                 let (p, l) = futures::join!(peer, local(payload));
@@ -817,10 +818,11 @@ impl Volume {
                 };
                 if peer_ok {
                     if len > 0 && l.is_ok() {
-                        self.unflushed.mark(offset, len);
-                        if link.is_closed() {
-                            // The link dropped after the peer acknowledged but possibly before
-                            // link_down collected the unflushed set: record it here too.
+                        let fresh = self.unflushed.mark_acked(offset, len, sent);
+                        // A peer flush that failed meanwhile may have lost it; or the link
+                        // dropped after the peer acknowledged but possibly before link_down
+                        // collected the unflushed set: record it here too.
+                        if !fresh || link.is_closed() {
                             self.meta.mark_dirty(offset, len).map_err(meta_io)?;
                         }
                     }
@@ -874,7 +876,9 @@ impl Volume {
 
     /// Sends `request`, which makes the peer flush (`Flush`, or `ResyncDone`, which flushes
     /// the resync target), and settles the unflushed set with its answer. On any failure,
-    /// what the flush covered is marked dirty at once: a peer whose fdatasync failed may have
+    /// every write acknowledged and not yet flushed (what the flush covered, and what was
+    /// marked while it ran; writes still in flight see the failure in their ticket) is marked
+    /// dirty at once: a peer whose fdatasync failed may have
     /// dropped those pages, and one that went away may have lost power; kept in the unflushed
     /// set instead, they would be forgotten by the next flush that succeeds (or by a
     /// link_down that drained the set before this ran). `Err`: that record could not be made.
@@ -1458,6 +1462,7 @@ impl Volume {
             source,
         };
         let _range = self.locks.lock(offset, len).await;
+        let sent = self.meta.resync_ticket();
         let extents = self
             .image
             .block_status(offset, len, 4)
@@ -1492,7 +1497,7 @@ impl Volume {
                     .map_err(verr)?
                 {
                     // Equal on both sides: progress, but no data carried.
-                    self.chunk_done(link, offset, len, false);
+                    self.chunk_done(link, offset, len, sent, false);
                     return Ok(());
                 }
             }
@@ -1536,7 +1541,7 @@ impl Volume {
         };
         match reply {
             Message::Ack { errno: 0 } => {
-                self.chunk_done(link, offset, len, true);
+                self.chunk_done(link, offset, len, sent, true);
                 Ok(())
             }
             other => Err(VolumeError::Refused {
@@ -1562,9 +1567,10 @@ impl Volume {
     /// flush covers it (`MetadataFile::settle_resync`): cleared at once, they were lost
     /// with this process if it crashed while the target lost power, and the next resync
     /// skipped what the target never wrote. If the link closed meanwhile (link_down may
-    /// have forgotten the pending set already), no later flush may settle the chunk.
-    fn chunk_done(&self, link: &Link, offset: u64, len: u64, carried: bool) {
-        self.meta.resync_carried(offset, len);
+    /// have forgotten the pending set already), or a peer flush failed since it was sent
+    /// (that flush may have lost it), no later flush may settle the chunk.
+    fn chunk_done(&self, link: &Link, offset: u64, len: u64, sent: SentTicket, carried: bool) {
+        self.meta.resync_carried(offset, len, sent);
         if link.is_closed() {
             self.meta.forget_resync_pending(Some((offset, len)));
         }

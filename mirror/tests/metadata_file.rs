@@ -312,7 +312,8 @@ fn concurrent_writers_set_every_bit() {
 
 /// Resync chunks the target acknowledged stay dirty until a peer flush settles them; a
 /// granule marked dirty again in between (a write the peer failed, a failed flush) is not
-/// cleared by that settle, and a failed flush clears nothing.
+/// cleared by that settle, a failed flush clears nothing, and a chunk in flight across a
+/// failed flush is never settled.
 #[test]
 fn resync_chunks_stay_dirty_until_a_flush_settles_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -321,9 +322,9 @@ fn resync_chunks_stay_dirty_until_a_flush_settles_them() {
     m.mark_all_dirty().unwrap();
     m.resync_starting();
     let all = m.dirty_bytes();
-    m.resync_carried(0, MIB);
-    m.resync_carried(MIB, MIB);
-    m.resync_carried(8 * MIB, 5000);
+    m.resync_carried(0, MIB, m.resync_ticket());
+    m.resync_carried(MIB, MIB, m.resync_ticket());
+    m.resync_carried(8 * MIB, 5000, m.resync_ticket());
     assert_eq!(m.dirty_bytes(), all, "carried, not flushed: still dirty");
     assert_eq!(m.resync_pending_bytes(), 2 * MIB + 64 * KIB);
 
@@ -331,11 +332,11 @@ fn resync_chunks_stay_dirty_until_a_flush_settles_them() {
     m.abandon_resync_settle(failed);
     assert_eq!(m.dirty_bytes(), all, "a failed flush settles nothing");
 
-    m.resync_carried(0, MIB);
-    m.resync_carried(MIB, MIB);
+    m.resync_carried(0, MIB, m.resync_ticket());
+    m.resync_carried(MIB, MIB, m.resync_ticket());
     let settle = m.begin_resync_settle();
     m.mark_dirty(MIB + 4096, 1).unwrap(); // marked again before the flush answered
-    m.resync_carried(2 * MIB, MIB); // after the flush was sent: not covered by it
+    m.resync_carried(2 * MIB, MIB, m.resync_ticket()); // after the flush was sent: not covered by it
     m.settle_resync(settle);
     assert!(!m.is_dirty(0, MIB), "settled");
     assert!(m.is_dirty(MIB, 64 * KIB), "marked again: stays dirty");
@@ -353,8 +354,18 @@ fn resync_chunks_stay_dirty_until_a_flush_settles_them() {
         "forgotten with its link: never settled"
     );
 
+    // A chunk sent before a flush failed, acknowledged after it: that flush may have lost
+    // it, so no later flush settles it.
+    let sent = m.resync_ticket();
+    let failed = m.begin_resync_settle();
+    m.abandon_resync_settle(failed);
+    m.resync_carried(6 * MIB, MIB, sent);
+    let next = m.begin_resync_settle();
+    m.settle_resync(next);
+    assert!(m.is_dirty(6 * MIB, MIB), "in flight across a failed flush");
+
     // A chunk covering a granule in part settles none of it.
-    m.resync_carried(4 * MIB + 4096, 64 * KIB);
+    m.resync_carried(4 * MIB + 4096, 64 * KIB, m.resync_ticket());
     let s = m.begin_resync_settle();
     m.settle_resync(s);
     assert!(m.is_dirty(4 * MIB, 128 * KIB));

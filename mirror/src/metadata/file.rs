@@ -17,7 +17,7 @@ use super::bitmap::{bits_to_bytes, covered_bits, covering_bits, Bits};
 use super::header::{Counters, Flags, Generations, Header, Layout, HEADER_AREA, SLOTS, SLOT_SIZE};
 use super::mapping::Mapping;
 use super::{choose_header, FormatError, MetadataError};
-use crate::unflushed::{FlushBatch, Unflushed};
+use crate::unflushed::{FlushBatch, SentTicket, Unflushed};
 
 /// Default bytes per dirty bit.
 pub const DEFAULT_GRANULARITY: u32 = 64 << 10;
@@ -532,10 +532,16 @@ impl MetadataFile {
         self.resync_started.store(true, Ordering::SeqCst);
     }
 
+    /// Take before sending a resync chunk (see [`Self::resync_carried`]).
+    pub fn resync_ticket(&self) -> SentTicket {
+        self.resync_pending.ticket()
+    }
+
     /// The peer acknowledged a resync chunk: the granules it covers whole stay dirty until a
-    /// peer flush settles them.
-    pub fn resync_carried(&self, offset: u64, len: u64) {
-        self.resync_pending.mark_covered(offset, len);
+    /// peer flush settles them; and for good, if a peer flush failed since `sent` (it may
+    /// have lost the chunk).
+    pub fn resync_carried(&self, offset: u64, len: u64, sent: SentTicket) {
+        self.resync_pending.mark_covered_acked(offset, len, sent);
     }
 
     /// What a peer flush about to be sent covers of the pending granules.
