@@ -69,6 +69,61 @@ fn invalid_options_are_refused_without_leaving_a_file() {
     assert!(!path.exists());
 }
 
+/// A new file appears at its path only whole: a crash part-way through `create` must not
+/// leave a file the next start refuses as truncated. What a crash leaves instead (the
+/// side file) is taken over by the next create.
+#[test]
+fn create_never_shows_a_partial_file_and_takes_over_a_crashed_attempt() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.meta");
+    let staging = dir.path().join(".big.meta.creating");
+    std::fs::write(&staging, b"left by a crash part-way through a create").unwrap();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (path, done) = (path.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut sizes = Vec::new();
+            // Bounded: create ends in well under a minute.
+            for _ in 0..600_000 {
+                if done.load(Ordering::Acquire) {
+                    break;
+                }
+                if let Ok(m) = std::fs::metadata(&path) {
+                    sizes.push(m.len());
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            sizes
+        })
+    };
+    // 1 TiB at 4 KiB granules: a 32 MiB dirty map, written in 1 MiB steps.
+    let fine = MetadataOptions {
+        dirty_granularity: 4096,
+        ..MetadataOptions::default()
+    };
+    let m = MetadataFile::create(&path, 1 << 40, "a", fine).unwrap();
+    done.store(true, Ordering::Release);
+    let sizes = watcher.join().unwrap();
+    let full = std::fs::metadata(&path).unwrap().len();
+    assert!(full > 32 * MIB);
+    assert!(
+        sizes.iter().all(|&s| s == full),
+        "a partial file was visible at the path: sizes {:?}",
+        sizes
+            .iter()
+            .filter(|&&s| s != full)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert!(!staging.exists(), "the side file is gone");
+    m.clean_shutdown().unwrap();
+    drop(m);
+    MetadataFile::open(&path).unwrap();
+}
+
 #[test]
 fn mark_dirty_syncs_once_and_persists() {
     let dir = tempfile::tempdir().unwrap();

@@ -170,22 +170,27 @@ impl MetadataFile {
             let path = path.to_owned();
             move |source| MetadataError::Io { path, op, source }
         };
-        let file = match OpenOptions::new()
+        let exists = || MetadataError::Exists {
+            path: path.to_owned(),
+        };
+        if path.symlink_metadata().is_ok() {
+            return Err(exists());
+        }
+        // Written in full under a side name, then linked into place: a crash part-way leaves
+        // no file at `path` (which the next start would refuse as truncated), only the side
+        // file, which the next create takes over (its lock tells a crash from a creator
+        // still running).
+        let staging = staging_path(path);
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
-            .open(path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(MetadataError::Exists {
-                    path: path.to_owned(),
-                })
-            }
-            Err(e) => return Err(io("create")(e)),
-        };
+            .create(true)
+            .truncate(false)
+            .open(&staging)
+            .map_err(io("create"))?;
+        let mut file = lock(&staging, file)?;
         let result = (|| {
-            let mut file = lock(path, file)?;
+            file.set_len(0).map_err(io("truncate"))?;
             file.write_all(&slot0).map_err(io("write header"))?;
             file.write_all(&slot1).map_err(io("write header"))?;
             // Zeros for the maps, written out so no block of the mapping is a hole.
@@ -197,13 +202,19 @@ impl MetadataFile {
                 left -= n as u64;
             }
             file.sync_all().map_err(io("fsync"))?;
-            sync_parent(path).map_err(io("fsync the parent folder"))?;
-            Self::from_locked(path, file, header)
+            // A hard link never replaces: of two creators, one gets `Exists`.
+            match std::fs::hard_link(&staging, path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+                Err(e) => return Err(io("link into place")(e)),
+            }
+            Ok(())
         })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(path);
-        }
-        result
+        // Gone in every case: on success `path` names the file, on failure nothing should.
+        let _ = std::fs::remove_file(&staging);
+        result?;
+        sync_parent(path).map_err(io("fsync the parent folder"))?;
+        Self::from_locked(path, file, header)
     }
 
     /// Opens and validates an existing metadata file for writing, locking it exclusively.
@@ -857,6 +868,14 @@ fn lock(path: &Path, file: File) -> Result<Flock<File>, MetadataError> {
             }
         }
     })
+}
+
+/// `dir/.name.creating`: where `create` writes a new file before linking it to `dir/name`.
+fn staging_path(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".creating");
+    path.with_file_name(name)
 }
 
 fn sync_parent(path: &Path) -> io::Result<()> {
