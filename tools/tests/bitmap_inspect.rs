@@ -135,6 +135,29 @@ fn corrupt_and_truncated_files_fail_with_one_line() {
     both[4096 + 500] ^= 1;
     check(&both, "checksum");
 
+    // Huge files (sparse: a wrong path to a disk image, a file grown by mistake) are refused
+    // from their header, without reading them into memory (1 TiB would abort the tool).
+    let huge = |head: &[u8]| {
+        let p = dir.path().join("bad.meta");
+        std::fs::write(&p, head).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        p
+    };
+    let out = inspect(&[huge(&bytes[..8192]).to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the header says"), "{err}");
+    let out = inspect(&[huge(b"").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not an nbdmirror metadata file"), "{err}");
+    std::fs::remove_file(dir.path().join("bad.meta")).unwrap();
+
     let out = inspect(&[dir.path().join("missing.meta").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
