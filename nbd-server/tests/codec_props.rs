@@ -260,6 +260,85 @@ fn disconnect_is_never_refused() {
     }
 }
 
+/// The spec: the server SHOULD refuse with EINVAL a flag not documented for the command (or
+/// not negotiated). What QEMU, libnbd and the kernel really send must still pass: FUA on
+/// anything (SEND_FUA is always advertised), NO_HOLE and FAST_ZERO on WRITE_ZEROES, DF on
+/// READ with structured replies, REQ_ONE on BLOCK_STATUS, PAYLOAD_LEN on an extended WRITE.
+#[test]
+fn flags_are_accepted_only_on_the_commands_they_apply_to() {
+    let simple = session(false, false, false);
+    let structured = session(true, false, false);
+    let extended = session(true, true, false);
+    let read_only = session(true, false, true);
+    let h = |kind, flags| RequestHeader {
+        flags,
+        kind,
+        cookie: 1,
+        offset: 0,
+        length: 512,
+    };
+    let refused = [
+        (&structured, CMD_WRITE, CMD_FLAG_NO_HOLE),
+        (&structured, CMD_TRIM, CMD_FLAG_NO_HOLE),
+        (&structured, CMD_READ, CMD_FLAG_NO_HOLE),
+        (&structured, CMD_READ, CMD_FLAG_REQ_ONE),
+        (&structured, CMD_WRITE_ZEROES, CMD_FLAG_REQ_ONE),
+        (&structured, CMD_WRITE, CMD_FLAG_DF),
+        (&structured, CMD_BLOCK_STATUS, CMD_FLAG_DF),
+        (&structured, CMD_FLUSH, CMD_FLAG_DF),
+        (&structured, CMD_CACHE, CMD_FLAG_DF),
+        (&simple, CMD_READ, CMD_FLAG_DF),
+        (&structured, CMD_WRITE, CMD_FLAG_FAST_ZERO),
+        (&structured, CMD_TRIM, CMD_FLAG_FAST_ZERO),
+        // A read-only export does not advertise SEND_FAST_ZERO.
+        (&read_only, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO),
+        (&structured, CMD_WRITE, CMD_FLAG_PAYLOAD_LEN),
+        (&extended, CMD_READ, CMD_FLAG_PAYLOAD_LEN),
+        (&extended, CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN),
+        (&structured, CMD_READ, 1 << 6),
+        (&structured, CMD_WRITE, CMD_FLAG_FUA | 0x8000),
+    ];
+    for (s, kind, flags) in refused {
+        assert_eq!(
+            request::validate(&h(kind, flags), s, 4096).map_err(|r| r.errno),
+            Err(NbdErrno::Inval),
+            "command {kind} with flags {flags:#x} (structured {}, extended {})",
+            s.structured_replies,
+            s.extended_headers
+        );
+    }
+    let accepted = [
+        (&simple, CMD_READ, CMD_FLAG_FUA),
+        (&simple, CMD_WRITE, CMD_FLAG_FUA),
+        (&simple, CMD_FLUSH, CMD_FLAG_FUA),
+        (&simple, CMD_TRIM, CMD_FLAG_FUA),
+        (&simple, CMD_CACHE, CMD_FLAG_FUA),
+        (
+            &simple,
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        ),
+        (&structured, CMD_READ, CMD_FLAG_DF | CMD_FLAG_FUA),
+        (&extended, CMD_READ, CMD_FLAG_DF),
+        (
+            &structured,
+            CMD_BLOCK_STATUS,
+            CMD_FLAG_REQ_ONE | CMD_FLAG_FUA,
+        ),
+        (&extended, CMD_WRITE, CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_FUA),
+        (&extended, CMD_WRITE, 0),
+        (&read_only, CMD_READ, CMD_FLAG_FUA),
+    ];
+    for (s, kind, flags) in accepted {
+        assert!(
+            request::validate(&h(kind, flags), s, 4096).is_ok(),
+            "command {kind} with flags {flags:#x} (structured {}, extended {})",
+            s.structured_replies,
+            s.extended_headers
+        );
+    }
+}
+
 #[test]
 fn errors_the_spec_names() {
     let s = session(true, false, false);
@@ -327,6 +406,33 @@ fn errors_the_spec_names() {
         NbdErrno::Inval
     );
     assert!(request::validate(&h(CMD_FLUSH, 0, 0, CMD_FLAG_FUA), &s, 4096).is_ok());
+}
+
+/// While the server shuts down, options are refused with ERR_SHUTDOWN (the client then
+/// disconnects), ABORT is still acknowledged, and EXPORT_NAME, which has no error reply,
+/// closes.
+#[test]
+fn options_while_shutting_down() {
+    let exports = sample_exports();
+    let n = Negotiation::new(&exports, 3).unwrap();
+    let reply_type = |out: &handshake::OptionOutcome| {
+        u32::from_be_bytes([out.reply[12], out.reply[13], out.reply[14], out.reply[15]])
+    };
+    for opt in [OPT_GO, OPT_INFO, OPT_LIST, OPT_STRUCTURED_REPLY, 99] {
+        let out = n.handle_option_shutting_down(opt);
+        assert_eq!(out.next, Next::Continue, "option {opt}");
+        assert_eq!(reply_type(&out), REP_ERR_SHUTDOWN, "option {opt}");
+    }
+    let out = n.handle_option_shutting_down(OPT_ABORT);
+    assert_eq!((reply_type(&out), out.next), (REP_ACK, Next::Close));
+    let out = n.handle_option_shutting_down(OPT_EXPORT_NAME);
+    assert_eq!(
+        out,
+        handshake::OptionOutcome {
+            reply: Vec::new(),
+            next: Next::Close
+        }
+    );
 }
 
 #[test]

@@ -489,7 +489,8 @@ fn bad_request_magic_closes_the_connection() {
 }
 
 /// Zero-length requests have unspecified results, but the server must answer them and must
-/// not disconnect. Misused FAST_ZERO is refused.
+/// not disconnect. Flags misused on a command (FAST_ZERO, NO_HOLE and DF on WRITE, REQ_ONE on
+/// READ) are refused.
 #[test]
 fn zero_length_requests_and_misused_flags_are_answered() {
     let mut s = Scene::new();
@@ -515,6 +516,14 @@ fn zero_length_requests_and_misused_flags_are_answered() {
         }
         let r = c.request(pl | CMD_FLAG_FAST_ZERO, CMD_WRITE, 0, 512, &[0u8; 512]);
         assert_eq!(r.error, 22, "{mode:?} FAST_ZERO on WRITE: {r:?}");
+        // Flags documented only for other commands: refused, a WRITE's payload still
+        // consumed (the checks below read the data back through the same connection).
+        let r = c.request(pl | CMD_FLAG_NO_HOLE, CMD_WRITE, 0, 512, &[0u8; 512]);
+        assert_eq!(r.error, 22, "{mode:?} NO_HOLE on WRITE: {r:?}");
+        let r = c.request(pl | CMD_FLAG_DF, CMD_WRITE, 0, 512, &[0u8; 512]);
+        assert_eq!(r.error, 22, "{mode:?} DF on WRITE: {r:?}");
+        let r = c.request(CMD_FLAG_REQ_ONE, CMD_READ, 0, 512, &[]);
+        assert_eq!(r.error, 22, "{mode:?} REQ_ONE on READ: {r:?}");
         let r = c.request(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 2 * MIB, MIB, &[]);
         assert!(
             r.error == 0 || r.error == 95,
