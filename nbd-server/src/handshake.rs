@@ -140,6 +140,23 @@ impl<'a> Negotiation<'a> {
         }
     }
 
+    /// The answer to any option once the server is shutting down: the spec says to error
+    /// further options (other than ABORT) with `NBD_REP_ERR_SHUTDOWN`, after which the client
+    /// disconnects. EXPORT_NAME cannot carry an error, so it closes, as does any option
+    /// from a client without fixed newstyle.
+    pub fn handle_option_shutting_down(&self, option: u32) -> OptionOutcome {
+        if option == OPT_EXPORT_NAME || !self.fixed_newstyle {
+            return close();
+        }
+        if option == OPT_ABORT {
+            return OptionOutcome {
+                reply: option_reply(option, REP_ACK, &[]),
+                next: Next::Close,
+            };
+        }
+        error_reply(option, REP_ERR_SHUTDOWN, "the server is shutting down")
+    }
+
     /// An option whose data was too large to read; the I/O layer discarded it.
     pub fn handle_oversized(&mut self, option: u32) -> OptionOutcome {
         if option == OPT_EXPORT_NAME || !self.fixed_newstyle {

@@ -312,6 +312,20 @@ async fn shard_loop<B: BlockBackend>(
 
 /// How long a shutdown waits for connections to finish before closing them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a connection still in the handshake waits, once a shutdown began, for the
+/// client's next option (answered `NBD_REP_ERR_SHUTDOWN`) before it closes. A client
+/// haggling sends it within a round trip; an idle one must not hold up a demotion, which
+/// waits for every connection of the export.
+const NEGOTIATION_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+/// TCP keepalive on NBD connections: a client that vanished (power loss, a cut link) is
+/// noticed after about KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL = 2 minutes
+/// of silence, instead of its connection (and its task, buffers and socket) lingering for
+/// good; nothing else is ever sent on an idle connection. A live but idle client answers
+/// the probes in the kernel and is not disturbed.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
 
 static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -351,6 +365,10 @@ async fn accept(listener: &Listener) -> io::Result<Accepted> {
             let (s, peer) = l.accept().await?;
             // Replies are small and latency-bound: never wait for Nagle.
             s.set_nodelay(true)?;
+            if let Err(e) = set_keepalive(&s) {
+                // Not worth refusing the client over: only a vanished one is affected.
+                warn!(peer = %peer, error = %e, "cannot enable TCP keepalive; the connection stays open if the client vanishes");
+            }
             Ok(Accepted::Tcp(s.into_std()?, peer.to_string()))
         }
         Listener::Unix(l, path) => {
@@ -363,6 +381,20 @@ async fn accept(listener: &Listener) -> io::Result<Accepted> {
     }
 }
 
+/// Turns on TCP keepalive with our timers (see [`KEEPALIVE_IDLE`]) rather than the
+/// kernel's defaults, which wait two hours before the first probe.
+fn set_keepalive(s: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(s, sockopt::TcpKeepIdle, &(KEEPALIVE_IDLE.as_secs() as u32))?;
+    setsockopt(
+        s,
+        sockopt::TcpKeepInterval,
+        &(KEEPALIVE_INTERVAL.as_secs() as u32),
+    )?;
+    setsockopt(s, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
+    setsockopt(s, sockopt::KeepAlive, &true)
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
     #[error("socket: {0}")]
@@ -371,6 +403,8 @@ enum ConnError {
     Handshake(#[from] handshake::HandshakeError),
     #[error("protocol: {0}")]
     Request(#[from] request::RequestError),
+    #[error("closed in the handshake by the server's shutdown")]
+    ShutDown,
 }
 
 async fn handle_connection<B: BlockBackend>(
@@ -381,9 +415,10 @@ async fn handle_connection<B: BlockBackend>(
 ) -> Result<(), ConnError> {
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-    let negotiated = tokio::select! {
-        r = negotiate(&mut rd, &mut wr, &shared.infos) => r?,
-        _ = shutdown.wait_for(|s| *s) => None,
+    let negotiated = match negotiate(&mut rd, &mut wr, &shared.infos, &mut shutdown).await {
+        Ok(n) => n,
+        Err(ConnError::ShutDown) => None,
+        Err(e) => return Err(e),
     };
     let Some(session) = negotiated else {
         return Ok(());
@@ -397,29 +432,90 @@ async fn handle_connection<B: BlockBackend>(
     result
 }
 
+/// The handshake's view of a shutdown. A shutdown does not cut a handshake's I/O short
+/// (the client may be in the middle of an option, and the stream must stay in step to
+/// answer it): from the moment it begins, the connection has
+/// [`NEGOTIATION_SHUTDOWN_GRACE`] in all, during which every option is answered
+/// `NBD_REP_ERR_SHUTDOWN` as the spec asks, and is closed when that runs out.
+struct HandshakeStop<'a> {
+    shutdown: &'a mut watch::Receiver<bool>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl HandshakeStop<'_> {
+    fn begin(&mut self) {
+        if self.deadline.is_none() {
+            self.deadline = Some(tokio::time::Instant::now() + NEGOTIATION_SHUTDOWN_GRACE);
+        }
+    }
+
+    /// Whether the server is shutting down, also when no I/O noticed it yet.
+    fn shutting_down(&mut self) -> bool {
+        if *self.shutdown.borrow() {
+            self.begin();
+        }
+        self.deadline.is_some()
+    }
+
+    /// Runs one piece of handshake I/O; [`ConnError::ShutDown`] once the grace ran out.
+    async fn run<T>(&mut self, io: impl Future<Output = io::Result<T>>) -> Result<T, ConnError> {
+        tokio::pin!(io);
+        loop {
+            match self.deadline {
+                None => tokio::select! {
+                    biased;
+                    r = &mut io => return Ok(r?),
+                    _ = stopping(self.shutdown) => self.begin(),
+                },
+                Some(deadline) => tokio::select! {
+                    biased;
+                    r = &mut io => return Ok(r?),
+                    _ = tokio::time::sleep_until(deadline) => return Err(ConnError::ShutDown),
+                },
+            }
+        }
+    }
+}
+
 async fn negotiate(
     rd: &mut BufReader<BoxRead>,
     wr: &mut BufWriter<BoxWrite>,
     infos: &[ExportInfo],
+    shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Option<Session>, ConnError> {
-    wr.write_all(&handshake::greeting()).await?;
-    wr.flush().await?;
-    let client_flags = rd.read_u32().await?;
+    let mut stop = HandshakeStop {
+        shutdown,
+        deadline: None,
+    };
+    stop.run(async {
+        wr.write_all(&handshake::greeting()).await?;
+        wr.flush().await
+    })
+    .await?;
+    let client_flags = stop.run(rd.read_u32()).await?;
     let mut negotiation = Negotiation::new(infos, client_flags)?;
     loop {
         let mut header = [0u8; 16];
-        rd.read_exact(&mut header).await?;
+        stop.run(rd.read_exact(&mut header)).await?;
         let (option, len) = handshake::parse_option_header(&header)?;
-        let outcome = if len > MAX_OPTION_LEN {
-            discard(rd, len as u64).await?;
-            negotiation.handle_oversized(option)
+        let data = if len > MAX_OPTION_LEN {
+            stop.run(discard(rd, len as u64)).await?;
+            None
         } else {
             let mut data = vec![0u8; len as usize];
-            rd.read_exact(&mut data).await?;
-            negotiation.handle_option(option, &data)
+            stop.run(rd.read_exact(&mut data)).await?;
+            Some(data)
         };
-        wr.write_all(&outcome.reply).await?;
-        wr.flush().await?;
+        let outcome = match data {
+            _ if stop.shutting_down() => negotiation.handle_option_shutting_down(option),
+            None => negotiation.handle_oversized(option),
+            Some(data) => negotiation.handle_option(option, &data),
+        };
+        stop.run(async {
+            wr.write_all(&outcome.reply).await?;
+            wr.flush().await
+        })
+        .await?;
         match outcome.next {
             Next::Continue => {}
             Next::Transmit(session) => return Ok(Some(session)),
@@ -788,5 +884,201 @@ pub fn log_listening(listeners: &[Listener], exports: &[ExportInfo]) {
         for e in exports {
             info!(listen = %l.addr(), export = %e.name, size = e.size, "serving");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use tokio::net::TcpStream;
+
+    /// A backend the handshake tests never reach.
+    struct Unused;
+
+    impl BlockBackend for Unused {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        async fn read(&self, _: u64, length: usize) -> crate::BackendResult<Vec<u8>> {
+            Ok(vec![0; length])
+        }
+        async fn write(&self, _: u64, _: Vec<u8>, _: bool) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64, _: bool) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: ZeroMode) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn cache(&self, _: u64, _: u64) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn block_status(
+            &self,
+            _: u64,
+            length: u64,
+            _: usize,
+        ) -> crate::BackendResult<Vec<Extent>> {
+            Ok(vec![Extent { length, flags: 0 }])
+        }
+    }
+
+    async fn tcp_listener() -> (Listener, SocketAddr) {
+        let addr: ListenAddr = "127.0.0.1:0".parse().expect("address");
+        let mut listeners = bind_all(&[addr]).await.expect("bind an ephemeral port");
+        let listener = listeners.remove(0);
+        let Listener::Tcp(l, _) = &listener else {
+            panic!("a TCP address gives a TCP listener");
+        };
+        let local = l.local_addr().expect("local address");
+        (listener, local)
+    }
+
+    /// A server on an ephemeral loopback port, its connections on this test's runtime.
+    async fn start() -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let (listener, addr) = tcp_listener().await;
+        let exports = vec![Export {
+            info: ExportInfo {
+                name: "disk0".into(),
+                description: String::new(),
+                size: 1 << 20,
+                base_flags: transmission_flags(false),
+            },
+            backend: Arc::new(Unused),
+        }];
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(serve(vec![listener], exports, stop_rx, 0));
+        (addr, stop, task)
+    }
+
+    async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&option.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        s.write_all(&b).await.expect("send option");
+    }
+
+    /// (option, reply type) of the next option reply; its data is read and dropped.
+    async fn read_option_reply(s: &mut TcpStream) -> io::Result<(u32, u32)> {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).await?;
+        assert_eq!(&h[0..8], &OPTION_REPLY_MAGIC.to_be_bytes());
+        let word = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let mut body = vec![0u8; word(16) as usize];
+        s.read_exact(&mut body).await?;
+        Ok((word(8), word(12)))
+    }
+
+    async fn closed_by_server(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// The spec: a server shutting down SHOULD error further options (other than ABORT)
+    /// with NBD_REP_ERR_SHUTDOWN, and the client then disconnects softly.
+    #[tokio::test]
+    async fn options_during_a_shutdown_are_answered_err_shutdown() {
+        let (addr, stop, task) = start().await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.expect("greeting");
+        c.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .expect("client flags");
+        send_option(&mut c, OPT_STRUCTURED_REPLY, &[]).await;
+        assert_eq!(
+            read_option_reply(&mut c).await.expect("reply"),
+            (OPT_STRUCTURED_REPLY, REP_ACK)
+        );
+
+        stop.send(true).expect("server running");
+        // Let the connection see the shutdown before its next option arrives.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut go = 5u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk0");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        send_option(&mut c, OPT_GO, &go).await;
+        assert_eq!(
+            read_option_reply(&mut c)
+                .await
+                .expect("an answer, not a closed socket"),
+            (OPT_GO, REP_ERR_SHUTDOWN)
+        );
+        send_option(&mut c, OPT_ABORT, &[]).await;
+        // The spec lets the server close without answering ABORT; we acknowledge it.
+        assert_eq!(
+            read_option_reply(&mut c).await.expect("abort answered"),
+            (OPT_ABORT, REP_ACK)
+        );
+        assert!(closed_by_server(&mut c).await);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve returns once the connection closed")
+            .expect("serve task");
+    }
+
+    /// A client that sits in the handshake without sending anything does not hold up the
+    /// shutdown (a demotion waits for it) longer than the short window for a next option.
+    #[tokio::test]
+    async fn an_idle_handshake_does_not_hold_the_shutdown() {
+        let (addr, stop, task) = start().await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.expect("greeting");
+        c.write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+            .await
+            .expect("client flags");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = std::time::Instant::now();
+        stop.send(true).expect("server running");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve returns")
+            .expect("serve task");
+        assert!(
+            started.elapsed() < NEGOTIATION_SHUTDOWN_GRACE + Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(closed_by_server(&mut c).await);
+    }
+
+    /// Without keepalive, a client that vanished (power loss, a cut link) leaves its
+    /// connection open for good: nothing is ever sent on an idle one.
+    #[tokio::test]
+    async fn accepted_tcp_connections_have_keepalive() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let (listener, addr) = tcp_listener().await;
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let accepted = accept(&listener).await.expect("accept");
+        let Accepted::Tcp(s, _) = accepted else {
+            panic!("a TCP listener accepts TCP connections");
+        };
+        assert!(getsockopt(&s, sockopt::KeepAlive).expect("SO_KEEPALIVE"));
+        assert_eq!(
+            getsockopt(&s, sockopt::TcpKeepIdle).expect("TCP_KEEPIDLE"),
+            KEEPALIVE_IDLE.as_secs() as u32
+        );
+        assert_eq!(
+            getsockopt(&s, sockopt::TcpKeepInterval).expect("TCP_KEEPINTVL"),
+            KEEPALIVE_INTERVAL.as_secs() as u32
+        );
+        assert_eq!(
+            getsockopt(&s, sockopt::TcpKeepCount).expect("TCP_KEEPCNT"),
+            KEEPALIVE_PROBES
+        );
+        assert!(getsockopt(&s, sockopt::TcpNoDelay).expect("TCP_NODELAY"));
     }
 }
