@@ -189,6 +189,8 @@ pub struct Volume {
     failed_since_resync_start: AtomicBool,
     /// A demotion is under way: writes waiting for permission to go alone give up at once.
     demoting: AtomicBool,
+    /// This volume was primary since it was opened (see `check_primary`).
+    was_primary: AtomicBool,
     shutting_down: AtomicBool,
     /// Consecutive resync chunks that zstd could not shrink: past a few, most chunks are sent
     /// raw without trying (random or encrypted data would only cost CPU).
@@ -344,6 +346,7 @@ impl Volume {
             links_established: AtomicU64::new(0),
             failed_since_resync_start: AtomicBool::new(false),
             demoting: AtomicBool::new(false),
+            was_primary: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             incompressible_streak: AtomicU64::new(0),
         }))
@@ -764,6 +767,16 @@ impl Volume {
 
     fn check_primary(&self) -> BackendResult<()> {
         if self.role() != Role::Primary {
+            // NBD clients reach a volume only through the export `node.rs` starts on a
+            // promotion and drains before a demotion, so a former primary that meets a
+            // write here was demoted under that client's connection: ESHUTDOWN says this
+            // server stopped serving (QEMU reconnects, and finds the new primary), where
+            // EPERM (from EROFS) would say the disk is read-only, which it never was to
+            // this client. A volume never primary since it opened has no such client; its
+            // writes stay refused as on a read-only disk.
+            if self.was_primary.load(Ordering::Acquire) {
+                return Err(BackendError::ShuttingDown);
+            }
             return Err(BackendError::io(
                 "write",
                 0,
@@ -1645,6 +1658,7 @@ impl Volume {
             .update_header(|h| h.flags.set(Flags::PRIMARY, true))
             .map_err(merr)?;
         lock(&self.shared).role = Role::Primary;
+        self.was_primary.store(true, Ordering::Release);
         info!(volume = %self.name, "promoted to primary");
         self.announce();
         self.redecide();
@@ -2254,6 +2268,49 @@ mod tests {
         assert_eq!(meta.dirty_count(), 1, "the interrupted write's granule");
         meta.clean_shutdown()
             .expect("no write left registered in the activity map");
+    }
+
+    /// A write that meets a volume demoted under its connection is told ESHUTDOWN (the
+    /// server stopped serving it: QEMU reconnects, and finds the new primary), not EPERM,
+    /// which says the export is read-only; a volume that never was primary still refuses
+    /// writes as read-only.
+    #[tokio::test]
+    async fn a_write_after_a_demotion_is_eshutdown() {
+        use nbd_server::proto::NbdErrno;
+        use nbd_server::BlockBackend;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = Volume::open(
+            super::VolumeSpec {
+                name: "v".into(),
+                node: "a".into(),
+                image: dir.path().join("v.img"),
+                metadata: dir.path().join("v.meta"),
+                size: 16 << 20,
+                engine: crate::engine::EngineKind::Sync,
+            },
+            super::ResyncOptions {
+                rate: 0,
+                checksum: false,
+            },
+        )
+        .expect("open");
+        let errno = |r: nbd_server::BackendResult<()>| r.err().map(|e| e.errno());
+        assert_eq!(
+            errno(vol.write(0, vec![1; 4096], false).await),
+            Some(NbdErrno::Perm)
+        );
+        vol.promote(true).await.expect("promote alone");
+        assert_eq!(errno(vol.write(0, vec![2; 4096], false).await), None);
+        vol.begin_demote();
+        vol.demote().await.expect("demote");
+        assert_eq!(
+            errno(vol.write(0, vec![3; 4096], false).await),
+            Some(NbdErrno::Shutdown)
+        );
+        assert_eq!(
+            errno(vol.trim(0, 4096, false).await),
+            Some(NbdErrno::Shutdown)
+        );
     }
 
     /// Bytes drawn from an alphabet of `symbols` values: log2(symbols) bits of entropy each.
