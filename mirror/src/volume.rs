@@ -1698,14 +1698,16 @@ impl Volume {
         Ok(())
     }
 
-    async fn flush_all(&self) -> BackendResult<()> {
+    /// Flushes the local image and the peer. `Ok(true)`: the peer flushed too; `Ok(false)`:
+    /// no peer, or its flush failed (what it may lack is marked dirty then).
+    async fn flush_all(&self) -> BackendResult<bool> {
         let cold = self.meta.take_cold();
         let link = self.mirror_link();
         let local = self.image.flush();
         let peer_ok = async {
             match &link {
                 Some(l) => self.flush_peer(l).await,
-                None => Ok(true),
+                None => Ok(false),
             }
         };
         // The peer's flush is sent first: the local one may block this thread (an inline
@@ -1714,8 +1716,33 @@ impl Volume {
         l?;
         // A peer that failed the flush is fine once what it may lack is marked dirty (the
         // resync brings it over); not being able to mark it is not.
-        p.map_err(meta_io)?;
+        let peer_flushed = p.map_err(meta_io)?;
         self.meta.clear_cold(cold);
+        Ok(peer_flushed)
+    }
+
+    /// A client's FLUSH. When the peer did not flush with it and this node holds data the
+    /// peer may lack (dirty granules: writes the peer acknowledged and then failed to flush
+    /// or lost with the link), acknowledging the FLUSH makes that data durable here alone:
+    /// a write made alone in all but name, so it gets what such a write gets. A new
+    /// generation, or the peer's copy would look as current as this one (a peer that lost
+    /// power with those writes in its page cache would come back at the same generation and
+    /// could be promoted, or chosen as the resync source, over them); and with a witness,
+    /// that generation registered before the acknowledgement.
+    async fn client_flush(&self) -> BackendResult<()> {
+        if self.flush_all().await? || self.role() != Role::Primary {
+            return Ok(());
+        }
+        let g = self.meta.generations();
+        let solo = g.current != g.sync && g.current != 0;
+        if !solo && self.meta.dirty_count() == 0 {
+            // The peer has everything this node has: nothing rests on this node alone.
+            return Ok(());
+        }
+        self.ensure_solo_generation().map_err(meta_io)?;
+        if self.meta.flags().contains(Flags::UNCONFIRMED) {
+            self.wait_alone_allowed().await?;
+        }
         Ok(())
     }
 
@@ -2134,7 +2161,7 @@ impl BlockBackend for Volume {
     }
 
     async fn flush(&self) -> BackendResult<()> {
-        self.flush_all().await
+        self.client_flush().await
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {

@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use nbdmirror_tests::pair::{assert_fio_ok, fio, num, Pair, PairOptions, A, B, MIB, VOLUME};
+use nbdmirror_tests::pair::{
+    assert_fio_ok, file_digest, fio, num, Pair, PairOptions, A, B, MIB, VOLUME,
+};
+use nbdmirror_tests::{assert_qemu_io_ok, qemu_io};
 
 /// 4 MiB written at 8 MiB in 64 KiB writes through node-a, no FLUSH (fio's nbd engine sends
 /// none unless asked).
@@ -98,4 +101,34 @@ fn a_clean_stop_flushes_a_live_peer_and_leaves_nothing_dirty() {
     let m = pair.inspect(A);
     assert_eq!(m["flags"]["clean_shutdown"], true, "{m}");
     assert_eq!(m["dirty_bytes"].as_u64(), Some(0), "{m}");
+}
+
+/// A FLUSH the peer never confirms (it is frozen: a host that lost power, its link not yet
+/// timed out) makes the writes before it durable on the primary alone. The primary starts a
+/// new generation before it acknowledges the FLUSH: otherwise the peer, which may have lost
+/// those writes with its page cache, would come back at the same generation, as current as
+/// the primary, and could be promoted (or chosen as the resync source) over them.
+#[test]
+fn a_flush_the_peer_never_confirms_starts_a_new_generation() {
+    let mut pair = Pair::with_options(PairOptions {
+        extra: "peer_flush_interval = \"60m\"\npeer_timeout = \"1s\"".into(),
+        ..PairOptions::default()
+    });
+    pair.start_with_a_primary();
+    write_unflushed(&pair);
+    let before = pair.vol(A, VOLUME);
+    pair.signal(B, nix::sys::signal::Signal::SIGSTOP);
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["flush"]));
+    let after = pair.vol(A, VOLUME);
+    pair.signal(B, nix::sys::signal::Signal::SIGCONT);
+    assert_ne!(
+        after["generation"], before["generation"],
+        "the FLUSH rests on node-a alone: a new generation first. before {before}, after {after}"
+    );
+    assert!(num(&after, "dirty_bytes") >= 4 * MIB, "{after}");
+    // The peer returns older, and gets the writes from the primary.
+    pair.wait_in_sync(A);
+    pair.stop(A);
+    pair.stop(B);
+    assert_eq!(file_digest(&pair.image(A)), file_digest(&pair.image(B)));
 }
