@@ -220,8 +220,13 @@ pub fn check_promote(
             warn_alone: true,
         });
     };
+    // Forced past a primary peer: both write from here on, so this node's history must
+    // diverge from the peer's at once; at the generation they share, a later demotion of
+    // either would make the other look current and overwrite its writes silently.
+    let mut diverges = false;
     if peer.role == Role::Primary {
         refuse(PromoteRefusal::PeerPrimary)?;
+        diverges = true;
     }
     if first && peer.generations.current == 0 {
         if !local.has_data && peer.has_data {
@@ -237,7 +242,6 @@ pub fn check_promote(
     }
     // The plan as things stand (this node still secondary).
     let plan = decide(local, peer);
-    let mut diverges = false;
     match plan {
         Plan::InSync
         | Plan::Resync {
@@ -410,6 +414,11 @@ mod tests {
             check_promote(&old, Some(&p), false),
             Err(PromoteRefusal::PeerPrimary)
         );
+        // Forced past it, even at the same generation: a new one, so the two primaries'
+        // writes are a split brain, whichever is demoted first.
+        let same = side(Secondary, g(7, &[]));
+        let forced = check_promote(&same, Some(&p), true).expect("forced");
+        assert!(forced.new_generation, "{forced:?}");
     }
 
     fn arb_side() -> impl Strategy<Value = Side> {

@@ -668,6 +668,15 @@ impl Volume {
     }
 
     fn record_alone(&self, offset: u64, len: u64) -> BackendResult<()> {
+        if self.role() != Role::Primary {
+            // Demoted while this write was in flight (a demotion waits 30 s at most): it is
+            // never acknowledged, and a generation started here, on a secondary, would make
+            // the new primary's copy look diverged from this one (a false split brain).
+            if len > 0 {
+                self.meta.mark_dirty(offset, len).map_err(meta_io)?;
+            }
+            return Err(BackendError::ShuttingDown);
+        }
         self.ensure_solo_generation().map_err(meta_io)?;
         if len > 0 {
             self.meta.mark_dirty(offset, len).map_err(meta_io)?;
@@ -818,6 +827,13 @@ impl Volume {
                 let peer = link.request_frame(frame(&payload));
                 // The peer first: its frame is queued before a small local write runs inline.
                 let (p, l) = futures::join!(peer, local(payload));
+                // A peer that is primary too (forced, or both promoted at once) refuses
+                // the write: this node writes alone from here, as if the link were gone, so
+                // its writes get a generation of their own and the pair sees a split brain
+                // (marked dirty at the shared generation, they would be overwritten by the
+                // other primary once this one is demoted).
+                let peer_primary =
+                    matches!(p, Ok(Message::Ack { errno }) if errno == libc::EROFS as u32);
                 let peer_ok = match p {
                     Ok(Message::Ack { errno: 0 }) => true,
                     Ok(other) => {
@@ -842,7 +858,7 @@ impl Volume {
                 } else {
                     // Durable before the reply: the peer lacks this write.
                     let link_down = link.is_closed();
-                    if link_down {
+                    if link_down || peer_primary {
                         self.record_alone(offset, len)?;
                         went_alone = true;
                     } else if len > 0 {
@@ -2295,6 +2311,41 @@ mod tests {
         assert_eq!(meta.dirty_count(), 1, "the interrupted write's granule");
         meta.clean_shutdown()
             .expect("no write left registered in the activity map");
+    }
+
+    /// A write that finds the link gone after its volume was demoted (a demotion waits for
+    /// writes in flight 30 s at most) is marked dirty and refused; it starts no generation on
+    /// what is now a secondary (the new primary's copy would look diverged from it).
+    #[tokio::test]
+    async fn a_write_alone_after_a_demotion_starts_no_generation() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = Volume::open(
+            super::VolumeSpec {
+                name: "v".into(),
+                node: "a".into(),
+                image: dir.path().join("v.img"),
+                metadata: dir.path().join("v.meta"),
+                size: 16 << 20,
+                engine: crate::engine::EngineKind::Sync,
+            },
+            super::ResyncOptions {
+                rate: 0,
+                checksum: false,
+            },
+        )
+        .expect("open");
+        vol.promote(true).await.expect("promote alone");
+        vol.begin_demote();
+        vol.demote().await.expect("demote");
+        let before = vol.meta.generations();
+        let r = vol.record_alone(1 << 20, 4096);
+        assert!(matches!(r, Err(super::BackendError::ShuttingDown)), "{r:?}");
+        assert_eq!(
+            vol.meta.generations(),
+            before,
+            "no generation on a secondary"
+        );
+        assert!(vol.meta.is_dirty(1 << 20, 4096), "what it wrote is marked");
     }
 
     /// A write that meets a volume demoted under its connection is told ESHUTDOWN (the

@@ -324,3 +324,34 @@ fn forced_second_primary_while_connected_overwrites_nothing() {
         .iter()
         .all(|&x| x == 0xa2));
 }
+
+/// Demoting one of two primaries does not end their split brain: what each wrote while the
+/// other was primary too stays on its side until an operator resolves, rather than being
+/// resynced over by the primary that remains.
+#[test]
+fn demoting_one_of_two_primaries_keeps_its_writes() {
+    let mut pair = Pair::new();
+    pair.start_with_a_primary();
+    pair.promote(B, true).ok();
+    for node in [A, B] {
+        pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+            v["sync"] == "split-brain"
+        });
+    }
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0xa3 8M 1M", "flush"],
+    ));
+    pair.demote(A).ok();
+    // Long enough for a resync of 1 MiB to have run, had one started.
+    std::thread::sleep(Duration::from_secs(3));
+    let a = pair.vol(A, VOLUME);
+    assert_eq!(a["sync"], "split-brain", "{a}");
+    assert!(
+        read_file_range(&pair.image(A), 8 * MIB, MIB as usize)
+            .iter()
+            .all(|&x| x == 0xa3),
+        "node-a's acknowledged write was overwritten without a resolve"
+    );
+}
