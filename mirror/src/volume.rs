@@ -961,14 +961,17 @@ impl Volume {
                         error!(volume = %self.name, error = %e, "cannot record what a failed peer flush covered in the dirty map");
                     }
                 }
-                let retry_due = {
+                let (retry_due, failed_before) = {
                     let sh = lock(&self.shared);
-                    !sh.resync_source_running
+                    let due = !sh.resync_source_running
                         && sh
                             .last_resync_failure
-                            .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                            .is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+                    (due, sh.last_resync_failure.is_some())
                 };
-                if retry_due && self.meta.dirty_count() > 0 {
+                // A pass that failed with nothing dirty here (the peer's final flush failed,
+                // say) still left the peer inconsistent: only a pass that completes ends that.
+                if retry_due && (failed_before || self.meta.dirty_count() > 0) {
                     self.announce();
                     self.redecide();
                 }
