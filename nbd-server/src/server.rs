@@ -12,9 +12,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::backend::{BlockBackend, ZeroMode};
 use crate::handshake::{self, ExportInfo, Negotiation, Next, Session, MAX_OPTION_LEN};
@@ -264,8 +264,13 @@ async fn shard_loop<B: BlockBackend>(
 ) {
     {
         let mut connections = JoinSet::new();
+        // One per connection: how the shard gives up on its client after the grace.
+        let mut give_up: Vec<oneshot::Sender<()>> = Vec::new();
         while let Some(accepted) = incoming.recv().await {
             while connections.try_join_next().is_some() {}
+            give_up.retain(|tx| !tx.is_closed());
+            let (give_up_tx, give_up_rx) = oneshot::channel();
+            give_up.push(give_up_tx);
             let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let watch = accepted.watch();
             let (rd, wr, peer) = match accepted.into_halves() {
@@ -284,7 +289,8 @@ async fn shard_loop<B: BlockBackend>(
                     // Dropped with the connection: it holds a duplicate of the socket.
                     let _watch =
                         watch.map_err(|e| debug!(error = %e, "socket not polled before sleeping"));
-                    match handle_connection(rd, wr, shared, shutdown).await {
+                    let give_up = GiveUp::new(give_up_rx);
+                    match handle_connection(rd, wr, shared, shutdown, give_up).await {
                         Ok(()) => debug!("closed"),
                         Err(e) => debug!(error = %e, "connection ended"),
                     }
@@ -302,16 +308,41 @@ async fn shard_loop<B: BlockBackend>(
             warn!(
                 connections = connections.len(),
                 grace_seconds = SHUTDOWN_GRACE.as_secs(),
-                "closing connections whose clients do not read their replies"
+                "closing connections whose clients do not read their replies; their requests in flight finish first"
             );
-            connections.abort_all();
-            while connections.join_next().await.is_some() {}
+            // Not aborted: a connection given up on stops waiting on its client, but still
+            // runs its requests in flight to their end (see `finish_in_flight`).
+            for tx in give_up.drain(..) {
+                let _ = tx.send(());
+            }
+            let finished = tokio::time::timeout(IN_FLIGHT_LAST_RESORT, async {
+                while connections.join_next().await.is_some() {}
+            })
+            .await;
+            if finished.is_err() {
+                error!(
+                    connections = connections.len(),
+                    limit_seconds = IN_FLIGHT_LAST_RESORT.as_secs(),
+                    "requests in flight did not finish; dropping them (an I/O still in the kernel may land after a later write to its range)"
+                );
+                connections.abort_all();
+                while connections.join_next().await.is_some() {}
+            }
         }
     }
 }
 
 /// How long a shutdown waits for connections to finish before closing them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// After the grace, how long a shutdown waits for the requests in flight of the connections
+/// it gave up on before it drops them anyway. Only a liveness guard: every request the
+/// backends start ends on its own (local I/O completes, a mirrored write waits for its peer
+/// at most the link's timeouts), except a mirrored write held for permission to be
+/// acknowledged alone (a witness' quorum), which a demotion releases but a plain stop of
+/// the daemon does not. Such a write finished its I/O already, so dropping it is safe; a
+/// dropped write whose I/O is still in the kernel is not (see `finish_in_flight`), which is
+/// why this is far longer than any local write takes.
+const IN_FLIGHT_LAST_RESORT: Duration = Duration::from_secs(30);
 /// How long a connection still in the handshake waits, once a shutdown began, for the
 /// client's next option (answered `NBD_REP_ERR_SHUTDOWN`) before it closes. A client
 /// haggling sends it within a round trip; an idle one must not hold up a demotion, which
@@ -405,6 +436,37 @@ enum ConnError {
     Request(#[from] request::RequestError),
     #[error("closed in the handshake by the server's shutdown")]
     ShutDown,
+    #[error("closed by the server's shutdown: the client held the connection past the grace")]
+    GivenUp,
+}
+
+/// The shard's word that it gave up on this connection's client (a shutdown whose grace ran
+/// out, see `shard_loop`). A oneshot, so waiting for it costs the connection an atomic load
+/// per wake-up, and no lock shared with other connections.
+struct GiveUp {
+    rx: Option<oneshot::Receiver<()>>,
+    given_up: bool,
+}
+
+impl GiveUp {
+    fn new(rx: oneshot::Receiver<()>) -> Self {
+        GiveUp {
+            rx: Some(rx),
+            given_up: false,
+        }
+    }
+
+    /// Resolves once the shard gave up on the client (at once if it did already). A sender
+    /// dropped without a word is no give-up: the shard has nothing more to say.
+    async fn wait(&mut self) {
+        if let Some(rx) = self.rx.as_mut() {
+            self.given_up = rx.await.is_ok();
+            self.rx = None;
+        }
+        if !self.given_up {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 async fn handle_connection<B: BlockBackend>(
@@ -412,6 +474,7 @@ async fn handle_connection<B: BlockBackend>(
     wr: BoxWrite,
     shared: Arc<Shared<B>>,
     mut shutdown: watch::Receiver<bool>,
+    mut give_up: GiveUp,
 ) -> Result<(), ConnError> {
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
@@ -427,8 +490,25 @@ async fn handle_connection<B: BlockBackend>(
     debug!(export = %info.name, structured = session.structured_replies,
            extended = session.extended_headers, "transmission");
     let backend = shared.backends[session.export].clone();
-    let result = transmission(rd, &mut wr, session, info.size, backend, shutdown).await;
-    let _ = wr.shutdown().await;
+    let result = transmission(
+        rd,
+        &mut wr,
+        session,
+        info.size,
+        backend,
+        shutdown,
+        &mut give_up,
+    )
+    .await;
+    if !matches!(result, Err(ConnError::GivenUp)) {
+        // This flushes what is buffered, so a client that does not read can hold it: the
+        // shard's give-up ends that wait too (it used to abort the whole task).
+        tokio::select! {
+            biased;
+            _ = wr.shutdown() => {}
+            () = give_up.wait() => {}
+        }
+    }
     result
 }
 
@@ -525,7 +605,10 @@ async fn negotiate(
 }
 
 async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut len: u64) -> io::Result<()> {
-    let mut sink = [0u8; 64 * 1024];
+    // On the heap: an array here would be part of every connection's future (it lives
+    // across an await), making that 130 KB, all copied through the stack when a debug
+    // build spawns or polls it. Only refused or oversized data comes here.
+    let mut sink = vec![0u8; (len as usize).min(64 * 1024)];
     while len > 0 {
         let n = (len as usize).min(sink.len());
         rd.read_exact(&mut sink[..n]).await?;
@@ -610,10 +693,36 @@ async fn send_finished<F: Future<Output = Completed>>(
     Ok(())
 }
 
+/// Runs the requests still in flight to their end, once the exchange with the client ended
+/// (it went away, a reply could not be sent, the shard gave up on it); their replies are
+/// discarded. Dropping them instead would not stop their I/O: a write, trim or zeroes
+/// submitted to the kernel (an io_uring operation) completes on its own, but a dropped
+/// mirrored write releases its range lock at once, so another connection's overlapping
+/// write could be applied and acknowledged first and then be overwritten by the orphan on
+/// this node, and by the resync of the range on the peer. Only a request's completion can
+/// release its locks safely, so no time limit is set here: each request is bounded by its
+/// backend (local I/O completes; a mirrored write waits for its peer at most the link's
+/// timeouts; a write waiting for permission to be acknowledged alone gives up when a
+/// demotion begins). A shutdown keeps a last resort ([`IN_FLIGHT_LAST_RESORT`]).
+async fn finish_in_flight<F: Future<Output = Completed>>(inflight: &mut FuturesUnordered<F>) {
+    if inflight.is_empty() {
+        return;
+    }
+    debug!(
+        requests = inflight.len(),
+        "finishing the requests in flight before closing; their replies are dropped"
+    );
+    while inflight.next().await.is_some() {}
+}
+
 /// The transmission phase in one loop: read requests, start each at once, send replies as
 /// they complete. One task, no channel: a request starts its I/O in the same poll that
 /// read it. Reading pauses while the in-flight budget is spent, so memory stays bounded
 /// (a finished request counts against it until its reply is sent).
+///
+/// Whatever ends the exchange with the client (it hung up or reset, a reply cannot be sent,
+/// a protocol error, the shard giving up on it), the requests in flight run to their end
+/// before this returns: see [`finish_in_flight`].
 async fn transmission<B: BlockBackend>(
     mut rd: BufReader<BoxRead>,
     wr: &mut BufWriter<BoxWrite>,
@@ -621,6 +730,7 @@ async fn transmission<B: BlockBackend>(
     size: u64,
     backend: Arc<B>,
     mut shutdown: watch::Receiver<bool>,
+    give_up: &mut GiveUp,
 ) -> Result<(), ConnError> {
     let mode = ReplyMode::for_session(session.structured_replies, session.extended_headers);
     let header_len = request::header_len(session.extended_headers);
@@ -632,82 +742,97 @@ async fn transmission<B: BlockBackend>(
     let mut reading = true;
     let mut scratch = Vec::with_capacity(64);
     let payload_stop = shutdown.clone();
-    loop {
-        send_finished(
-            wr,
-            mode,
-            &mut scratch,
-            &mut inflight,
-            &mut finished,
-            &mut cost_in_flight,
-        )
-        .await?;
-        let can_read = reading && cost_in_flight < CONNECTION_BUDGET;
-        if !can_read && inflight.is_empty() {
-            if reading {
-                // Budget spent with nothing in flight cannot happen; guard the loop anyway.
-                cost_in_flight = 0;
-                continue;
+    let result = {
+        // Everything that waits on the client. It may end early (`?`, or the shard giving up on
+        // the client), but the requests in flight are not its own: they stay in `inflight`,
+        // which outlives it.
+        let client = async {
+            loop {
+                send_finished(
+                    wr,
+                    mode,
+                    &mut scratch,
+                    &mut inflight,
+                    &mut finished,
+                    &mut cost_in_flight,
+                )
+                .await?;
+                let can_read = reading && cost_in_flight < CONNECTION_BUDGET;
+                if !can_read && inflight.is_empty() {
+                    if reading {
+                        // Budget spent with nothing in flight cannot happen; guard the loop anyway.
+                        cost_in_flight = 0;
+                        continue;
+                    }
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    Some(done) = inflight.next(), if !inflight.is_empty() => {
+                        let done: Completed = done;
+                        cost_in_flight -= done.cost;
+                        let send = send_reply(wr, mode, done, &mut scratch);
+                        while_driving(send, &mut inflight, &mut finished).await?;
+                    }
+                    _ = stopping(&mut shutdown), if reading => reading = false,
+                    // read() is cancel-safe: a header arrives in pieces across iterations.
+                    r = rd.read(&mut header[filled..header_len]), if can_read => {
+                        let n = match r {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 0,
+                            Err(e) => return Err(e.into()),
+                        };
+                        if n == 0 {
+                            // The client hung up; finish what it asked for, then close.
+                            reading = false;
+                            continue;
+                        }
+                        filled += n;
+                        if filled < header_len {
+                            continue;
+                        }
+                        filled = 0;
+                        let next = next_request(&mut rd, &header[..header_len], &session, size, &payload_stop);
+                        match while_driving(next, &mut inflight, &mut finished).await? {
+                            AfterRequest::Run(req) => {
+                                cost_in_flight += req.cost;
+                                inflight.push(execute(backend.clone(), req, crate::spin::serving_client()));
+                            }
+                            AfterRequest::StopReading => reading = false,
+                        }
+                        // More requests already buffered: take them before flushing replies, so a
+                        // pipelined burst is answered with few socket writes.
+                        if reading && rd.buffer().len() >= header_len && cost_in_flight < CONNECTION_BUDGET {
+                            continue;
+                        }
+                    }
+                }
+                while let Some(Some(done)) = inflight.next().now_or_never() {
+                    finished.push_back(done);
+                }
+                send_finished(
+                    wr,
+                    mode,
+                    &mut scratch,
+                    &mut inflight,
+                    &mut finished,
+                    &mut cost_in_flight,
+                )
+                .await?;
+                while_driving(wr.flush(), &mut inflight, &mut finished).await?;
             }
-            break;
-        }
+            wr.flush().await?;
+            Ok::<(), ConnError>(())
+        };
+        tokio::pin!(client);
         tokio::select! {
             biased;
-            Some(done) = inflight.next(), if !inflight.is_empty() => {
-                let done: Completed = done;
-                cost_in_flight -= done.cost;
-                let send = send_reply(wr, mode, done, &mut scratch);
-                while_driving(send, &mut inflight, &mut finished).await?;
-            }
-            _ = stopping(&mut shutdown), if reading => reading = false,
-            // read() is cancel-safe: a header arrives in pieces across iterations.
-            r = rd.read(&mut header[filled..header_len]), if can_read => {
-                let n = match r {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 0,
-                    Err(e) => return Err(e.into()),
-                };
-                if n == 0 {
-                    // The client hung up; finish what it asked for, then close.
-                    reading = false;
-                    continue;
-                }
-                filled += n;
-                if filled < header_len {
-                    continue;
-                }
-                filled = 0;
-                let next = next_request(&mut rd, &header[..header_len], &session, size, &payload_stop);
-                match while_driving(next, &mut inflight, &mut finished).await? {
-                    AfterRequest::Run(req) => {
-                        cost_in_flight += req.cost;
-                        inflight.push(execute(backend.clone(), req, crate::spin::serving_client()));
-                    }
-                    AfterRequest::StopReading => reading = false,
-                }
-                // More requests already buffered: take them before flushing replies, so a
-                // pipelined burst is answered with few socket writes.
-                if reading && rd.buffer().len() >= header_len && cost_in_flight < CONNECTION_BUDGET {
-                    continue;
-                }
-            }
+            r = &mut client => r,
+            () = give_up.wait() => Err(ConnError::GivenUp),
         }
-        while let Some(Some(done)) = inflight.next().now_or_never() {
-            finished.push_back(done);
-        }
-        send_finished(
-            wr,
-            mode,
-            &mut scratch,
-            &mut inflight,
-            &mut finished,
-            &mut cost_in_flight,
-        )
-        .await?;
-        while_driving(wr.flush(), &mut inflight, &mut finished).await?;
-    }
-    wr.flush().await?;
-    Ok(())
+    };
+    finish_in_flight(&mut inflight).await;
+    result
 }
 
 /// Decodes one request whose header was read, reads its payload, and validates it.
@@ -944,6 +1069,12 @@ mod tests {
 
     /// A server on an ephemeral loopback port, its connections on this test's runtime.
     async fn start() -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        start_with(Arc::new(Unused)).await
+    }
+
+    async fn start_with<B: BlockBackend>(
+        backend: Arc<B>,
+    ) -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
         let (listener, addr) = tcp_listener().await;
         let exports = vec![Export {
             info: ExportInfo {
@@ -952,7 +1083,7 @@ mod tests {
                 size: 1 << 20,
                 base_flags: transmission_flags(false),
             },
-            backend: Arc::new(Unused),
+            backend,
         }];
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(serve(vec![listener], exports, stop_rx, 0));
@@ -1080,5 +1211,199 @@ mod tests {
             KEEPALIVE_PROBES
         );
         assert!(getsockopt(&s, sockopt::TcpNoDelay).expect("TCP_NODELAY"));
+    }
+
+    /// A backend whose writes finish only when the test releases them, and which counts a
+    /// write whose future was dropped before it finished: in the real backends that is a
+    /// write whose I/O may still be in the kernel (an orphaned io_uring operation) while the
+    /// range lock it held is already free for an overlapping write.
+    struct Gated {
+        release: tokio::sync::Semaphore,
+        started: std::sync::atomic::AtomicUsize,
+        finished: std::sync::atomic::AtomicUsize,
+        dropped_unfinished: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Gated {
+        fn new() -> Self {
+            Gated {
+                release: tokio::sync::Semaphore::new(0),
+                started: Default::default(),
+                finished: Default::default(),
+                dropped_unfinished: Default::default(),
+            }
+        }
+
+        fn count(c: &std::sync::atomic::AtomicUsize) -> usize {
+            c.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// Counts its write as dropped unfinished unless disarmed.
+    struct Unfinished<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
+
+    impl Drop for Unfinished<'_> {
+        fn drop(&mut self) {
+            if let Some(c) = self.0 {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl BlockBackend for Gated {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        async fn read(&self, _: u64, length: usize) -> crate::BackendResult<Vec<u8>> {
+            Ok(vec![0; length])
+        }
+        async fn write(&self, _: u64, _: Vec<u8>, _: bool) -> crate::BackendResult<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.started.fetch_add(1, SeqCst);
+            let mut unfinished = Unfinished(Some(&self.dropped_unfinished));
+            match self.release.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return Err(crate::BackendError::ShuttingDown),
+            }
+            unfinished.0 = None;
+            self.finished.fetch_add(1, SeqCst);
+            Ok(())
+        }
+        async fn flush(&self) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u64, _: bool) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u64, _: ZeroMode) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn cache(&self, _: u64, _: u64) -> crate::BackendResult<()> {
+            Ok(())
+        }
+        async fn block_status(
+            &self,
+            _: u64,
+            length: u64,
+            _: usize,
+        ) -> crate::BackendResult<Vec<Extent>> {
+            Ok(vec![Extent { length, flags: 0 }])
+        }
+    }
+
+    /// Connects and negotiates export "disk0" with OPT_GO (simple replies).
+    async fn transmitting(addr: SocketAddr) -> TcpStream {
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.expect("greeting");
+        c.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .expect("client flags");
+        let mut go = 5u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk0");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        send_option(&mut c, OPT_GO, &go).await;
+        loop {
+            let (option, reply) = read_option_reply(&mut c).await.expect("GO answered");
+            assert_eq!(option, OPT_GO);
+            match reply {
+                REP_INFO => continue,
+                REP_ACK => return c,
+                other => panic!("GO refused: {other:#x}"),
+            }
+        }
+    }
+
+    async fn send_write(c: &mut TcpStream, cookie: u64, offset: u64, len: u32) {
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.resize(b.len() + len as usize, 0xab);
+        c.write_all(&b).await.expect("send a write");
+    }
+
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A client that resets its connection with two writes in flight: the first finishes,
+    /// its reply cannot be sent, and the connection ends. The second write must still run to
+    /// its end, not be dropped halfway: a mirrored write's range lock is released when its
+    /// future ends, and a dropped one may leave its local write in the kernel, to land after
+    /// a later overlapping write that another connection made and had acknowledged.
+    #[tokio::test]
+    async fn a_reset_client_does_not_drop_its_requests_in_flight() {
+        let backend = Arc::new(Gated::new());
+        let (addr, stop, task) = start_with(backend.clone()).await;
+        let mut c = transmitting(addr).await;
+        send_write(&mut c, 1, 0, 4096).await;
+        send_write(&mut c, 2, 0, 4096).await;
+        wait_until("both writes started", || {
+            Gated::count(&backend.started) == 2
+        })
+        .await;
+        c.set_zero_linger().expect("SO_LINGER 0");
+        drop(c);
+        // Let the server see the reset, then finish one write: its reply fails to go out.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        backend.release.add_permits(1);
+        wait_until("one write finished", || {
+            Gated::count(&backend.finished) == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            Gated::count(&backend.dropped_unfinished),
+            0,
+            "the connection dropped a write still in flight"
+        );
+        backend.release.add_permits(1);
+        wait_until("the second write finished", || {
+            Gated::count(&backend.finished) == 2
+        })
+        .await;
+        stop.send(true).expect("server running");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve returns")
+            .expect("serve task");
+        assert_eq!(Gated::count(&backend.dropped_unfinished), 0);
+    }
+
+    /// A shutdown gives up on a client that does not read (after the grace), but not on its
+    /// requests in flight: they run to their end before the connection, and the shutdown,
+    /// finish.
+    #[tokio::test]
+    async fn a_shutdown_does_not_drop_requests_in_flight() {
+        let backend = Arc::new(Gated::new());
+        let (addr, stop, task) = start_with(backend.clone()).await;
+        let mut c = transmitting(addr).await;
+        send_write(&mut c, 1, 0, 4096).await;
+        wait_until("the write started", || Gated::count(&backend.started) == 1).await;
+        stop.send(true).expect("server running");
+        tokio::time::sleep(SHUTDOWN_GRACE + Duration::from_millis(500)).await;
+        assert_eq!(
+            Gated::count(&backend.dropped_unfinished),
+            0,
+            "the shutdown dropped a write still in flight"
+        );
+        assert!(!task.is_finished(), "serve returned with a write in flight");
+        backend.release.add_permits(1);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve returns once the write finished")
+            .expect("serve task");
+        assert_eq!(Gated::count(&backend.finished), 1);
+        assert_eq!(Gated::count(&backend.dropped_unfinished), 0);
     }
 }
