@@ -95,6 +95,17 @@ pub struct ImageFile {
     size: u64,
     read_only: bool,
     path: PathBuf,
+    /// Test-only: writes held back as if the disk stalled (see [`ImageFile::stall_next_write_at`]).
+    #[cfg(test)]
+    stalls: std::sync::Mutex<Vec<Stall>>,
+}
+
+/// Test-only: one write to hold back (see [`ImageFile::stall_next_write_at`]).
+#[cfg(test)]
+struct Stall {
+    offset: u64,
+    started: tokio::sync::oneshot::Sender<()>,
+    release: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl ImageFile {
@@ -163,7 +174,46 @@ impl ImageFile {
             size,
             read_only,
             path: path.to_owned(),
+            #[cfg(test)]
+            stalls: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Test-only: a disk that stalls. The next [`ImageFile::write_through`] at `offset` waits
+    /// before it writes anything until the returned sender fires or drops; the returned
+    /// receiver fires when that write has started (is in service and waiting).
+    #[cfg(test)]
+    pub(crate) fn stall_next_write_at(
+        &self,
+        offset: u64,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let (release_tx, release) = tokio::sync::oneshot::channel();
+        let (started, started_rx) = tokio::sync::oneshot::channel();
+        self.stalls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Stall {
+                offset,
+                started,
+                release,
+            });
+        (release_tx, started_rx)
+    }
+
+    #[cfg(test)]
+    async fn stall_if_asked(&self, offset: u64) {
+        let stall = {
+            let mut stalls = self.stalls.lock().unwrap_or_else(|e| e.into_inner());
+            let at = stalls.iter().position(|s| s.offset == offset);
+            at.map(|i| stalls.remove(i))
+        };
+        if let Some(s) = stall {
+            let _ = s.started.send(());
+            let _ = s.release.await;
+        }
     }
 
     pub fn engine_name(&self) -> &'static str {
@@ -183,6 +233,8 @@ impl ImageFile {
     /// (BENCHMARKS.md). The primary keeps the page cache: its reads, and its writes to a
     /// device shared with the peer, were faster that way.
     pub async fn write_through(&self, offset: u64, data: Vec<u8>, fua: bool) -> BackendResult<()> {
+        #[cfg(test)]
+        self.stall_if_asked(offset).await;
         let len = data.len();
         let data = if len >= DIRECT_WRITE_MIN
             && offset.is_multiple_of(DIRECT_ALIGN as u64)

@@ -150,7 +150,10 @@ fn request_cost_kib(m: &crate::repl::frame::Message) -> u32 {
     (bytes / 1024 + 1).min(u64::from(PEER_REQUEST_BUDGET_KIB)) as u32
 }
 
-/// Handles one request of the peer as its own task, holding its share of the budget.
+/// Handles one request of the peer as its own task, holding its share of the budget. The
+/// task is counted on its link until it ends, so a newer link of the volume is served only
+/// after it (`Volume::link_up`); a request read from a link already closed is dropped
+/// unapplied (the peer got no answer: it counts the request as lost).
 fn spawn_peer_request(
     vol: &Arc<Volume>,
     link: &Arc<Link>,
@@ -158,6 +161,10 @@ fn spawn_peer_request(
     m: crate::repl::frame::Message,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let Some(answering) = link.answering() else {
+        debug!(volume = %vol.name, peer = %link.peer_node, seq, "a request read from a closed link; dropped");
+        return;
+    };
     // Counted from its arrival, so a flush knows whether it is alone, and so the answers to
     // a burst of requests read from one buffer queue up and leave in one write, not a send()
     // each: the secondary spent a third of its CPU at queue depth 32 sending acks one by one.
@@ -178,7 +185,6 @@ fn spawn_peer_request(
         | Message::HashRequest { .. } => nbd_server::spin::serving_client(),
         _ => nbd_server::spin::serving(),
     };
-    let answering = link.answering();
     let request = vol.clone().handle_request(link.clone(), seq, m);
     tokio::spawn(async move {
         request.await;
@@ -186,6 +192,32 @@ fn spawn_peer_request(
         drop(serving);
         drop(permit);
     });
+}
+
+/// Waits for `cost` of a link's request budget. Past `limit` (the request timeout) it closes
+/// the link and returns `None`: the wait only lasts while requests that arrived before it
+/// hold the budget, unanswered (the reader starts none meanwhile), so one of them has then
+/// been in service longer than the peer waits for an answer (both nodes derive it from
+/// `peer_timeout`), and the peer has closed the link on its side. The reader, which reads
+/// nothing while it waits, would not see that end: without this, a node that dials would not
+/// dial again while its disk is stuck. Closing early is safe anyway: the peer records what
+/// it got no answer for as dirty, and the next link waits for the tasks still in service.
+async fn wait_for_budget(
+    volume: &str,
+    link: &Arc<Link>,
+    budget: Arc<tokio::sync::Semaphore>,
+    cost: u32,
+    limit: Duration,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match tokio::time::timeout(limit, budget.acquire_many_owned(cost)).await {
+        Ok(permit) => permit.ok(),
+        Err(_) => {
+            warn!(volume, peer = %link.peer_node, waited = ?limit, in_service = link.requests_in_service(),
+                  "the peer's requests have held this node's request budget longer than the peer waits for an answer (a slow or hung disk?); link closed");
+            link.close();
+            None
+        }
+    }
 }
 
 /// Most replication connections waiting for their handshake at once. Each holds a task, a
@@ -435,6 +467,12 @@ impl Node {
     }
 
     pub async fn shutdown(&self) {
+        // As a demotion does: writes held waiting for the witness's permission to be
+        // acknowledged alone fail now (never acknowledged) instead of holding their
+        // connections, which run their requests to the end before they close.
+        for h in &self.volumes {
+            h.vol.begin_demote();
+        }
         let mut exports = self.exports.lock().await;
         for (name, e) in exports.drain() {
             let _ = e.stop.send(true);
@@ -619,7 +657,9 @@ impl Node {
             link.clone(),
             (self.peer_timeout / 4).max(Duration::from_millis(100)),
         ));
-        vol.link_up(link.clone());
+        // Returns once no request of an older link of this volume is in service here any
+        // more (or this link closed meanwhile); only then are this link's frames read.
+        vol.link_up(link.clone()).await;
         let (v, l) = (vol.clone(), link.clone());
         let budget = Arc::new(tokio::sync::Semaphore::new(
             PEER_REQUEST_BUDGET_KIB as usize,
@@ -648,9 +688,17 @@ impl Node {
                 };
                 async move {
                     // Over budget: the reader waits here, so the peer's frames wait in the
-                    // socket (and TCP slows the peer) instead of in this node's memory.
+                    // socket (and TCP slows the peer) instead of in this node's memory. It
+                    // then reads nothing, not even the end of the connection: it stops when
+                    // the link closes (`reader_loop` watches that): a newer link replacing
+                    // it, the writer failing on a socket the peer closed, or the wait
+                    // outlasting the request timeout (`wait_for_budget`). The request it
+                    // holds is then dropped (a closed link takes none), and the tasks
+                    // already started stay counted on the link until they end.
                     if let Some((v, l, budget, m, cost)) = blocked {
-                        if let Ok(permit) = budget.acquire_many_owned(cost).await {
+                        if let Some(permit) =
+                            wait_for_budget(&v.name, &l, budget, cost, request_timeout).await
+                        {
                             spawn_peer_request(&v, &l, seq, m, permit);
                         }
                     }
@@ -677,6 +725,222 @@ mod tests {
     use crate::repl::frame::Message;
     use std::time::Duration;
     use tokio::sync::oneshot::error::TryRecvError;
+
+    /// A node with no volume of its own, for driving `link_session` directly.
+    fn session_node() -> std::sync::Arc<super::Node> {
+        std::sync::Arc::new(super::Node {
+            name: "b".into(),
+            peer_addr: "127.0.0.1:9".into(),
+            key: crate::repl::auth::AuthKey::from_secret("a secret of the pair, long enough"),
+            peer_timeout: Duration::from_secs(10),
+            threads: 0,
+            volumes: Vec::new(),
+            exports: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// A loopback connection: (this node's end, the test's end playing the primary).
+    async fn loopback() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("address");
+        let (theirs, ours) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (ours.expect("accept").0, theirs.expect("connect"))
+    }
+
+    /// The next frame other than a ping or pong before `deadline`, if any.
+    async fn next_frame<R: tokio::io::AsyncRead + Unpin>(
+        rd: &mut R,
+        deadline: tokio::time::Instant,
+    ) -> Option<(u64, Message)> {
+        loop {
+            match tokio::time::timeout_at(deadline, crate::repl::link::read_frame(rd)).await {
+                Err(_) => return None,
+                Ok(Ok(Some((_, Message::Ping | Message::Pong)))) => {}
+                Ok(Ok(Some((h, m)))) => return Some((h.seq, m)),
+                Ok(other) => panic!("the link ended: {:?}", other.err()),
+            }
+        }
+    }
+
+    /// The secondary's side of the reviewer's interleaving: the primary's write W1 on link 1
+    /// stalls on this node's disk; the primary gives up on link 1 and writes W2 to the same
+    /// range over link 2 (as its resync chunk would). W2 must not reach the image before W1
+    /// ended, or W1 lands over it and the copies differ with no dirty bit on either side.
+    /// Twice: link 1 ended here first (its reader saw the end of the connection), and link 1
+    /// still open here (a reader blocked on the request budget never sees that end), where
+    /// link 2's arrival must close it.
+    #[test]
+    fn a_new_links_write_waits_for_the_old_links_stalled_write() {
+        for old_link_ended_first in [true, false] {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(stale_write_case(old_link_ended_first));
+        }
+    }
+
+    async fn stale_write_case(old_link_ended_first: bool) {
+        use crate::repl::link::write_message;
+        use tokio::time::Instant;
+        const AT: u64 = 1 << 20;
+        const LEN: usize = 64 << 10;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = crate::volume::Volume::open(
+            crate::volume::VolumeSpec {
+                name: "v".into(),
+                node: "b".into(),
+                image: dir.path().join("v.img"),
+                metadata: dir.path().join("v.meta"),
+                size: 16 << 20,
+                engine: crate::EngineKind::Sync,
+            },
+            crate::volume::ResyncOptions {
+                rate: 0,
+                checksum: false,
+            },
+        )
+        .expect("open the volume");
+        let node = session_node();
+        let session = |stream| {
+            let (node, vol) = (node.clone(), vol.clone());
+            tokio::spawn(async move { node.link_session(vol, stream, "a".into()).await })
+        };
+
+        // Link 1: this node announces its state; W1 reaches its disk and stalls there.
+        let (ours1, theirs1) = loopback().await;
+        let mut session1 = session(ours1);
+        let (rd1, mut wr1) = theirs1.into_split();
+        let mut rd1 = tokio::io::BufReader::new(rd1);
+        let soon = || Instant::now() + Duration::from_secs(5);
+        assert!(matches!(
+            next_frame(&mut rd1, soon()).await,
+            Some((_, Message::State(_)))
+        ));
+        let (release_w1, w1_started) = vol.image_for_tests().stall_next_write_at(AT);
+        let w1 = Message::Write {
+            offset: AT,
+            fua: false,
+            data: vec![1; LEN],
+        };
+        write_message(&mut wr1, 1, &w1).await.expect("send W1");
+        tokio::time::timeout(Duration::from_secs(5), w1_started)
+            .await
+            .expect("W1 reaches the disk")
+            .expect("stall hook");
+
+        // The primary's request timed out: it closed link 1 (and released the range).
+        if old_link_ended_first {
+            drop((rd1, wr1));
+            tokio::time::timeout(Duration::from_secs(5), &mut session1)
+                .await
+                .expect("link 1 ends here when the primary closes it")
+                .expect("session task");
+        }
+
+        // Link 2: W2 to the same range at once.
+        let (ours2, theirs2) = loopback().await;
+        let session2 = session(ours2);
+        let (rd2, mut wr2) = theirs2.into_split();
+        let mut rd2 = tokio::io::BufReader::new(rd2);
+        let w2 = Message::Write {
+            offset: AT,
+            fua: false,
+            data: vec![2; LEN],
+        };
+        write_message(&mut wr2, 7, &w2).await.expect("send W2");
+        let w2_acked = |f: &(u64, Message)| matches!(f, (7, Message::Ack { .. }));
+        // What link 2 gets while W1 is still in service (the old code answered W2 at once).
+        let mut while_stalled = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Some(f) = next_frame(&mut rd2, deadline).await {
+            let done = w2_acked(&f);
+            while_stalled.push(f);
+            if done {
+                break;
+            }
+        }
+
+        // W1's disk comes back.
+        let _ = release_w1.send(());
+        let mut after = Vec::new();
+        if !while_stalled.iter().any(w2_acked) {
+            let deadline = soon();
+            while let Some(f) = next_frame(&mut rd2, deadline).await {
+                let done = w2_acked(&f);
+                after.push(f);
+                if done {
+                    break;
+                }
+            }
+        }
+        // A late W1 (the old code) lands within moments of its release.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let image = std::fs::read(vol.image_path()).expect("read the image");
+        let at = AT as usize;
+        assert!(
+            image[at..at + LEN].iter().all(|&b| b == 2),
+            "the old link's stalled write landed over the new link's (first byte {}; old link ended first: {old_link_ended_first})",
+            image[at]
+        );
+        assert!(
+            while_stalled.is_empty(),
+            "link 2 was answered while link 1's write was in service: {while_stalled:?}"
+        );
+        assert!(
+            matches!(after.first(), Some((_, Message::State(_)))),
+            "the state is announced first, once link 1 drained: {after:?}"
+        );
+        assert!(
+            matches!(after.last(), Some((7, Message::Ack { errno: 0 }))),
+            "then W2 is applied: {after:?}"
+        );
+        if !old_link_ended_first {
+            // Link 2's arrival closed link 1, whose reader never saw the primary go.
+            let _ = tokio::time::timeout(Duration::from_secs(5), session1)
+                .await
+                .expect("link 1 is closed by link 2's arrival");
+        }
+        drop((rd2, wr2));
+        let _ = tokio::time::timeout(Duration::from_secs(5), session2)
+            .await
+            .expect("link 2 ends with its connection");
+    }
+
+    /// A reader blocked on the request budget for longer than the request timeout closes its
+    /// link (the peer has given up on it, and the reader would never see it go); the tasks
+    /// that hold the budget stay counted on the closed link until they end.
+    #[test]
+    fn a_reader_blocked_on_the_budget_past_the_request_timeout_closes_its_link() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let link = crate::repl::link::Link::new("a".into(), Duration::from_secs(10), None);
+            let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+            let held = budget.clone().acquire_many_owned(8).await.expect("budget");
+            let in_service = link.answering().expect("open link");
+            let start = tokio::time::Instant::now();
+            let got =
+                super::wait_for_budget("v", &link, budget.clone(), 4, Duration::from_millis(200))
+                    .await;
+            assert!(got.is_none());
+            assert!(start.elapsed() >= Duration::from_millis(200));
+            assert!(link.is_closed(), "closed after the request timeout");
+            assert!(!link.is_drained(), "its request in service still counts");
+            drop((held, in_service));
+            assert!(link.is_drained());
+            // With room in the budget it returns at once and the link stays open.
+            let open = crate::repl::link::Link::new("a".into(), Duration::from_secs(10), None);
+            let permit =
+                super::wait_for_budget("v", &open, budget, 4, Duration::from_millis(200)).await;
+            assert!(permit.is_some() && !open.is_closed());
+        });
+    }
 
     #[test]
     fn a_peer_request_costs_the_memory_it_makes_this_node_hold() {

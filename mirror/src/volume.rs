@@ -135,6 +135,12 @@ struct Shared {
     role: Role,
     /// The connected, authenticated peer link (mirroring may or may not be on).
     link: Option<Arc<Link>>,
+    /// `link` announced our state: no request of an older link was in service any more
+    /// (see `link_up`). Until then nothing is announced on it.
+    link_ready: bool,
+    /// Older links (closed) whose requests may still be in service here, until a newer
+    /// link's `link_up` finds them drained.
+    retired: Vec<Arc<Link>>,
     peer: Option<PeerView>,
     plan: Option<Plan>,
     resync_source_running: bool,
@@ -322,6 +328,8 @@ impl Volume {
             shared: Mutex::new(Shared {
                 role: Role::Secondary,
                 link: None,
+                link_ready: false,
+                retired: Vec::new(),
                 peer: None,
                 plan: None,
                 resync_source_running: false,
@@ -358,6 +366,12 @@ impl Volume {
 
     pub fn image_path(&self) -> &Path {
         self.image.path()
+    }
+
+    /// Test-only: the image, to stall its writes (`ImageFile::stall_next_write_at`).
+    #[cfg(test)]
+    pub(crate) fn image_for_tests(&self) -> &ImageFile {
+        &self.image
     }
 
     fn mirror_link(&self) -> Option<Arc<Link>> {
@@ -407,7 +421,13 @@ impl Volume {
 
     /// Sends our state to the peer (after any change of role, generation or consistency).
     fn announce(&self) {
-        let link = lock(&self.shared).link.clone();
+        // Not before `link_up` announced it: a state sent while an older link's request is
+        // still in service (it may yet fail and mark its range dirty) could be decided on
+        // and acted upon without that range.
+        let link = {
+            let sh = lock(&self.shared);
+            sh.link.clone().filter(|_| sh.link_ready)
+        };
         if let Some(l) = link {
             l.send(0, &self.state_message());
         }
@@ -415,36 +435,113 @@ impl Volume {
 
     // ----- link lifecycle -----
 
-    /// A new authenticated connection: replaces any older one and announces our state.
-    pub fn link_up(self: &Arc<Self>, link: Arc<Link>) {
+    /// A new authenticated connection: replaces any older one, waits until no request of an
+    /// older link is in service here any more, then announces our state. The caller reads
+    /// the new link's frames only after this returns. Returns without announcing anything
+    /// when `link` closes first (a newer link replaced it, or the peer was disconnected).
+    ///
+    /// Why wait: the primary never has two overlapping requests in flight on one link, but
+    /// nothing orders requests of two links. A write of a link the primary gave up on (its
+    /// request timed out, the link closed, the range lock released) may still be in service
+    /// on our disk; the primary records that range alone and resyncs it over the new link.
+    /// If the old write landed after the resync chunk, both sides would call themselves in
+    /// sync with different data there, silently.
+    pub async fn link_up(self: &Arc<Self>, link: Arc<Link>) {
         let old = {
             let mut sh = lock(&self.shared);
             sh.peer = None;
             sh.plan = None;
+            sh.link_ready = false;
             sh.reason = "connected; exchanging state".into();
             self.links_established.fetch_add(1, Ordering::AcqRel);
-            sh.link.replace(link.clone())
+            let old = sh.link.replace(link.clone());
+            if let Some(old) = &old {
+                // Closed before anyone can see it retired: its reader starts no request after
+                // this (`Link::answering`), so a drained retired link stays drained.
+                old.close();
+                sh.retired.push(old.clone());
+            }
+            old
         };
-        if let Some(old) = old {
+        if old.is_some() {
             // The peer came back before the old link timed out (it may have power-cycled):
             // link_down of the old link will find it replaced and do nothing, so what that
             // link left unflushed is recorded here, after the close (a write acknowledged on
             // it from now on sees it closed and records itself).
-            old.close();
             self.record_unflushed_as_dirty();
         }
         info!(volume = %self.name, peer = %link.peer_node, "peer connected");
+        if !self.wait_for_older_links(&link).await {
+            return;
+        }
+        {
+            let mut sh = lock(&self.shared);
+            match &sh.link {
+                Some(l) if Arc::ptr_eq(l, &link) => {
+                    sh.link_ready = true;
+                    sh.reason = "connected; exchanging state".into();
+                }
+                _ => return,
+            }
+        }
         link.send(0, &self.state_message());
+    }
+
+    /// Waits until every retired link of this volume is drained (closed, none of its
+    /// requests in service here). `false`: `link`, the new one, closed first.
+    ///
+    /// It never gives up, however long an old request takes (a disk that hangs): ordering
+    /// matters more than liveness here. Serving the new link anyway could let the old write
+    /// land over newer data without a dirty bit on either side, a divergence nothing would
+    /// ever detect; waiting only delays the state exchange, while the primary serves alone
+    /// and tracks its writes in its dirty map, as with no link at all. A disk that never
+    /// answers needs an operator either way: the warning below says where to look.
+    async fn wait_for_older_links(&self, link: &Arc<Link>) -> bool {
+        const WARN_EVERY: Duration = Duration::from_secs(10);
+        let started = Instant::now();
+        let mut warn_at = tokio::time::Instant::now() + WARN_EVERY;
+        loop {
+            let older = {
+                let mut sh = lock(&self.shared);
+                sh.retired.retain(|l| !l.is_drained());
+                let older = sh.retired.iter().find(|l| !Arc::ptr_eq(l, link)).cloned();
+                if older.is_some() && sh.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+                    sh.reason = "connected; waiting for requests of the previous link still in service here".into();
+                }
+                older
+            };
+            let Some(older) = older else {
+                return true;
+            };
+            // Retired links are closed already; a drained wait on an open one would never
+            // end, so make sure.
+            older.close();
+            tokio::select! {
+                () = older.drained() => {}
+                () = link.closed() => return false,
+                () = tokio::time::sleep_until(warn_at) => {
+                    warn!(volume = %self.name, peer = %link.peer_node, waited = ?started.elapsed(),
+                          requests = older.requests_in_service(),
+                          "requests of the previous replication link are still in service here (a slow or hung disk?); the new link waits for them before exchanging state");
+                    warn_at += WARN_EVERY;
+                }
+            }
+        }
     }
 
     /// The connection ended. The primary keeps serving alone.
     pub async fn link_down(self: &Arc<Self>, link: &Arc<Link>, why: &str) {
+        // Closed before it is retired (see link_up): its reader starts no request after this.
+        link.close();
         {
             let mut sh = lock(&self.shared);
             match &sh.link {
                 Some(l) if Arc::ptr_eq(l, link) => {}
                 _ => return, // already replaced by a newer connection
             }
+            // Its requests may still be in service: the next link waits for them.
+            sh.retired.retain(|l| !l.is_drained());
+            sh.retired.push(link.clone());
             let in_sync = matches!(sh.plan, Some(Plan::InSync))
                 && self.meta.flags().contains(Flags::CONSISTENT);
             self.in_sync_at_loss.store(in_sync, Ordering::Release);
@@ -454,7 +551,6 @@ impl Volume {
             sh.target_progress = None;
             sh.reason = format!("peer disconnected: {why}");
         }
-        link.close();
         self.set_mirror(None);
         warn!(volume = %self.name, peer = %link.peer_node, reason = why, "peer lost");
         self.record_unflushed_as_dirty();

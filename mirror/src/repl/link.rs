@@ -266,6 +266,8 @@ pub struct Link {
     request_timeout: Duration,
     /// Requests from the peer being handled here (see [`Link::answering`]).
     answering: AtomicUsize,
+    /// Wakes [`Link::drained`] waiters: the link is closed and its last request ended.
+    drained: Notify,
 }
 
 /// Frames on their way to the socket. A sender whose frame has nothing queued ahead of it
@@ -395,6 +397,7 @@ impl Link {
             closed_notify: Notify::new(),
             request_timeout,
             answering: AtomicUsize::new(0),
+            drained: Notify::new(),
         })
     }
 
@@ -418,13 +421,14 @@ impl Link {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        // SeqCst, with the swap in `close` and the counter in `answering`: see there.
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Closes the link: every waiting request fails with [`LinkError::Down`], the writer
     /// stops, and the connection task ends.
     pub fn close(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
             {
                 let mut outbox = self.lock_outbox();
                 outbox.closed = true;
@@ -433,6 +437,8 @@ impl Link {
             }
             self.lock_pending().clear();
             self.closed_notify.notify_waiters();
+            // A link closed with no request in service is drained at once.
+            self.drained.notify_waiters();
         }
     }
 
@@ -455,10 +461,46 @@ impl Link {
     }
 
     /// Counts a request from the peer as being handled until the guard drops; its response
-    /// goes out directly only when it is the only one.
-    pub fn answering(self: &Arc<Self>) -> Answering {
-        self.answering.fetch_add(1, Ordering::Relaxed);
-        Answering(self.clone())
+    /// goes out directly only when it is the only one. `None` once the link is closed: a
+    /// request read from a closed link must not be applied (its answer could not be sent,
+    /// and a newer link may already be served: see [`Link::drained`]).
+    pub fn answering(self: &Arc<Self>) -> Option<Answering> {
+        // Counted first, then the closed flag read, both SeqCst, while `close` sets the flag
+        // before a waiter reads the count (SeqCst too): a waiter that finds no request in
+        // service can never be followed by a request that saw the link open. On x86 this is
+        // the same locked add as before plus a plain load.
+        self.answering.fetch_add(1, Ordering::SeqCst);
+        let guard = Answering(self.clone());
+        if self.is_closed() {
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Requests from the peer still being handled here.
+    pub fn requests_in_service(&self) -> usize {
+        self.answering.load(Ordering::SeqCst)
+    }
+
+    /// Closed, and no request of the peer is being handled any more (none can start).
+    pub fn is_drained(&self) -> bool {
+        self.is_closed() && self.requests_in_service() == 0
+    }
+
+    /// Resolves once the link is closed and every request of the peer it started has ended
+    /// (see [`Link::answering`]). Requests that arrive later are refused, so from then on
+    /// nothing this link carried can still reach the image.
+    pub async fn drained(&self) {
+        loop {
+            let n = self.drained.notified();
+            tokio::pin!(n);
+            // Registered before the check: a last request that ends in between wakes it.
+            n.as_mut().enable();
+            if self.is_drained() {
+                return;
+            }
+            n.await;
+        }
     }
 
     fn register(&self) -> Result<(u64, oneshot::Receiver<Message>), LinkError> {
@@ -534,7 +576,11 @@ pub struct Answering(Arc<Link>);
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        self.0.answering.fetch_sub(1, Ordering::Relaxed);
+        // Only the last request of a closed link wakes anyone (`drained`): on an open link
+        // this costs one load more than the decrement.
+        if self.0.answering.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.is_closed() {
+            self.0.drained.notify_waiters();
+        }
     }
 }
 
@@ -890,12 +936,14 @@ mod tests {
         sender.set_nonblocking(true).expect("non-blocking");
         let link = Link::new("peer".into(), Duration::from_secs(10), Some(sender));
 
-        let alone = link.answering();
+        let alone = link.answering().expect("open link");
         link.send(1, &Message::Ack { errno: 0 });
         assert_eq!(link.lock_outbox().queue.len(), 0, "alone: written directly");
         drop(alone);
 
-        let burst: Vec<Answering> = (0..3).map(|_| link.answering()).collect();
+        let burst: Vec<Answering> = (0..3)
+            .map(|_| link.answering().expect("open link"))
+            .collect();
         for (seq, guard) in (2..).zip(burst) {
             link.send(seq, &Message::Ack { errno: 0 });
             drop(guard);
@@ -905,6 +953,48 @@ mod tests {
             3,
             "every answer of the burst waits for the writer task, the last one too"
         );
+    }
+
+    /// A closed link takes no new request from the peer, and is drained once the requests
+    /// it started have ended: what a newer link of the volume waits for (`Volume::link_up`).
+    #[test]
+    fn a_closed_link_takes_no_request_and_drains_with_its_last_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let link = Link::new("peer".into(), Duration::from_secs(10), None);
+            let first = link.answering().expect("an open link takes requests");
+            let second = link.answering().expect("an open link takes requests");
+            assert!(!link.is_drained(), "open");
+            link.close();
+            assert!(link.answering().is_none(), "a closed link takes none");
+            assert_eq!(
+                link.requests_in_service(),
+                2,
+                "the refused one is not counted"
+            );
+            let waiter = tokio::spawn({
+                let link = link.clone();
+                async move { link.drained().await }
+            });
+            drop(first);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!waiter.is_finished(), "a request is still in service");
+            drop(second);
+            tokio::time::timeout(Duration::from_secs(2), waiter)
+                .await
+                .expect("drained once the last request ended")
+                .expect("waiter task");
+            assert!(link.is_drained());
+            // Closed with nothing in service: drained at once.
+            let idle = Link::new("peer".into(), Duration::from_secs(10), None);
+            idle.close();
+            tokio::time::timeout(Duration::from_secs(2), idle.drained())
+                .await
+                .expect("drained at once");
+        });
     }
 
     /// A frame that the socket took only in part stays first: a later sender must queue
