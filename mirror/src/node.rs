@@ -469,9 +469,10 @@ impl Node {
     pub async fn shutdown(&self) {
         // As a demotion does: writes held waiting for the witness's permission to be
         // acknowledged alone fail now (never acknowledged) instead of holding their
-        // connections, which run their requests to the end before they close.
+        // connections, which run their requests to the end before they close; and no
+        // promotion (the failover logic still runs) undoes that.
         for h in &self.volumes {
-            h.vol.begin_demote();
+            h.vol.begin_shutdown();
         }
         let mut exports = self.exports.lock().await;
         for (name, e) in exports.drain() {
@@ -908,6 +909,84 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_secs(5), session2)
             .await
             .expect("link 2 ends with its connection");
+    }
+
+    /// A promotion waits for the old primary's write still on this disk (its link already
+    /// gone): promoted at once, this node's own writes could be overwritten by it.
+    #[test]
+    fn a_promotion_waits_for_a_gone_links_stalled_write() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use crate::repl::link::write_message;
+            use tokio::time::Instant;
+            const AT: u64 = 1 << 20;
+            let dir = tempfile::tempdir().expect("temporary folder");
+            let vol = crate::volume::Volume::open(
+                crate::volume::VolumeSpec {
+                    name: "v".into(),
+                    node: "b".into(),
+                    image: dir.path().join("v.img"),
+                    metadata: dir.path().join("v.meta"),
+                    size: 16 << 20,
+                    engine: crate::EngineKind::Sync,
+                },
+                crate::volume::ResyncOptions {
+                    rate: 0,
+                    checksum: false,
+                },
+            )
+            .expect("open the volume");
+            let node = session_node();
+            let (ours, theirs) = loopback().await;
+            let session = {
+                let (node, vol) = (node.clone(), vol.clone());
+                tokio::spawn(async move { node.link_session(vol, ours, "a".into()).await })
+            };
+            let (rd, mut wr) = theirs.into_split();
+            let mut rd = tokio::io::BufReader::new(rd);
+            let soon = Instant::now() + Duration::from_secs(5);
+            assert!(matches!(
+                next_frame(&mut rd, soon).await,
+                Some((_, Message::State(_)))
+            ));
+            let (release, started) = vol.image_for_tests().stall_next_write_at(AT);
+            let w1 = Message::Write {
+                offset: AT,
+                fua: false,
+                data: vec![1; 64 << 10],
+            };
+            write_message(&mut wr, 1, &w1).await.expect("send W1");
+            tokio::time::timeout(Duration::from_secs(5), started)
+                .await
+                .expect("W1 reaches the disk")
+                .expect("stall hook");
+            // The primary is gone: its link ends here, W1 still in service.
+            drop((rd, wr));
+            tokio::time::timeout(Duration::from_secs(5), session)
+                .await
+                .expect("the link ends")
+                .expect("session task");
+            let promotion = {
+                let vol = vol.clone();
+                tokio::spawn(async move { vol.promote(true).await })
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                !promotion.is_finished(),
+                "promoted while the old primary's write was still in service"
+            );
+            assert_eq!(vol.role(), super::Role::Secondary);
+            let _ = release.send(());
+            tokio::time::timeout(Duration::from_secs(5), promotion)
+                .await
+                .expect("promoted once W1 ended")
+                .expect("promotion task")
+                .expect("promotion");
+            assert_eq!(vol.role(), super::Role::Primary);
+        });
     }
 
     /// A reader blocked on the request budget for longer than the request timeout closes its

@@ -121,6 +121,10 @@ const MAINTENANCE_TICK: Duration = Duration::from_secs(2);
 /// not flushed as dirty (a resync after the next start, instead of a wait on a dead peer).
 const SHUTDOWN_PEER_FLUSH: Duration = Duration::from_secs(10);
 
+/// How long a promotion waits for requests of the old primary still on this disk
+/// (`Volume::wait_for_gone_links`) before it is refused.
+const PROMOTE_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 /// The default of the `peer_flush_interval` key.
 pub const DEFAULT_PEER_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -810,9 +814,14 @@ impl Volume {
         loop {
             let allowed = *rx.borrow_and_update();
             let before_deadline = lock(&self.alone_deadline).is_none_or(|d| Instant::now() < d);
-            if allowed == ALONE_ALWAYS
-                || (allowed == self.meta.generations().current && before_deadline)
-            {
+            let g = self.meta.generations();
+            if g.current == g.sync && g.current != 0 {
+                // In sync with the peer again (a FLUSH held here while a resync carried
+                // what it covers): nothing rests on this node alone any more. A write
+                // waiting here holds its range, so no resync completes under it.
+                return Ok(());
+            }
+            if allowed == ALONE_ALWAYS || (allowed == g.current && before_deadline) {
                 if self.meta.flags().contains(Flags::UNCONFIRMED) {
                     // Durable before the first acknowledgement of this generation.
                     self.meta
@@ -875,9 +884,10 @@ impl Volume {
             // NBD clients reach a volume only through the export `node.rs` starts on a
             // promotion and drains before a demotion, so a former primary that meets a
             // write here was demoted under that client's connection: ESHUTDOWN says this
-            // server stopped serving (QEMU reconnects, and finds the new primary), where
-            // EPERM (from EROFS) would say the disk is read-only, which it never was to
-            // this client. A volume never primary since it opened has no such client; its
+            // server stopped serving, where EPERM (from EROFS) would say the disk is
+            // read-only, which it never was to this client. (Either is an I/O error to a
+            // QEMU guest: QEMU reconnects on a broken connection, not on an error reply.
+            // Rare anyway: a demotion drains the export first.) A volume never primary since it opened has no such client; its
             // writes stay refused as on a read-only disk.
             if self.was_primary.load(Ordering::Acquire) {
                 return Err(BackendError::ShuttingDown);
@@ -990,13 +1000,21 @@ impl Volume {
     }
 
     /// Flushes the peer. `Ok(true)`: every write the peer acknowledged before this call is
-    /// on its disk. `Ok(false)`: the flush failed or never arrived, and what it covered is
-    /// recorded as dirty. `Err`: that record could not be made.
-    async fn flush_peer(&self, link: &Arc<Link>) -> Result<bool, MetadataError> {
+    /// on its disk. Otherwise what it covered is recorded as dirty, and the outcome says
+    /// whether the peer answered. `Err`: that record could not be made.
+    async fn flush_peer(&self, link: &Arc<Link>) -> Result<PeerFlush, MetadataError> {
         let reply = self
             .request_peer_flush(link, &Message::Flush, "a flush")
             .await?;
-        Ok(matches!(reply, Ok(Message::Ack { errno: 0 })))
+        Ok(match reply {
+            Ok(Message::Ack { errno: 0 }) => PeerFlush::Done,
+            // A primary too: it applies nothing of ours (see `replicated`).
+            Ok(Message::Ack { errno }) if errno == libc::EROFS as u32 => PeerFlush::Absent,
+            // It answered: a peer whose flush fails marks its copy inconsistent, durably,
+            // before it answers, so that copy is never promoted nor used as a source.
+            Ok(_) => PeerFlush::Failed,
+            Err(_) => PeerFlush::Absent,
+        })
     }
 
     /// Sends `request`, which makes the peer flush (`Flush`, or `ResyncDone`, which flushes
@@ -1063,7 +1081,14 @@ impl Volume {
                         && sh
                             .last_resync_failure
                             .is_none_or(|t| t.elapsed() > Duration::from_secs(10));
-                    (due, sh.last_resync_failure.is_some())
+                    let resync_planned = matches!(
+                        sh.plan,
+                        Some(Plan::Resync {
+                            source: Who::Local,
+                            ..
+                        })
+                    );
+                    (due, resync_planned && sh.last_resync_failure.is_some())
                 };
                 // A pass that failed with nothing dirty here (the peer's final flush failed,
                 // say) still left the peer inconsistent: only a pass that completes ends that.
@@ -1497,7 +1522,9 @@ impl Volume {
                     if acked_since_flush >= RESYNC_FLUSH_EVERY {
                         // Bounds what a target that loses power copies again (what it
                         // acknowledged since its last flush; see chunk_done).
-                        if !self.flush_peer(link).await.map_err(merr)? && link.is_closed() {
+                        if self.flush_peer(link).await.map_err(merr)? != PeerFlush::Done
+                            && link.is_closed()
+                        {
                             return Err(verr(LinkError::Down));
                         }
                         acked_since_flush = 0;
@@ -1530,7 +1557,7 @@ impl Volume {
             }
             // The pass's chunks stay dirty until the target flushed them: settle them, then
             // see whether anything is left.
-            if !self.flush_peer(link).await.map_err(merr)? {
+            if self.flush_peer(link).await.map_err(merr)? != PeerFlush::Done {
                 if link.is_closed() {
                     return Err(verr(LinkError::Down));
                 }
@@ -1717,6 +1744,12 @@ impl Volume {
         if self.role() == Role::Primary {
             return Ok(Some("already primary".into()));
         }
+        if self.is_shutting_down() {
+            return Err(VolumeError::Refused {
+                volume: self.name.clone(),
+                what: "the daemon is stopping".into(),
+            });
+        }
         self.demoting.store(false, Ordering::Release);
         let local = self.local_side();
         let (peer, link) = {
@@ -1729,6 +1762,7 @@ impl Volume {
                 reason,
             }
         })?;
+        self.wait_for_gone_links(PROMOTE_DRAIN_LIMIT).await?;
         let merr = |source| VolumeError::Metadata {
             volume: self.name.clone(),
             source,
@@ -1782,6 +1816,39 @@ impl Volume {
         }))
     }
 
+    /// Before this node takes writes of its own, the requests of links already gone (the
+    /// old primary's writes, still on this disk) must have ended: one landing after a write
+    /// of the new primary would overwrite it, with no dirty bit anywhere (the same reason as
+    /// `link_up` waits). Bounded: a disk that does not finish them gets the promotion
+    /// refused, with the reason, rather than hung (the failover logic tries again).
+    async fn wait_for_gone_links(&self, limit: Duration) -> Result<(), VolumeError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let in_service: usize = {
+                let mut sh = lock(&self.shared);
+                sh.retired.retain(|l| !l.is_drained());
+                let current_closed = sh.link.clone().filter(|l| l.is_closed());
+                sh.retired
+                    .iter()
+                    .chain(current_closed.as_ref())
+                    .map(|l| l.requests_in_service())
+                    .sum()
+            };
+            if in_service == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VolumeError::Refused {
+                    volume: self.name.clone(),
+                    what: format!(
+                        "{in_service} request(s) of the previous primary are still in service on this node's disk after {limit:?} (a slow or hung disk?); promoting now could let them land over the new primary's writes. Try again once they finished"
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Demotes this node; the caller has stopped the NBD export first.
     pub async fn demote(self: &Arc<Self>) -> Result<(), VolumeError> {
         if self.role() == Role::Secondary {
@@ -1813,16 +1880,16 @@ impl Volume {
         Ok(())
     }
 
-    /// Flushes the local image and the peer. `Ok(true)`: the peer flushed too; `Ok(false)`:
-    /// no peer, or its flush failed (what it may lack is marked dirty then).
-    async fn flush_all(&self) -> BackendResult<bool> {
+    /// Flushes the local image and the peer; says how the peer's part went (unless it
+    /// flushed, what it may lack is marked dirty).
+    async fn flush_all(&self) -> BackendResult<PeerFlush> {
         let cold = self.meta.take_cold();
         let link = self.mirror_link();
         let local = self.image.flush();
         let peer_ok = async {
             match &link {
                 Some(l) => self.flush_peer(l).await,
-                None => Ok(false),
+                None => Ok(PeerFlush::Absent),
             }
         };
         // The peer's flush is sent first: the local one may block this thread (an inline
@@ -1831,21 +1898,31 @@ impl Volume {
         l?;
         // A peer that failed the flush is fine once what it may lack is marked dirty (the
         // resync brings it over); not being able to mark it is not.
-        let peer_flushed = p.map_err(meta_io)?;
+        let peer = p.map_err(meta_io)?;
         self.meta.clear_cold(cold);
-        Ok(peer_flushed)
+        Ok(peer)
     }
 
-    /// A client's FLUSH. When the peer did not flush with it and this node holds data the
-    /// peer may lack (dirty granules: writes the peer acknowledged and then failed to flush
-    /// or lost with the link), acknowledging the FLUSH makes that data durable here alone:
-    /// a write made alone in all but name, so it gets what such a write gets. A new
-    /// generation, or the peer's copy would look as current as this one (a peer that lost
-    /// power with those writes in its page cache would come back at the same generation and
-    /// could be promoted, or chosen as the resync source, over them); and with a witness,
-    /// that generation registered before the acknowledgement.
+    /// A client's FLUSH. When the peer gave no answer (no link, or it went silent) and this
+    /// node holds data the peer may lack (dirty granules: writes the peer acknowledged but
+    /// may have lost with its page cache), acknowledging the FLUSH makes that data durable
+    /// here alone: a write made alone in all but name, so it gets what such a write gets. A
+    /// new generation, or the peer's copy would look as current as this one (a peer that
+    /// lost power with those writes would come back at the same generation and could be
+    /// promoted, or chosen as the resync source, over them); and with a witness, that
+    /// generation registered before the acknowledgement. A peer that answered with an error
+    /// needs none of this: it marked its copy inconsistent first.
     async fn client_flush(&self) -> BackendResult<()> {
-        if self.flush_all().await? || self.role() != Role::Primary {
+        let peer = self.flush_all().await?;
+        if self.role() != Role::Primary {
+            // Demoted meanwhile: like a write racing the demotion, refused unless both
+            // nodes flushed.
+            return match peer {
+                PeerFlush::Done => Ok(()),
+                _ => Err(BackendError::ShuttingDown),
+            };
+        }
+        if peer != PeerFlush::Absent {
             return Ok(());
         }
         let g = self.meta.generations();
@@ -2011,6 +2088,13 @@ impl Volume {
     }
 
     /// Clean shutdown: flush the image, leave the metadata clean.
+    /// First step of a stop: no promotion from now on, and writes held waiting for the
+    /// witness's permission fail (as in a demotion) instead of holding their connections.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.begin_demote();
+    }
+
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
         let link = lock(&self.shared).link.take();
@@ -2202,6 +2286,17 @@ impl Drop for ActiveGuard<'_> {
             self.meta.end_write(w);
         }
     }
+}
+
+/// How the peer's part of a flush went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerFlush {
+    /// It flushed: everything it acknowledged before is on its disk.
+    Done,
+    /// It answered with an error (and marked its copy inconsistent first).
+    Failed,
+    /// No answer: no link, a link that closed or timed out, or a peer that is primary too.
+    Absent,
 }
 
 struct InflightGuard<'a>(&'a AtomicUsize);
@@ -2448,7 +2543,7 @@ mod tests {
     }
 
     /// A write that meets a volume demoted under its connection is told ESHUTDOWN (the
-    /// server stopped serving it: QEMU reconnects, and finds the new primary), not EPERM,
+    /// server stopped serving it), not EPERM,
     /// which says the export is read-only; a volume that never was primary still refuses
     /// writes as read-only.
     #[tokio::test]

@@ -332,7 +332,8 @@ fn forced_second_primary_while_connected_overwrites_nothing() {
 fn demoting_one_of_two_primaries_keeps_its_writes() {
     let mut pair = Pair::new();
     pair.start_with_a_primary();
-    pair.promote(B, true).ok();
+    let forced = pair.promote(B, true);
+    assert_eq!(forced.code, Some(0), "{forced}");
     for node in [A, B] {
         pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
             v["sync"] == "split-brain"
@@ -343,7 +344,9 @@ fn demoting_one_of_two_primaries_keeps_its_writes() {
         &pair.uri(A),
         &["write -P 0xa3 8M 1M", "flush"],
     ));
-    pair.demote(A).ok();
+    let demoted = pair.demote(A);
+    assert_eq!(demoted.code, Some(0), "{demoted}");
+    assert_eq!(pair.vol(A, VOLUME)["role"], "secondary");
     // Long enough for a resync of 1 MiB to have run, had one started.
     std::thread::sleep(Duration::from_secs(3));
     let a = pair.vol(A, VOLUME);
