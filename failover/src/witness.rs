@@ -24,12 +24,14 @@
 //! question); and the socket code ([`WitnessServer`], [`WitnessClient`]).
 //!
 //! Replays of requests: each request carries the client process's incarnation, a sequence
-//! number and its wall clock; the server refuses a sequence number it already saw for that
-//! incarnation, and an unknown incarnation whose clock is not later than runs it has already
-//! forgotten ([`ReplayFilter`]). The filter lives in memory: just after a witness restart a
-//! recorded request could be played back once, which at worst refreshes a lease time (votes
-//! are idempotent under the rules above: an old vote is denied, a repeated one changes
-//! nothing).
+//! number and its wall clock; the server accepts each sequence number of an incarnation at
+//! most once, out of order within a window ([`ReplayWindow`]: the process's concurrent tasks
+//! share one counter but not one socket), refuses one older than the window or sent long
+//! before the newest it accepted, and refuses an unknown incarnation whose clock is not later
+//! than runs it has already forgotten ([`ReplayFilter`]). The filter lives in memory: just
+//! after a witness restart a recorded request could be played back once (with the ones sent
+//! just before it, within the window), which at worst refreshes a lease time (votes are
+//! idempotent under the rules above: an old vote is denied, a repeated one changes nothing).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -62,6 +64,16 @@ const KEY_CONTEXT: &str = "nbdmirror 2026-11 witness request/reply v1";
 const STATE_VERSION: u32 = 1;
 /// Client runs (incarnations) the server tracks per node before forgetting the oldest.
 const TRACKED_INCARNATIONS: usize = 16;
+/// Sequence numbers by which a run's requests may arrive out of order (one bit each of the
+/// window's bitmap). A node process sends from several tasks at once (every group's tick,
+/// every lease watch), each on its own socket, so a request can be overtaken by later ones.
+pub const REPLAY_WINDOW: u64 = u128::BITS as u64;
+/// How much earlier, on the sender's own clock, than the newest request of its run an
+/// overtaken request may have been sent and still be accepted. Overtaking among concurrent
+/// tasks takes milliseconds, and a client gives a request up (and retransmits it with a new
+/// sequence number) within its timeout; older stragglers are held-back datagrams, which the
+/// strictly increasing check this window replaced refused once anything later arrived.
+pub const REORDER_MS: u64 = DEFAULT_TIMEOUT.as_millis() as u64;
 
 /// The witness key derived from the shared `secret` (the same secret as the nodes').
 pub fn witness_key(secret: &str) -> [u8; 32] {
@@ -763,10 +775,76 @@ fn pad(n: &[u8; NONCE_LEN]) -> [u8; 32] {
     a
 }
 
+/// The sequence numbers of one run (incarnation) of a sender that the server accepted, as
+/// IPsec's anti-replay window keeps them (pure): the highest, and which of the
+/// [`REPLAY_WINDOW`] numbers up to it. A number is accepted at most once; one at or below
+/// `highest - REPLAY_WINDOW` may have been accepted and forgotten, so it is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayWindow {
+    highest: u64,
+    /// Bit `i`: `highest - i` was accepted.
+    seen: u128,
+    /// The latest clock reading among the accepted requests.
+    newest_ms: u64,
+    /// An overtaken request must have been sent after this: a run the server forgot and
+    /// learned again may have had any number accepted before, each sent at the latest then.
+    floor_ms: u64,
+}
+
+impl ReplayWindow {
+    /// The window of a run first heard of through request `seq`, sent at `sent_ms`. The
+    /// numbers below it within the window count as unseen (they may still be on their way)
+    /// if they were sent after `floor_ms`, the latest clock reading of the runs the server
+    /// forgot (0 if none): this run may be one of them, learned again.
+    pub fn new(seq: u64, sent_ms: u64, floor_ms: u64) -> ReplayWindow {
+        ReplayWindow {
+            highest: seq,
+            seen: 1,
+            newest_ms: sent_ms,
+            floor_ms,
+        }
+    }
+
+    /// Accepts (and remembers) `seq` if it is new; refuses a replay, a number older than the
+    /// window, and an overtaken request sent more than [`REORDER_MS`] before the newest or
+    /// not after the floor.
+    pub fn accept(&mut self, seq: u64, sent_ms: u64) -> bool {
+        if seq > self.highest {
+            let shift = seq - self.highest;
+            self.seen = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                self.seen << shift
+            } | 1;
+            self.highest = seq;
+            self.newest_ms = self.newest_ms.max(sent_ms);
+            return true;
+        }
+        let age = self.highest - seq;
+        if age >= REPLAY_WINDOW
+            || sent_ms.saturating_add(REORDER_MS) < self.newest_ms
+            || sent_ms <= self.floor_ms
+        {
+            return false;
+        }
+        let bit = 1u128 << age;
+        if self.seen & bit != 0 {
+            return false;
+        }
+        self.seen |= bit;
+        self.newest_ms = self.newest_ms.max(sent_ms);
+        true
+    }
+
+    /// The latest clock reading among the accepted requests.
+    pub fn newest_ms(&self) -> u64 {
+        self.newest_ms
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Run {
-    last_seq: u64,
-    last_sent_ms: u64,
+    window: ReplayWindow,
     last_used: u64,
 }
 
@@ -777,8 +855,8 @@ struct SenderRuns {
     forgotten_ms: u64,
 }
 
-/// The server's replay filter (pure): per sender, the last sequence number of each of its
-/// recent runs (incarnations).
+/// The server's replay filter (pure): per sender, the [`ReplayWindow`] of each of its recent
+/// runs (incarnations).
 #[derive(Debug, Clone, Default)]
 pub struct ReplayFilter {
     senders: HashMap<String, SenderRuns>,
@@ -796,11 +874,9 @@ impl ReplayFilter {
         let tick = self.tick;
         let s = self.senders.entry(sender.to_string()).or_default();
         if let Some(run) = s.runs.get_mut(&incarnation) {
-            if seq <= run.last_seq {
+            if !run.window.accept(seq, sent_ms) {
                 return false;
             }
-            run.last_seq = seq;
-            run.last_sent_ms = run.last_sent_ms.max(sent_ms);
             run.last_used = tick;
             return true;
         }
@@ -809,7 +885,7 @@ impl ReplayFilter {
         }
         if s.runs.len() >= TRACKED_INCARNATIONS {
             if let Some((&oldest, run)) = s.runs.iter().min_by_key(|(_, r)| r.last_used) {
-                s.forgotten_ms = s.forgotten_ms.max(run.last_sent_ms);
+                s.forgotten_ms = s.forgotten_ms.max(run.window.newest_ms());
                 s.runs.remove(&oldest);
             }
             if sent_ms <= s.forgotten_ms {
@@ -819,8 +895,7 @@ impl ReplayFilter {
         s.runs.insert(
             incarnation,
             Run {
-                last_seq: seq,
-                last_sent_ms: sent_ms,
+                window: ReplayWindow::new(seq, sent_ms, s.forgotten_ms),
                 last_used: tick,
             },
         );
@@ -1436,6 +1511,117 @@ mod tests {
         assert!(e.to_string().contains("refusing to start"), "{e}");
     }
 
+    /// Concurrent tasks of one process draw sequence numbers from one counter but send on
+    /// separate sockets, so a request can be overtaken by a later one: it is still fresh.
+    #[test]
+    fn replay_filter_accepts_overtaken_requests_once() {
+        let w = REPLAY_WINDOW;
+        let mut f = ReplayFilter::new();
+        assert!(f.accept("node-a", 7, 1000, 50));
+        assert!(f.accept("node-a", 7, 999, 49), "overtaken request refused");
+        assert!(!f.accept("node-a", 7, 999, 49), "duplicate accepted");
+        assert!(!f.accept("node-a", 7, 1000, 50), "duplicate accepted");
+        // The oldest number the window still covers, once; anything older is refused.
+        assert!(f.accept("node-a", 7, 1000 - (w - 1), 40));
+        assert!(!f.accept("node-a", 7, 1000 - (w - 1), 40));
+        assert!(!f.accept("node-a", 7, 1000 - w, 40), "too old accepted");
+        assert!(!f.accept("node-a", 7, 0, 1), "too old accepted");
+        // The window slides: numbers it leaves behind are refused from then on, the gaps
+        // it still covers are accepted once.
+        assert!(f.accept("node-a", 7, 1000 + w, 60));
+        assert!(!f.accept("node-a", 7, 1000, 50), "slid out, then accepted");
+        assert!(f.accept("node-a", 7, 1001, 51));
+        assert!(!f.accept("node-a", 7, 1001, 51));
+        // A jump of more than the window forgets everything before it.
+        assert!(f.accept("node-a", 7, u64::MAX, 70));
+        assert!(!f.accept("node-a", 7, 1000 + w, 60));
+        assert!(!f.accept("node-a", 7, u64::MAX, 70));
+        assert!(f.accept("node-a", 7, u64::MAX - 1, 70));
+        // Runs and senders have their own windows.
+        assert!(f.accept("node-a", 8, 999, 80));
+        assert!(f.accept("node-b", 7, 999, 80));
+        // A run the server hears of first through a later request: the earlier ones within
+        // the window are still accepted (each once), as after a witness restart.
+        assert!(f.accept("node-c", 1, 10, 90));
+        assert!(f.accept("node-c", 1, 9, 89));
+        assert!(f.accept("node-c", 1, 0, 80));
+        assert!(!f.accept("node-c", 1, 9, 89));
+        // A straggler sent long before the newest request of its run is a held-back
+        // datagram, not an overtaken one.
+        assert!(f.accept("node-d", 1, 10, 5_000));
+        assert!(f.accept("node-d", 1, 9, 5_000 - REORDER_MS));
+        assert!(!f.accept("node-d", 1, 8, 5_000 - REORDER_MS - 1));
+    }
+
+    #[test]
+    fn replay_filter_forgets_old_runs_but_refuses_their_recordings() {
+        let mut f = ReplayFilter::new();
+        for inc in 0..TRACKED_INCARNATIONS as u64 {
+            assert!(f.accept("node-a", inc, 5, 100 + inc));
+        }
+        // A new run evicts run 0 (the least recently used), whose clock reached 100.
+        assert!(f.accept("node-a", 1000, 1, 500));
+        // Run 0's recordings, even within its window, are now refused by their clock.
+        assert!(!f.accept("node-a", 0, 4, 99));
+        assert!(!f.accept("node-a", 0, 6, 100));
+        // A later new run is fine.
+        assert!(f.accept("node-a", 1001, 1, 501));
+        // Run 0 learned again through a later request: what it had accepted before it was
+        // forgotten (sent at 100 at the latest) is refused, though the new window covers it;
+        // its requests overtaken since are accepted.
+        assert!(f.accept("node-a", 0, 9, 600));
+        assert!(
+            !f.accept("node-a", 0, 5, 100),
+            "accepted twice across a forget"
+        );
+        assert!(!f.accept("node-a", 0, 8, 100));
+        assert!(f.accept("node-a", 0, 8, 599));
+        assert!(f.accept("node-a", 0, 10, 601));
+    }
+
+    /// The server end to end: a request overtaken on the wire by a later one of the same run
+    /// is answered, and a replay of either is not.
+    #[tokio::test]
+    async fn server_answers_an_overtaken_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = WitnessServer::start(WitnessServerSpec {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            key: KEY,
+            state_file: dir.path().join("witness.json"),
+        })
+        .await
+        .expect("start");
+        let raw = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let query = |seq: u64| Envelope {
+            nonce: [seq as u8; NONCE_LEN],
+            sender: "node-a".into(),
+            incarnation: 42,
+            seq,
+            sent_ms: 1_000 + seq,
+            request: Request::Query {
+                group: "vm1".into(),
+            },
+        };
+        let mut buf = [0u8; MAX_DATAGRAM + 1];
+        for seq in [6, 5, 6, 5] {
+            let bytes = encode_request(&KEY, &query(seq)).expect("encode");
+            raw.send_to(&bytes, server.local_addr())
+                .await
+                .expect("send");
+        }
+        for seq in [6, 5] {
+            let (n, _) = tokio::time::timeout(Duration::from_secs(2), raw.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("request {seq} not answered"))
+                .expect("recv");
+            let reply = decode_reply(&KEY, &[seq as u8; NONCE_LEN], &buf[..n]);
+            assert!(matches!(reply, Ok(Reply::Query { .. })), "{reply:?}");
+        }
+        let more = tokio::time::timeout(Duration::from_millis(300), raw.recv_from(&mut buf)).await;
+        assert!(more.is_err(), "a replayed request was answered");
+        server.stop().await;
+    }
+
     #[test]
     fn reply_is_bound_to_its_nonce_and_direction() {
         let nonce = [1u8; NONCE_LEN];
@@ -1602,6 +1788,37 @@ mod tests {
                 if f.accept(NODES[sender], inc as u64, seq, ms) {
                     prop_assert!(seen.insert((sender, inc, seq)), "accepted {sender}/{inc}/{seq} twice");
                 }
+            }
+        }
+
+        /// The window against a model (every accepted number kept): a number is accepted iff
+        /// it is new, and it is the highest yet, or within the window, sent at most
+        /// REORDER_MS before the newest accepted request and after the floor. Offsets from a start near u64::MAX
+        /// run the arithmetic at the top of the range too.
+        #[test]
+        fn prop_replay_window(
+            high in any::<bool>(),
+            first in (0u64..400, 0u64..4000),
+            floor in 0u64..2000,
+            offers in proptest::collection::vec((0u64..400, 0u64..4000), 0..400),
+        ) {
+            let base = if high { u64::MAX - 400 } else { 0 };
+            let mut w = ReplayWindow::new(base + first.0, first.1, floor);
+            let mut accepted = std::collections::HashSet::from([first.0]);
+            let (mut highest, mut newest) = first;
+            for (seq, ms) in offers {
+                let fresh = !accepted.contains(&seq)
+                    && (seq > highest
+                        || (highest - seq < REPLAY_WINDOW
+                            && ms + REORDER_MS >= newest
+                            && ms > floor));
+                prop_assert_eq!(w.accept(base + seq, ms), fresh, "seq {} ms {}", seq, ms);
+                if fresh {
+                    accepted.insert(seq);
+                    highest = highest.max(seq);
+                    newest = newest.max(ms);
+                }
+                prop_assert_eq!(w.newest_ms(), newest);
             }
         }
 
