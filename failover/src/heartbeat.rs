@@ -15,6 +15,12 @@
 //!   share a socket or a queue with the data path, so a saturated replication link cannot
 //!   delay a heartbeat.
 //!
+//! Ordering: one sequence counter numbers the datagrams of all links, taken with the payload
+//! it carries, so a higher number always carries the same or a newer payload. A datagram
+//! delayed on a slow link still proves the peer alive, but its payload replaces the view's only
+//! if it is newer than the payload taken from any link (an older "secondary, ready" must not
+//! overwrite a "primary" that came first on the faster link).
+//!
 //! Replays: within one incarnation a datagram must carry a higher sequence number than the
 //! last one accepted on that link. Every datagram echoes the receiver's incarnation as the
 //! sender last heard it, and a new incarnation of the peer is accepted only from a datagram
@@ -429,10 +435,15 @@ struct Shared {
     /// silent for the failure timeout (a peer whose clock went back across a restart).
     heard_ms: u64,
     heard_at: Option<Instant>,
-    /// Per link (each counts its own), the highest sequence number of `heard` so far: only
-    /// a newer one refreshes `heard_at`, so replaying a recorded run does not keep it from
-    /// falling silent.
+    /// Per link, the highest sequence number of `heard` so far: only a newer one refreshes
+    /// `heard_at`, so replaying a recorded run does not keep it from falling silent.
     heard_seq: Vec<u64>,
+    /// (incarnation, sequence number) of the datagram whose payload the view holds: an
+    /// older one, delivered late on another link, does not replace it.
+    payload_from: Option<(u64, u64)>,
+    /// The last sequence number this node sent, on any link (one counter for all links, so
+    /// the peer can order payloads that took different links).
+    sent_seq: u64,
     peer: Option<String>,
     timeout: Duration,
     guards: Vec<ReplayGuard>,
@@ -552,8 +563,35 @@ impl Shared {
             info!(link = i, node = %d.node, incarnation = d.incarnation, "peer incarnation on link");
         }
         self.last_seen[i] = Some(now);
-        self.refresh(now, Some(&d));
+        let newest = match self.payload_from {
+            Some((inc, seq)) if inc == d.incarnation => d.seq > seq,
+            // A link still on a run another link saw replaced: sent before the restart.
+            Some(_) => verdict == Freshness::NewIncarnation,
+            None => true,
+        };
+        if newest {
+            self.payload_from = Some((d.incarnation, d.seq));
+            self.refresh(now, Some(&d));
+        } else {
+            debug!(
+                link = i,
+                seq = d.seq,
+                "heartbeat older than the payload held: alive, payload ignored"
+            );
+            self.refresh(now, None);
+        }
         false
+    }
+
+    /// The next sequence number and the payload it carries, taken together under the lock so
+    /// that numbers and payloads grow together across links.
+    fn next_send(&mut self, payload: &mut watch::Receiver<Vec<u8>>) -> (u64, u64, Vec<u8>) {
+        self.sent_seq += 1;
+        (
+            self.sent_seq,
+            self.heard,
+            payload.borrow_and_update().clone(),
+        )
     }
 }
 
@@ -616,6 +654,8 @@ impl Heartbeats {
             heard_ms: 0,
             heard_at: None,
             heard_seq: vec![0; spec.links.len()],
+            payload_from: None,
+            sent_seq: 0,
             peer: spec.peer.clone(),
             timeout: spec.timeout,
             guards: vec![ReplayGuard::new(); spec.links.len()],
@@ -723,7 +763,6 @@ impl Link {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-        let mut seq: u64 = 0;
         let mut send_failing = false;
         let mut payload_open = true;
         let mut last_prompt: Option<Instant> = None;
@@ -755,8 +794,7 @@ impl Link {
             if !send_now {
                 continue;
             }
-            seq += 1;
-            let echo = lock(&self.shared).heard;
+            let (seq, echo, payload) = lock(&self.shared).next_send(&mut self.payload);
             let d = Datagram {
                 link: self.index as u8,
                 node: self.node.clone(),
@@ -764,7 +802,7 @@ impl Link {
                 seq,
                 sent_ms: unix_ms(),
                 echo,
-                payload: self.payload.borrow_and_update().clone(),
+                payload,
             };
             let bytes = match encode(&self.key, &d) {
                 Ok(b) => b,
@@ -884,6 +922,106 @@ mod tests {
         // Clock stepped back across a restart: accepted once the current run is silent.
         assert_eq!(g.check(4, 1, 10, false, true), Freshness::ClockBehind);
         assert_eq!(g.check(4, 1, 10, true, true), Freshness::NewIncarnation);
+    }
+
+    /// The receiving half of a service with `links` links, as node-a (incarnation 111).
+    fn receiver(links: usize) -> (Shared, watch::Receiver<PeerView>) {
+        let (view, rx) = watch::channel(PeerView {
+            alive: false,
+            last_payload: None,
+            incarnation: None,
+            links_up: vec![false; links],
+            since: Instant::now(),
+            node: None,
+        });
+        let shared = Shared {
+            spec_node: "node-a".into(),
+            own_incarnation: 111,
+            heard: 0,
+            heard_ms: 0,
+            heard_at: None,
+            heard_seq: vec![0; links],
+            payload_from: None,
+            sent_seq: 0,
+            peer: None,
+            timeout: DEFAULT_TIMEOUT,
+            guards: vec![ReplayGuard::new(); links],
+            last_seen: vec![None; links],
+            view,
+        };
+        (shared, rx)
+    }
+
+    fn from_b(link: u8, incarnation: u64, seq: u64, payload: &[u8]) -> Datagram {
+        Datagram {
+            link,
+            node: "node-b".into(),
+            incarnation,
+            seq,
+            sent_ms: 1_000 * incarnation + seq,
+            echo: 111,
+            payload: payload.to_vec(),
+        }
+    }
+
+    /// The peer hands a group over and becomes primary; its earlier "secondary, ready"
+    /// heartbeat, delayed on the slower link, arrives after the "primary" one. Taking it
+    /// would show two secondaries with equal data, and the preferred node would promote.
+    #[test]
+    fn a_late_heartbeat_on_another_link_does_not_roll_the_payload_back() {
+        let (mut s, view) = receiver(2);
+        let from: SocketAddr = "127.0.0.1:7791".parse().expect("addr");
+        let t = Instant::now();
+        let payload = |v: &watch::Receiver<PeerView>| v.borrow().last_payload.clone();
+        s.accept(0, from_b(0, 5, 1, b"secondary ready"), from, t);
+        assert_eq!(payload(&view).as_deref(), Some(&b"secondary ready"[..]));
+        // Seq 2 (link 1, same payload) is delayed; seq 3 on link 0 says primary.
+        s.accept(0, from_b(0, 5, 3, b"primary"), from, t);
+        assert_eq!(payload(&view).as_deref(), Some(&b"primary"[..]));
+        s.accept(1, from_b(1, 5, 2, b"secondary ready"), from, t);
+        assert_eq!(
+            payload(&view).as_deref(),
+            Some(&b"primary"[..]),
+            "an older payload from the slower link replaced a newer one"
+        );
+        // It still proves the link alive.
+        assert_eq!(view.borrow().links_up, vec![true, true]);
+        assert!(view.borrow().alive);
+        // A newer datagram on either link moves the payload on.
+        s.accept(1, from_b(1, 5, 4, b"primary, round 2"), from, t);
+        assert_eq!(payload(&view).as_deref(), Some(&b"primary, round 2"[..]));
+        s.accept(0, from_b(0, 5, 5, b"primary, round 3"), from, t);
+        assert_eq!(payload(&view).as_deref(), Some(&b"primary, round 3"[..]));
+
+        // The peer restarts (incarnation 6, seen on link 0 first); a datagram of the old run
+        // still on its way on link 1 is not taken either, whatever its number.
+        s.accept(0, from_b(0, 6, 1, b"restarted"), from, t);
+        assert_eq!(payload(&view).as_deref(), Some(&b"restarted"[..]));
+        assert_eq!(view.borrow().incarnation, Some(6));
+        s.accept(1, from_b(1, 5, 9, b"old run"), from, t);
+        assert_eq!(payload(&view).as_deref(), Some(&b"restarted"[..]));
+        assert_eq!(view.borrow().incarnation, Some(6));
+        s.accept(1, from_b(1, 6, 2, b"new run on link 1"), from, t);
+        assert_eq!(payload(&view).as_deref(), Some(&b"new run on link 1"[..]));
+    }
+
+    /// The sender numbers all links' datagrams with one counter, each number taken with the
+    /// payload it carries: a higher number never carries an older payload.
+    #[test]
+    fn one_counter_numbers_every_link() {
+        let (mut s, _view) = receiver(2);
+        let (tx, mut rx0) = watch::channel(b"v0".to_vec());
+        let mut rx1 = tx.subscribe();
+        let mut sent = Vec::new();
+        for round in 1..=3u8 {
+            sent.push(s.next_send(&mut rx0));
+            tx.send_replace(vec![b'v', b'0' + round]);
+            sent.push(s.next_send(&mut rx1));
+        }
+        for pair in sent.windows(2) {
+            assert!(pair[1].0 > pair[0].0, "{sent:?}");
+            assert!(pair[1].2 >= pair[0].2, "{sent:?}");
+        }
     }
 
     proptest! {

@@ -358,3 +358,64 @@ async fn an_address_not_on_this_host_is_a_clear_error() {
         .expect("no links");
     assert!(err.to_string().contains("links"), "{err}");
 }
+
+/// The peer orders payloads that took different links by their sequence numbers: a sender
+/// numbers all its links' datagrams with one counter, never the same number twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_share_one_sequence_counter() {
+    let sinks = [
+        tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    ];
+    let links = sinks
+        .iter()
+        .map(|s| {
+            (
+                "127.0.0.1:0".parse().unwrap(),
+                s.local_addr().expect("addr"),
+            )
+        })
+        .collect();
+    let a = start(spec("node-a", links)).await;
+    let mut seen: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let until = Instant::now() + 4 * INTERVAL;
+    let mut version = 0u8;
+    while Instant::now() < until {
+        version += 1;
+        a.set_payload(vec![version]).expect("payload");
+        for (i, sock) in sinks.iter().enumerate() {
+            while let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_millis(5), sock.recv_from(&mut buf)).await
+            {
+                let d = failover::heartbeat::decode(&key(), &buf[..n]).expect("decode");
+                assert_eq!(usize::from(d.link), i);
+                seen.push((i, d.seq, d.payload));
+            }
+        }
+        tokio::time::sleep(INTERVAL / 4).await;
+    }
+    a.stop().await;
+    assert!(
+        seen.iter().any(|s| s.0 == 0) && seen.iter().any(|s| s.0 == 1),
+        "{seen:?}"
+    );
+    seen.sort_by_key(|s| s.1);
+    for w in seen.windows(2) {
+        assert!(
+            w[1].1 > w[0].1,
+            "sequence number {} sent twice: {seen:?}",
+            w[0].1
+        );
+        assert!(
+            w[1].2 >= w[0].2,
+            "seq {} carries an older payload than seq {}: {seen:?}",
+            w[1].1,
+            w[0].1
+        );
+    }
+}
