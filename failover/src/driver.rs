@@ -14,7 +14,7 @@ use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
 use crate::group::{self, DataState, Decision, Facts, GroupState, PeerFacts, Quorum, Witness};
-use crate::heartbeat::{HeartbeatError, Heartbeats, PeerView};
+use crate::heartbeat::{HeartbeatError, Heartbeats, PeerView, MAX_PAYLOAD};
 use crate::hooks::{self, HookAction, HookEnv, HookSpec};
 use crate::vip::{self, Vip};
 use crate::witness::{GroupRecord, VoteOutcome, WitnessClient, LEASE_VALIDITY};
@@ -27,7 +27,10 @@ pub enum FailoverError {
     UnknownGroup(String),
     #[error("group {group}: {what}")]
     Refused { group: String, what: String },
-    #[error("group {group}: the heartbeat payload is too large ({bytes} bytes for all groups)")]
+    #[error(
+        "group {group}: the groups' states no longer fit in a heartbeat ({bytes} bytes with this \
+         group, at most {MAX_PAYLOAD}): use fewer groups or shorter group names"
+    )]
     Payload { group: String, bytes: usize },
 }
 
@@ -134,6 +137,26 @@ pub fn encode_payload(entries: &[(String, Announce)]) -> Vec<u8> {
     out
 }
 
+/// Checks that every group's announcement fits in one heartbeat: the encoding has a fixed
+/// size per group, so a set that fits at start always fits, and one that does not would fail
+/// every publish and leave the peer seeing each group stopped. Returns the payload's size.
+pub fn check_payload_size<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<usize, FailoverError> {
+    let mut entries = Vec::new();
+    for name in names {
+        entries.push((name.to_string(), Announce::default()));
+        let bytes = encode_payload(&entries).len();
+        if bytes > MAX_PAYLOAD {
+            return Err(FailoverError::Payload {
+                group: name.to_string(),
+                bytes,
+            });
+        }
+    }
+    Ok(encode_payload(&entries).len())
+}
+
 pub fn decode_payload(b: &[u8]) -> HashMap<String, Announce> {
     let mut out = HashMap::new();
     if b.first() != Some(&1) {
@@ -170,7 +193,11 @@ struct Runtime {
     round: u64,
     handing_over: bool,
     swap_requested: bool,
-    wants_group: bool,
+    /// When an operator asked this (secondary) node to take the group; announced until it
+    /// does, or until the request lapses.
+    wants_group: Option<Instant>,
+    /// The peer's latest heartbeat asks this (primary) node to hand the group over.
+    peer_wants_group: bool,
     vm_failed: bool,
     vip_up: bool,
     /// When a failed VIP removal was last logged as an error (retries say it once a minute).
@@ -235,6 +262,7 @@ impl Failover {
         node: Arc<Node>,
         heartbeats: Heartbeats,
     ) -> Result<Arc<Failover>, FailoverError> {
+        check_payload_size(spec.groups.iter().map(|g| g.name.as_str()))?;
         for g in &spec.groups {
             if let Some((v, ifname)) = &g.vip {
                 match vip::remove_if_present(*v, ifname).await {
@@ -263,7 +291,8 @@ impl Failover {
                         round: 0,
                         handing_over: false,
                         swap_requested: false,
-                        wants_group: false,
+                        wants_group: None,
+                        peer_wants_group: false,
                         vm_failed: false,
                         vip_up: false,
                         vip_error_at: None,
@@ -337,14 +366,19 @@ impl Failover {
                 what: "the peer is not reachable: nothing to swap to".into(),
             });
         }
-        let mut rt = lock(&g.rt);
-        if rt.state.is_primary() {
-            rt.swap_requested = true;
-            Ok("handing the group to the peer")
-        } else {
-            rt.wants_group = true;
-            Ok("asking the peer to hand the group over")
-        }
+        let action = {
+            let mut rt = lock(&g.rt);
+            if rt.state.is_primary() {
+                rt.swap_requested = true;
+                "handing the group to the peer"
+            } else {
+                rt.wants_group = Some(Instant::now());
+                "asking the peer to hand the group over"
+            }
+        };
+        // The peer learns of the request now, not at this group's next tick.
+        self.publish();
+        Ok(action)
     }
 
     pub fn status(&self) -> Vec<GroupStatus> {
@@ -403,7 +437,7 @@ impl Failover {
                         round: rt.round,
                         handing_over: rt.handing_over,
                         ready: rt.ready,
-                        wants_group: rt.wants_group,
+                        wants_group: rt.wants_group.is_some(),
                     },
                 )
             })
@@ -677,10 +711,21 @@ impl Failover {
             if !group::fence_holds(rt.fenced_at_links, links, data) {
                 rt.peer_fenced = false;
             }
+            // The peer is primary whenever this node asks for the group, so the request stays
+            // up until this node takes the group (promote clears it), but not forever: a
+            // request that could not be met (the copy never got in sync) must not move the
+            // group long after the operator gave up on it.
+            if rt
+                .wants_group
+                .is_some_and(|t| t.elapsed() >= WANTS_GROUP_LAPSE)
+            {
+                warn!(group = %g.spec.name, after = ?WANTS_GROUP_LAPSE, "the request to take the group lapsed");
+                rt.wants_group = None;
+            }
+            rt.peer_wants_group = entry.is_some_and(|a| a.wants_group);
             if let Some(p) = &peer_facts {
                 if p.state.is_primary() {
                     rt.handing_over = false;
-                    rt.wants_group = false;
                 }
                 rt.round = group::round_after_peer(rt.round, rt.state, p.round);
             }
@@ -702,8 +747,7 @@ impl Failover {
                         ),
                 peer_fenced: rt.peer_fenced,
                 vm_failed: rt.vm_failed,
-                swap_requested: rt.swap_requested
-                    || entry.is_some_and(|a| a.wants_group && rt.state.is_primary()),
+                swap_requested: rt.swap_requested || (rt.peer_wants_group && rt.state.is_primary()),
                 handing_over: rt.handing_over,
             }
         };
@@ -1039,7 +1083,7 @@ impl Failover {
             let mut rt = lock(&g.rt);
             rt.round = round;
             rt.handing_over = false;
-            rt.wants_group = false;
+            rt.wants_group = None;
             rt.restarts = 0;
             rt.vm_failed = false;
             rt.registered_generation = 0;
@@ -1089,7 +1133,9 @@ impl Failover {
             // The lease watch stops renewing: a lease after the release below would make the
             // peer wait out a lease nobody uses.
             rt.registered_generation = 0;
-            rt.swap_requested || rt.vm_failed || reason.contains("failback")
+            // A swap the peer asked for is a handover too: without the flag the peer does
+            // not take the group, and when this node is the preferred one it takes it back.
+            rt.swap_requested || rt.peer_wants_group || rt.vm_failed || reason.contains("failback")
         };
         self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
         self.vip_down(g).await;
@@ -1173,6 +1219,10 @@ impl Failover {
     }
 }
 
+/// How long a secondary asks its peer for the group (`swap` run on the secondary) before the
+/// request lapses: ample for the copy to finish a resync the swap waits for.
+const WANTS_GROUP_LAPSE: Duration = Duration::from_secs(600);
+
 /// How often [`Failover::watch_lease`] looks at a group's lease.
 const LEASE_WATCH_PERIOD: Duration = Duration::from_millis(100);
 
@@ -1244,6 +1294,28 @@ mod tests {
                 "{active:?} lost its peer early and must not fall back to waiting"
             );
         }
+    }
+
+    #[test]
+    fn groups_that_do_not_fit_in_a_heartbeat_are_refused() {
+        // Names of the longest valid length (63): 1 + 16 * (1 + 63 + 10) = 1185 bytes fit.
+        let names: Vec<String> = (0..17)
+            .map(|i| format!("{:g<63}", format!("g{i}-")))
+            .collect();
+        let fits = check_payload_size(names[..16].iter().map(String::as_str)).expect("16 fit");
+        assert!(fits <= MAX_PAYLOAD);
+        match check_payload_size(names.iter().map(String::as_str)) {
+            Err(FailoverError::Payload { group, bytes }) => {
+                assert_eq!(group, names[16]);
+                assert_eq!(bytes, fits + 74);
+                assert!(bytes > MAX_PAYLOAD);
+            }
+            other => panic!("17 groups of 63 characters: {other:?}"),
+        }
+        // Short names leave room for many more groups.
+        let short: Vec<String> = (0..60).map(|i| format!("vm{i}")).collect();
+        assert!(check_payload_size(short.iter().map(String::as_str)).is_ok());
+        assert_eq!(check_payload_size(std::iter::empty()).ok(), Some(1));
     }
 
     #[test]

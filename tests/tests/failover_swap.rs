@@ -1,5 +1,5 @@
 //! Issue 4: `nbdmirror swap vm1` on a healthy pair with a witness moves the group to the
-//! other node and it stays there, with no data lost.
+//! other node and it stays there, with no data lost, whichever node it is run on.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,55 @@ fn swap_on_a_healthy_pair_moves_the_group_once() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x5a 0 4M", "write -P 0x33 50M 1M", "flush"]));
+    lab.wait_in_sync(Duration::from_secs(30));
+    lab.stop_nodes_cleanly();
+    assert_files_equal(&lab.image(Host::A), &lab.image(Host::B));
+}
+
+/// `swap` works from either node: run on the secondary, it asks the primary (through its
+/// heartbeats) to hand the group over. The primary here is the preferred node, so a
+/// handover it does not announce would let it take the group straight back.
+#[test]
+fn swap_run_on_the_secondary_moves_the_group_once() {
+    let mut lab = Lab::new();
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x6b 0 4M", "flush"]));
+    let cfg_b = lab.config(Host::B);
+    let out = lab.nbdmirror(
+        Host::B,
+        &[
+            "swap",
+            GROUP,
+            "--timeout",
+            "20",
+            "--config",
+            cfg_b.to_str().unwrap(),
+        ],
+    );
+    assert!(out.success(), "swap failed: {out}\n{}", lab.all_logs());
+    let sb = lab.wait_group_state(Host::B, &["primary"], Duration::from_secs(30));
+    assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(8) {
+        let a = lab.group_state(Host::A).unwrap_or_default();
+        let b = lab.group_state(Host::B).unwrap_or_default();
+        assert!(
+            a == "secondary" && b == "primary",
+            "{:?} after the swap node-a is {a}, node-b {b}\n{}",
+            start.elapsed(),
+            lab.all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let takes = lab.log(Host::A).matches("taking the group").count();
+    assert_eq!(
+        takes,
+        1,
+        "node-a took the group back after handing it over:\n{}",
+        lab.all_logs()
+    );
+    assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x6b 0 4M", "write -P 0x44 60M 1M", "flush"]));
     lab.wait_in_sync(Duration::from_secs(30));
     lab.stop_nodes_cleanly();
     assert_files_equal(&lab.image(Host::A), &lab.image(Host::B));

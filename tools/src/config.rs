@@ -565,6 +565,10 @@ pub fn parse(
             hooks,
         });
     }
+    // Every group's state travels in each heartbeat: a set that does not fit would leave the
+    // peer seeing every group stopped.
+    failover::driver::check_payload_size(groups.iter().map(|g| g.name.as_str()))
+        .map_err(|e| invalid(e.to_string()))?;
     if !groups.is_empty() && heartbeat.is_none() {
         return Err(invalid(
             "groups fail over on heartbeats: add a [heartbeat] section with links".into(),
@@ -841,6 +845,34 @@ listen = ["127.0.0.1:10811", "unix:run/disk1.sock"]
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn groups_that_do_not_fit_in_a_heartbeat_are_refused() {
+        let hb =
+            "[heartbeat]\nlinks = [{ listen = \"10.99.0.1:7790\", peer = \"10.99.0.2:7790\" }]\n";
+        // 63-character names: 16 groups fit in a heartbeat, 17 do not.
+        let config = |groups: usize| {
+            let mut text = format!("{GOOD}\n{hb}\n");
+            for i in 0..groups {
+                text.push_str(&format!(
+                    "[[volume]]\nname = \"d{i}\"\nimage = \"state/d{i}.img\"\nsize = \"1M\"\nlisten = \"127.0.0.1:{}\"\n",
+                    20000 + i
+                ));
+                text.push_str(&format!(
+                    "[[group]]\nname = \"{:g<63}\"\nvolumes = [\"d{i}\"]\npreferred_node = \"node-a\"\n",
+                    format!("g{i}-")
+                ));
+            }
+            text
+        };
+        assert_eq!(parse_ok(&config(16)).groups.len(), 16);
+        let err = parse_err(&config(17));
+        assert!(err.contains("fit in a heartbeat"), "{err}");
+        assert!(
+            err.contains("g16-"),
+            "names the first group that does not fit: {err}"
+        );
     }
 
     #[test]
