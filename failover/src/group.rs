@@ -378,6 +378,16 @@ fn decide_as_primary(f: &Facts) -> Decision {
             reason: "the replication link is down: fencing the peer before writing alone".into(),
         };
     }
+    // With a witness, writes made alone pass only under a fresh lease (the volumes' gates):
+    // say so, rather than "serving", while they wait for it.
+    let alone_waits = matches!(
+        f.witness,
+        Witness::Unreachable
+            | Witness::Reachable {
+                lease_fresh: false,
+                ..
+            }
+    );
     match (f.peer, f.witness) {
         (Some(_), _) => Decision::Serve {
             state: if f.data == DataState::UpToDate {
@@ -387,6 +397,8 @@ fn decide_as_primary(f: &Facts) -> Decision {
             },
             reason: if f.data == DataState::UpToDate {
                 "serving; the peer is connected".into()
+            } else if alone_waits {
+                "the replication link to the peer is down and the witness has not renewed this node's lease: writes wait until it does (or the link returns)".into()
             } else {
                 "serving; the replication link to the peer is down: changes are tracked".into()
             },
@@ -411,6 +423,9 @@ fn decide_as_primary(f: &Facts) -> Decision {
             state: GroupState::Alone,
             reason: "the peer is away; the witness confirms this node may continue alone".into(),
         },
+        (None, Witness::Reachable { .. }) => Decision::Suspend {
+            reason: "the peer is away and the witness answers but has not renewed this node's lease: I/O waits until it does (see the witness's log for why)".into(),
+        },
         (None, _) => Decision::Suspend {
             reason: "lost both the peer and the witness: I/O waits until quorum returns".into(),
         },
@@ -421,6 +436,46 @@ fn decide_as_primary(f: &Facts) -> Decision {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Linked by heartbeats but not by the replication link, without a fresh lease: the
+    /// primary keeps the group, and its reason says that writes wait for the witness.
+    #[test]
+    fn a_primary_whose_writes_wait_for_the_witness_says_so() {
+        let f = Facts {
+            state: GroupState::Alone,
+            data: DataState::InSyncWhenLost,
+            peer: Some(peer(GroupState::Secondary)),
+            witness: Witness::Reachable {
+                holder_is_me: true,
+                lease_fresh: false,
+            },
+            ..base()
+        };
+        match decide(&f) {
+            Decision::Serve { reason, .. } => assert!(reason.contains("writes wait"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // The peer away too: suspended, and not for "losing" a witness that answers.
+        match decide(&Facts { peer: None, ..f }) {
+            Decision::Suspend { reason } => {
+                assert!(reason.contains("witness answers"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let fresh = Facts {
+            witness: Witness::Reachable {
+                holder_is_me: true,
+                lease_fresh: true,
+            },
+            ..f
+        };
+        match decide(&fresh) {
+            Decision::Serve { reason, .. } => {
+                assert!(reason.contains("changes are tracked"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn base() -> Facts {
         Facts {
