@@ -575,6 +575,7 @@ impl Failover {
                 warn!(group = %g.spec.name, "lease lapsed with the peer silent: removing the virtual IP");
                 self.vip_down(&g).await;
             }
+            self.register_new_generation(&g, &witness).await;
             let low = {
                 let rt = lock(&g.rt);
                 let left = rt
@@ -614,6 +615,55 @@ impl Failover {
                     }
                 }
             }
+        }
+    }
+
+    /// Registers a generation started while the tick is busy (a write made alone during a
+    /// long monitor or start hook, or a FLUSH the peer did not answer), so that write waits
+    /// for the witness, not for the hook. Only while this node serves under a fresh lease
+    /// (the tick registered it and nothing suspended it since); a grant is the witness's
+    /// word that no other node holds a newer round, so the gates may open for it at once.
+    async fn register_new_generation(&self, g: &Arc<GroupRuntime>, witness: &WitnessClient) {
+        let serving = {
+            let rt = lock(&g.rt);
+            (rt.state.is_primary()
+                && rt.registered_generation != 0
+                && rt.lease_until.is_some_and(|t| Instant::now() < t))
+            .then_some((rt.round, rt.registered_generation))
+        };
+        let Some((round, registered)) = serving else {
+            return;
+        };
+        let gens = self.volume_generations(g);
+        let gen = hash_generations(&gens);
+        if gen == registered {
+            return;
+        }
+        let client = witness.clone().with_timeout(LEASE_WATCH_PERIOD * 3);
+        let sent = Instant::now();
+        match client.vote(&g.spec.name, round, gen).await {
+            Ok(VoteOutcome::Granted(_)) => {
+                {
+                    let mut rt = lock(&g.rt);
+                    if rt.round != round
+                        || !rt.state.is_primary()
+                        || rt.registered_generation != registered
+                    {
+                        // The tick moved on meanwhile (it registered, demoted or suspended).
+                        return;
+                    }
+                    rt.registered_generation = gen;
+                    rt.registered_volumes = gens;
+                    rt.lease_until = Some(sent + LEASE_VALIDITY);
+                    rt.witness_seen = Some(Instant::now());
+                }
+                info!(group = %g.spec.name, round, "a new generation registered with the witness while the group's tick was busy");
+                self.set_gates(g, self.alone_allowed(g));
+            }
+            Ok(VoteOutcome::Denied(_)) => {
+                debug!(group = %g.spec.name, round, "the witness did not register the new generation; the tick decides")
+            }
+            Err(e) => debug!(group = %g.spec.name, error = %e, "new generation not registered"),
         }
     }
 

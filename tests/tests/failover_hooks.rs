@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use nbdmirror_tests::lab::{group_field, Host, Lab};
+use nbdmirror_tests::lab::{group_field, Host, Lab, Link};
 
 /// A hook that keeps a marker per node: start creates it, stop removes it, monitor fails when
 /// it is missing or when `broken-NODE` exists. Every call is appended to hooks.log.
@@ -150,4 +150,53 @@ fn a_slow_start_hook_neither_stalls_writes_alone_nor_drops_the_vip() {
         "the write completed only after the hook ended ({took:?})\n{}",
         lab.all_logs()
     );
+}
+
+/// A long monitor hook runs inside the group's tick. A write made alone in the meantime (the
+/// replication link just dropped) starts a generation the witness must register before the
+/// write is acknowledged: that registration must not wait for the hook to end.
+#[test]
+fn a_slow_monitor_hook_does_not_stall_the_first_write_made_alone() {
+    let lab = Lab::new();
+    let dir = lab.path().to_path_buf();
+    let script = dir.join("slow-monitor.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> {d}/hooks.log\n\
+             if [ \"$NBDMIRROR_ACTION\" = monitor ] && [ \"$NBDMIRROR_NODE\" = node-a ]; then sleep 15; fi\n\
+             echo \"$NBDMIRROR_NODE $NBDMIRROR_ACTION done\" >> {d}/hooks.log\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    lab.add_to_group(
+        None,
+        &format!(
+            "hooks = {{ monitor = \"sh {}\", monitor_interval = \"1s\", timeout = \"30s\" }}\n",
+            script.display()
+        ),
+    );
+    let mut lab = lab;
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    nbdmirror_tests::assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x11 0 64k", "flush"]));
+    lab.wait_for("node-a's monitor hook", Duration::from_secs(30), |lab| {
+        hooks_log(lab).contains("node-a monitor").then_some(())
+    });
+    let hook_started = Instant::now();
+    lab.cut(Link::Repl, Host::A, true);
+    let t = Instant::now();
+    nbdmirror_tests::assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x77 0 64k", "flush"]));
+    let took = t.elapsed();
+    eprintln!(
+        "write alone during the monitor hook ({:?} into it) took {took:?}",
+        hook_started.elapsed()
+    );
+    assert!(
+        !hooks_log(&lab).contains("node-a monitor done"),
+        "the write made alone completed only after the monitor hook ended ({took:?})\n{}",
+        lab.all_logs()
+    );
+    lab.cut(Link::Repl, Host::A, false);
 }
