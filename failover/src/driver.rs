@@ -227,6 +227,11 @@ struct Runtime {
 pub struct GroupRuntime {
     spec: GroupSpec,
     rt: Mutex<Runtime>,
+    /// Held across each exchange with the witness that registers or releases (a vote, with
+    /// its retransmissions, and the bookkeeping of its answer): the tick and the lease watch
+    /// both register, and two votes interleaved could leave the witness holding the older
+    /// generation while the gates let the newer one through.
+    registering: tokio::sync::Mutex<()>,
 }
 
 pub struct Failover {
@@ -285,6 +290,7 @@ impl Failover {
             .map(|g| {
                 Arc::new(GroupRuntime {
                     spec: g,
+                    registering: tokio::sync::Mutex::new(()),
                     rt: Mutex::new(Runtime {
                         state: GroupState::Stopped,
                         reason: "starting".into(),
@@ -624,9 +630,10 @@ impl Failover {
     /// (the tick registered it and nothing suspended it since); a grant is the witness's
     /// word that no other node holds a newer round, so the gates may open for it at once.
     async fn register_new_generation(&self, g: &Arc<GroupRuntime>, witness: &WitnessClient) {
+        let _registering = g.registering.lock().await;
         let serving = {
             let rt = lock(&g.rt);
-            (rt.state.is_primary()
+            (serving_state(rt.state)
                 && rt.registered_generation != 0
                 && rt.lease_until.is_some_and(|t| Instant::now() < t))
             .then_some((rt.round, rt.registered_generation))
@@ -646,7 +653,7 @@ impl Failover {
                 {
                     let mut rt = lock(&g.rt);
                     if rt.round != round
-                        || !rt.state.is_primary()
+                        || !serving_state(rt.state)
                         || rt.registered_generation != registered
                     {
                         // The tick moved on meanwhile (it registered, demoted or suspended).
@@ -830,6 +837,7 @@ impl Failover {
         if primary {
             // Renew the lease; register a new generation (writing alone) before any write
             // made alone is acknowledged.
+            let registering = g.registering.lock().await;
             let sent = Instant::now();
             let gens = self.volume_generations(g);
             let gen = hash_generations(&gens);
@@ -854,6 +862,7 @@ impl Failover {
                     Err(e) => warn!(group = %g.spec.name, error = %e, "witness unreachable"),
                 }
             }
+            drop(registering);
             match w.lease(&g.spec.name, round).await {
                 Ok(l) => {
                     let mut rt = lock(&g.rt);
@@ -1147,6 +1156,7 @@ impl Failover {
             // The witness starts the lease when it grants, after the request left: counting
             // from the send keeps this side's lease inside the witness's.
             let sent = Instant::now();
+            let _registering = g.registering.lock().await;
             if let Ok(VoteOutcome::Granted(_)) = w.vote(&g.spec.name, round, gen).await {
                 let mut rt = lock(&g.rt);
                 rt.registered_generation = gen;
@@ -1201,6 +1211,7 @@ impl Failover {
             // lease to register as primary (a swap completes at once). Best effort: without
             // an answer the lease lapses by itself.
             let round = lock(&g.rt).round;
+            let _registering = g.registering.lock().await;
             match w.release(&g.spec.name, round).await {
                 Ok(released) => {
                     debug!(group = %g.spec.name, round, released, "witness round released")
@@ -1267,6 +1278,11 @@ impl Failover {
             _ => Ok(()),
         }
     }
+}
+
+/// Serving writes (not suspended): where the lease watch may register a new generation.
+fn serving_state(s: GroupState) -> bool {
+    matches!(s, GroupState::Primary | GroupState::Alone)
 }
 
 /// How long a secondary asks its peer for the group (`swap` run on the secondary) before the

@@ -807,8 +807,9 @@ impl ReplayWindow {
 
     /// Accepts (and remembers) `seq` if it is new; refuses a replay, a number older than the
     /// window, and an overtaken request sent more than [`REORDER_MS`] before the newest or
-    /// not after the floor.
-    pub fn accept(&mut self, seq: u64, sent_ms: u64) -> bool {
+    /// not after the floor. `in_order`: only a number above every one accepted (votes and
+    /// releases: an overtaken one could undo a later registration, see [`ReplayFilter`]).
+    pub fn accept(&mut self, seq: u64, sent_ms: u64, in_order: bool) -> bool {
         if seq > self.highest {
             let shift = seq - self.highest;
             self.seen = if shift >= REPLAY_WINDOW {
@@ -821,7 +822,8 @@ impl ReplayWindow {
             return true;
         }
         let age = self.highest - seq;
-        if age >= REPLAY_WINDOW
+        if in_order
+            || age >= REPLAY_WINDOW
             || sent_ms.saturating_add(REORDER_MS) < self.newest_ms
             || sent_ms <= self.floor_ms
         {
@@ -868,13 +870,25 @@ impl ReplayFilter {
         ReplayFilter::default()
     }
 
-    /// Accepts (and remembers) a fresh request; refuses a replay.
-    pub fn accept(&mut self, sender: &str, incarnation: u64, seq: u64, sent_ms: u64) -> bool {
+    /// Accepts (and remembers) a fresh request; refuses a replay. `in_order` (votes and
+    /// releases): refuses one overtaken by any later request of its run, as the filter did
+    /// for every request before the window: a vote held back (on the network, or a
+    /// retransmission) and accepted after a later vote would roll the registered generation
+    /// back under writes the later one let through. Leases and queries, which only ever
+    /// extend or read, may arrive out of order.
+    pub fn accept(
+        &mut self,
+        sender: &str,
+        incarnation: u64,
+        seq: u64,
+        sent_ms: u64,
+        in_order: bool,
+    ) -> bool {
         self.tick += 1;
         let tick = self.tick;
         let s = self.senders.entry(sender.to_string()).or_default();
         if let Some(run) = s.runs.get_mut(&incarnation) {
-            if !run.window.accept(seq, sent_ms) {
+            if !run.window.accept(seq, sent_ms, in_order) {
                 return false;
             }
             run.last_used = tick;
@@ -1020,9 +1034,10 @@ impl Server {
                     continue;
                 }
             };
+            let in_order = matches!(env.request, Request::Vote { .. } | Request::Release { .. });
             if !self
                 .replay
-                .accept(&env.sender, env.incarnation, env.seq, env.sent_ms)
+                .accept(&env.sender, env.incarnation, env.seq, env.sent_ms, in_order)
             {
                 debug!(%from, sender = %env.sender, seq = env.seq, "replayed request: dropped");
                 continue;
@@ -1517,66 +1532,93 @@ mod tests {
     fn replay_filter_accepts_overtaken_requests_once() {
         let w = REPLAY_WINDOW;
         let mut f = ReplayFilter::new();
-        assert!(f.accept("node-a", 7, 1000, 50));
-        assert!(f.accept("node-a", 7, 999, 49), "overtaken request refused");
-        assert!(!f.accept("node-a", 7, 999, 49), "duplicate accepted");
-        assert!(!f.accept("node-a", 7, 1000, 50), "duplicate accepted");
+        assert!(f.accept("node-a", 7, 1000, 50, false));
+        assert!(
+            f.accept("node-a", 7, 999, 49, false),
+            "overtaken request refused"
+        );
+        assert!(!f.accept("node-a", 7, 999, 49, false), "duplicate accepted");
+        assert!(
+            !f.accept("node-a", 7, 1000, 50, false),
+            "duplicate accepted"
+        );
         // The oldest number the window still covers, once; anything older is refused.
-        assert!(f.accept("node-a", 7, 1000 - (w - 1), 40));
-        assert!(!f.accept("node-a", 7, 1000 - (w - 1), 40));
-        assert!(!f.accept("node-a", 7, 1000 - w, 40), "too old accepted");
-        assert!(!f.accept("node-a", 7, 0, 1), "too old accepted");
+        assert!(f.accept("node-a", 7, 1000 - (w - 1), 40, false));
+        assert!(!f.accept("node-a", 7, 1000 - (w - 1), 40, false));
+        assert!(
+            !f.accept("node-a", 7, 1000 - w, 40, false),
+            "too old accepted"
+        );
+        assert!(!f.accept("node-a", 7, 0, 1, false), "too old accepted");
         // The window slides: numbers it leaves behind are refused from then on, the gaps
         // it still covers are accepted once.
-        assert!(f.accept("node-a", 7, 1000 + w, 60));
-        assert!(!f.accept("node-a", 7, 1000, 50), "slid out, then accepted");
-        assert!(f.accept("node-a", 7, 1001, 51));
-        assert!(!f.accept("node-a", 7, 1001, 51));
+        assert!(f.accept("node-a", 7, 1000 + w, 60, false));
+        assert!(
+            !f.accept("node-a", 7, 1000, 50, false),
+            "slid out, then accepted"
+        );
+        assert!(f.accept("node-a", 7, 1001, 51, false));
+        assert!(!f.accept("node-a", 7, 1001, 51, false));
         // A jump of more than the window forgets everything before it.
-        assert!(f.accept("node-a", 7, u64::MAX, 70));
-        assert!(!f.accept("node-a", 7, 1000 + w, 60));
-        assert!(!f.accept("node-a", 7, u64::MAX, 70));
-        assert!(f.accept("node-a", 7, u64::MAX - 1, 70));
+        assert!(f.accept("node-a", 7, u64::MAX, 70, false));
+        assert!(!f.accept("node-a", 7, 1000 + w, 60, false));
+        assert!(!f.accept("node-a", 7, u64::MAX, 70, false));
+        assert!(f.accept("node-a", 7, u64::MAX - 1, 70, false));
         // Runs and senders have their own windows.
-        assert!(f.accept("node-a", 8, 999, 80));
-        assert!(f.accept("node-b", 7, 999, 80));
+        assert!(f.accept("node-a", 8, 999, 80, false));
+        assert!(f.accept("node-b", 7, 999, 80, false));
         // A run the server hears of first through a later request: the earlier ones within
         // the window are still accepted (each once), as after a witness restart.
-        assert!(f.accept("node-c", 1, 10, 90));
-        assert!(f.accept("node-c", 1, 9, 89));
-        assert!(f.accept("node-c", 1, 0, 80));
-        assert!(!f.accept("node-c", 1, 9, 89));
+        assert!(f.accept("node-c", 1, 10, 90, false));
+        assert!(f.accept("node-c", 1, 9, 89, false));
+        assert!(f.accept("node-c", 1, 0, 80, false));
+        assert!(!f.accept("node-c", 1, 9, 89, false));
         // A straggler sent long before the newest request of its run is a held-back
         // datagram, not an overtaken one.
-        assert!(f.accept("node-d", 1, 10, 5_000));
-        assert!(f.accept("node-d", 1, 9, 5_000 - REORDER_MS));
-        assert!(!f.accept("node-d", 1, 8, 5_000 - REORDER_MS - 1));
+        assert!(f.accept("node-d", 1, 10, 5_000, false));
+        assert!(f.accept("node-d", 1, 9, 5_000 - REORDER_MS, false));
+        assert!(!f.accept("node-d", 1, 8, 5_000 - REORDER_MS - 1, false));
+    }
+
+    /// Votes and releases are taken in order only: an overtaken vote (held back, or a
+    /// retransmission of an older registration) must not undo a later one.
+    #[test]
+    fn votes_and_releases_are_refused_once_overtaken() {
+        let mut f = ReplayFilter::new();
+        assert!(f.accept("node-a", 7, 10, 100, true), "a first vote");
+        assert!(f.accept("node-a", 7, 12, 102, false), "a lease");
+        assert!(
+            !f.accept("node-a", 7, 11, 101, true),
+            "a vote overtaken by a lease accepted"
+        );
+        assert!(f.accept("node-a", 7, 11, 101, false), "an overtaken lease");
+        assert!(f.accept("node-a", 7, 13, 103, true), "a later vote");
     }
 
     #[test]
     fn replay_filter_forgets_old_runs_but_refuses_their_recordings() {
         let mut f = ReplayFilter::new();
         for inc in 0..TRACKED_INCARNATIONS as u64 {
-            assert!(f.accept("node-a", inc, 5, 100 + inc));
+            assert!(f.accept("node-a", inc, 5, 100 + inc, false));
         }
         // A new run evicts run 0 (the least recently used), whose clock reached 100.
-        assert!(f.accept("node-a", 1000, 1, 500));
+        assert!(f.accept("node-a", 1000, 1, 500, false));
         // Run 0's recordings, even within its window, are now refused by their clock.
-        assert!(!f.accept("node-a", 0, 4, 99));
-        assert!(!f.accept("node-a", 0, 6, 100));
+        assert!(!f.accept("node-a", 0, 4, 99, false));
+        assert!(!f.accept("node-a", 0, 6, 100, false));
         // A later new run is fine.
-        assert!(f.accept("node-a", 1001, 1, 501));
+        assert!(f.accept("node-a", 1001, 1, 501, false));
         // Run 0 learned again through a later request: what it had accepted before it was
         // forgotten (sent at 100 at the latest) is refused, though the new window covers it;
         // its requests overtaken since are accepted.
-        assert!(f.accept("node-a", 0, 9, 600));
+        assert!(f.accept("node-a", 0, 9, 600, false));
         assert!(
-            !f.accept("node-a", 0, 5, 100),
+            !f.accept("node-a", 0, 5, 100, false),
             "accepted twice across a forget"
         );
-        assert!(!f.accept("node-a", 0, 8, 100));
-        assert!(f.accept("node-a", 0, 8, 599));
-        assert!(f.accept("node-a", 0, 10, 601));
+        assert!(!f.accept("node-a", 0, 8, 100, false));
+        assert!(f.accept("node-a", 0, 8, 599, false));
+        assert!(f.accept("node-a", 0, 10, 601, false));
     }
 
     /// The server end to end: a request overtaken on the wire by a later one of the same run
@@ -1785,7 +1827,7 @@ mod tests {
             let mut seen = std::collections::HashSet::new();
             for (sender, inc, seq) in msgs {
                 let ms = starts[inc] + seq;
-                if f.accept(NODES[sender], inc as u64, seq, ms) {
+                if f.accept(NODES[sender], inc as u64, seq, ms, false) {
                     prop_assert!(seen.insert((sender, inc, seq)), "accepted {sender}/{inc}/{seq} twice");
                 }
             }
@@ -1812,7 +1854,7 @@ mod tests {
                         || (highest - seq < REPLAY_WINDOW
                             && ms + REORDER_MS >= newest
                             && ms > floor));
-                prop_assert_eq!(w.accept(base + seq, ms), fresh, "seq {} ms {}", seq, ms);
+                prop_assert_eq!(w.accept(base + seq, ms, false), fresh, "seq {} ms {}", seq, ms);
                 if fresh {
                     accepted.insert(seq);
                     highest = highest.max(seq);
