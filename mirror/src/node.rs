@@ -789,21 +789,7 @@ mod tests {
         const AT: u64 = 1 << 20;
         const LEN: usize = 64 << 10;
         let dir = tempfile::tempdir().expect("temporary folder");
-        let vol = crate::volume::Volume::open(
-            crate::volume::VolumeSpec {
-                name: "v".into(),
-                node: "b".into(),
-                image: dir.path().join("v.img"),
-                metadata: dir.path().join("v.meta"),
-                size: 16 << 20,
-                engine: crate::EngineKind::Sync,
-            },
-            crate::volume::ResyncOptions {
-                rate: 0,
-                checksum: false,
-            },
-        )
-        .expect("open the volume");
+        let vol = crate::volume::Volume::open_for_tests(dir.path(), "b");
         let node = session_node();
         let session = |stream| {
             let (node, vol) = (node.clone(), vol.clone());
@@ -924,21 +910,7 @@ mod tests {
             use tokio::time::Instant;
             const AT: u64 = 1 << 20;
             let dir = tempfile::tempdir().expect("temporary folder");
-            let vol = crate::volume::Volume::open(
-                crate::volume::VolumeSpec {
-                    name: "v".into(),
-                    node: "b".into(),
-                    image: dir.path().join("v.img"),
-                    metadata: dir.path().join("v.meta"),
-                    size: 16 << 20,
-                    engine: crate::EngineKind::Sync,
-                },
-                crate::volume::ResyncOptions {
-                    rate: 0,
-                    checksum: false,
-                },
-            )
-            .expect("open the volume");
+            let vol = crate::volume::Volume::open_for_tests(dir.path(), "b");
             let node = session_node();
             let (ours, theirs) = loopback().await;
             let session = {

@@ -372,6 +372,26 @@ impl Volume {
         self.image.path()
     }
 
+    /// Test-only: a 16 MiB volume `v` of node `node` in `dir`, on the sync engine.
+    #[cfg(test)]
+    pub(crate) fn open_for_tests(dir: &std::path::Path, node: &str) -> Arc<Volume> {
+        Volume::open(
+            VolumeSpec {
+                name: "v".into(),
+                node: node.into(),
+                image: dir.join("v.img"),
+                metadata: dir.join("v.meta"),
+                size: 16 << 20,
+                engine: crate::engine::EngineKind::Sync,
+            },
+            ResyncOptions {
+                rate: 0,
+                checksum: false,
+            },
+        )
+        .expect("open a test volume")
+    }
+
     /// Test-only: the image, to stall its writes (`ImageFile::stall_next_write_at`).
     #[cfg(test)]
     pub(crate) fn image_for_tests(&self) -> &ImageFile {
@@ -2513,21 +2533,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_alone_after_a_demotion_starts_no_generation() {
         let dir = tempfile::tempdir().expect("temporary folder");
-        let vol = Volume::open(
-            super::VolumeSpec {
-                name: "v".into(),
-                node: "a".into(),
-                image: dir.path().join("v.img"),
-                metadata: dir.path().join("v.meta"),
-                size: 16 << 20,
-                engine: crate::engine::EngineKind::Sync,
-            },
-            super::ResyncOptions {
-                rate: 0,
-                checksum: false,
-            },
-        )
-        .expect("open");
+        let vol = Volume::open_for_tests(dir.path(), "a");
         vol.promote(true).await.expect("promote alone");
         vol.begin_demote();
         vol.demote().await.expect("demote");
@@ -2551,21 +2557,7 @@ mod tests {
         use nbd_server::proto::NbdErrno;
         use nbd_server::BlockBackend;
         let dir = tempfile::tempdir().expect("temporary folder");
-        let vol = Volume::open(
-            super::VolumeSpec {
-                name: "v".into(),
-                node: "a".into(),
-                image: dir.path().join("v.img"),
-                metadata: dir.path().join("v.meta"),
-                size: 16 << 20,
-                engine: crate::engine::EngineKind::Sync,
-            },
-            super::ResyncOptions {
-                rate: 0,
-                checksum: false,
-            },
-        )
-        .expect("open");
+        let vol = Volume::open_for_tests(dir.path(), "a");
         let errno = |r: nbd_server::BackendResult<()>| r.err().map(|e| e.errno());
         assert_eq!(
             errno(vol.write(0, vec![1; 4096], false).await),

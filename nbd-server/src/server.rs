@@ -1018,44 +1018,6 @@ mod tests {
     use std::net::SocketAddr;
     use tokio::net::TcpStream;
 
-    /// A backend the handshake tests never reach.
-    struct Unused;
-
-    impl BlockBackend for Unused {
-        fn size(&self) -> u64 {
-            1 << 20
-        }
-        fn read_only(&self) -> bool {
-            false
-        }
-        async fn read(&self, _: u64, length: usize) -> crate::BackendResult<Vec<u8>> {
-            Ok(vec![0; length])
-        }
-        async fn write(&self, _: u64, _: Vec<u8>, _: bool) -> crate::BackendResult<()> {
-            Ok(())
-        }
-        async fn flush(&self) -> crate::BackendResult<()> {
-            Ok(())
-        }
-        async fn trim(&self, _: u64, _: u64, _: bool) -> crate::BackendResult<()> {
-            Ok(())
-        }
-        async fn write_zeroes(&self, _: u64, _: u64, _: ZeroMode) -> crate::BackendResult<()> {
-            Ok(())
-        }
-        async fn cache(&self, _: u64, _: u64) -> crate::BackendResult<()> {
-            Ok(())
-        }
-        async fn block_status(
-            &self,
-            _: u64,
-            length: u64,
-            _: usize,
-        ) -> crate::BackendResult<Vec<Extent>> {
-            Ok(vec![Extent { length, flags: 0 }])
-        }
-    }
-
     async fn tcp_listener() -> (Listener, SocketAddr) {
         let addr: ListenAddr = "127.0.0.1:0".parse().expect("address");
         let mut listeners = bind_all(&[addr]).await.expect("bind an ephemeral port");
@@ -1067,9 +1029,10 @@ mod tests {
         (listener, local)
     }
 
-    /// A server on an ephemeral loopback port, its connections on this test's runtime.
+    /// A server on an ephemeral loopback port, its connections on this test's runtime (the
+    /// handshake tests never reach its backend).
     async fn start() -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-        start_with(Arc::new(Unused)).await
+        start_with(Arc::new(Gated::new())).await
     }
 
     async fn start_with<B: BlockBackend>(

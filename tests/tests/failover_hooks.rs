@@ -36,6 +36,28 @@ fn hook_lab(extra: &str) -> Lab {
     lab
 }
 
+/// A lab whose group has one hook script (`hooks`: the TOML inside `hooks = { }`, `{}` the
+/// script's path) that logs each call and its end to hooks.log, and sleeps `secs` when asked
+/// for `action` on `node`.
+fn slow_hook_lab(action: &str, node: &str, secs: u32, hooks: &str) -> Lab {
+    let lab = Lab::new();
+    let dir = lab.path().to_path_buf();
+    let script = dir.join(format!("slow-{action}.sh"));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> {d}/hooks.log\n\
+             if [ \"$NBDMIRROR_ACTION\" = {action} ] && [ \"$NBDMIRROR_NODE\" = {node} ]; then sleep {secs}; fi\n\
+             echo \"$NBDMIRROR_NODE $NBDMIRROR_ACTION done\" >> {d}/hooks.log\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let hooks = hooks.replace("{}", &script.display().to_string());
+    lab.add_to_group(None, &format!("hooks = {{ {hooks} }}\n"));
+    lab
+}
+
 fn hooks_log(lab: &Lab) -> String {
     std::fs::read_to_string(lab.path().join("hooks.log")).unwrap_or_default()
 }
@@ -100,27 +122,7 @@ fn auto_failback_returns_the_group_to_the_preferred_node() {
 /// made alone go through at once and the VIP stays where the VM is starting.
 #[test]
 fn a_slow_start_hook_neither_stalls_writes_alone_nor_drops_the_vip() {
-    let lab = Lab::new();
-    let dir = lab.path().to_path_buf();
-    let script = dir.join("slow-start.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> {d}/hooks.log\n\
-             if [ \"$NBDMIRROR_ACTION\" = start ] && [ \"$NBDMIRROR_NODE\" = node-b ]; then sleep 6; fi\n\
-             echo \"$NBDMIRROR_NODE $NBDMIRROR_ACTION done\" >> {d}/hooks.log\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    lab.add_to_group(
-        None,
-        &format!(
-            "hooks = {{ start = \"sh {}\", timeout = \"20s\" }}\n",
-            script.display()
-        ),
-    );
-    let mut lab = lab;
+    let mut lab = slow_hook_lab("start", "node-b", 6, "start = \"sh {}\", timeout = \"20s\"");
     lab.start_all();
     lab.wait_handshake(Instant::now(), Duration::from_secs(20));
     lab.kill(Host::A);
@@ -157,27 +159,12 @@ fn a_slow_start_hook_neither_stalls_writes_alone_nor_drops_the_vip() {
 /// write is acknowledged: that registration must not wait for the hook to end.
 #[test]
 fn a_slow_monitor_hook_does_not_stall_the_first_write_made_alone() {
-    let lab = Lab::new();
-    let dir = lab.path().to_path_buf();
-    let script = dir.join("slow-monitor.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> {d}/hooks.log\n\
-             if [ \"$NBDMIRROR_ACTION\" = monitor ] && [ \"$NBDMIRROR_NODE\" = node-a ]; then sleep 15; fi\n\
-             echo \"$NBDMIRROR_NODE $NBDMIRROR_ACTION done\" >> {d}/hooks.log\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    lab.add_to_group(
-        None,
-        &format!(
-            "hooks = {{ monitor = \"sh {}\", monitor_interval = \"1s\", timeout = \"30s\" }}\n",
-            script.display()
-        ),
+    let mut lab = slow_hook_lab(
+        "monitor",
+        "node-a",
+        15,
+        "monitor = \"sh {}\", monitor_interval = \"1s\", timeout = \"30s\"",
     );
-    let mut lab = lab;
     lab.start_all();
     lab.wait_handshake(Instant::now(), Duration::from_secs(20));
     nbdmirror_tests::assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x11 0 64k", "flush"]));

@@ -7,6 +7,22 @@ use nbdmirror_tests::assert_qemu_io_ok;
 use nbdmirror_tests::data::assert_files_equal;
 use nbdmirror_tests::lab::{group_field, group_state, Host, Lab, GROUP};
 
+/// For `how_long` after a swap to node-b: node-a secondary and node-b primary throughout.
+fn assert_b_stays_primary(lab: &Lab, how_long: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < how_long {
+        let a = lab.group_state(Host::A).unwrap_or_default();
+        let b = lab.group_state(Host::B).unwrap_or_default();
+        assert!(
+            a == "secondary" && b == "primary",
+            "{:?} after the swap node-a is {a}, node-b {b}\n{}",
+            start.elapsed(),
+            lab.all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn swap_on_a_healthy_pair_moves_the_group_once() {
     let mut lab = Lab::new();
@@ -21,18 +37,7 @@ fn swap_on_a_healthy_pair_moves_the_group_once() {
     assert!(out.success(), "swap failed: {out}\n{}", lab.all_logs());
     let sb = lab.wait_group_state(Host::B, &["primary"], Duration::from_secs(30));
     assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        let a = lab.group_state(Host::A).unwrap_or_default();
-        let b = lab.group_state(Host::B).unwrap_or_default();
-        assert!(
-            a == "secondary" && b == "primary",
-            "{:?} after the swap node-a is {a}, node-b {b}\n{}",
-            start.elapsed(),
-            lab.all_logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_b_stays_primary(&lab, Duration::from_secs(5));
     assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x5a 0 4M", "write -P 0x33 50M 1M", "flush"]));
     lab.wait_in_sync(Duration::from_secs(30));
     lab.stop_nodes_cleanly();
@@ -63,18 +68,7 @@ fn swap_run_on_the_secondary_moves_the_group_once() {
     assert!(out.success(), "swap failed: {out}\n{}", lab.all_logs());
     let sb = lab.wait_group_state(Host::B, &["primary"], Duration::from_secs(30));
     assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(8) {
-        let a = lab.group_state(Host::A).unwrap_or_default();
-        let b = lab.group_state(Host::B).unwrap_or_default();
-        assert!(
-            a == "secondary" && b == "primary",
-            "{:?} after the swap node-a is {a}, node-b {b}\n{}",
-            start.elapsed(),
-            lab.all_logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_b_stays_primary(&lab, Duration::from_secs(8));
     let takes = lab.log(Host::A).matches("taking the group").count();
     assert_eq!(
         takes,
