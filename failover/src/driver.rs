@@ -216,6 +216,9 @@ struct Runtime {
     registered_volumes: Vec<u64>,
     /// The latest round the witness named another node for, taken into `round` on demotion.
     witness_round: u64,
+    /// The group generation this node took the group at with its peer's consent, until the
+    /// witness registered this node (see [`Failover::vote_registration`]).
+    consent_base: Option<u64>,
     transitions: VecDeque<Transition>,
     ready: bool,
     /// This node fenced the peer since it last lost it (fence-only quorum).
@@ -311,6 +314,7 @@ impl Failover {
                         registered_generation: 0,
                         registered_volumes: Vec::new(),
                         witness_round: 0,
+                        consent_base: None,
                         transitions: VecDeque::new(),
                         ready: false,
                         peer_fenced: false,
@@ -674,6 +678,44 @@ impl Failover {
         }
     }
 
+    /// Asks the witness to register this node as the group's holder in `round` with group
+    /// generation `gen`. A node that took the group with its peer's consent (a swap, a
+    /// failback) while the witness was away is not registered yet: the witness still names
+    /// the old holder, with the generation the pair had then, and votes another node in only
+    /// with that generation. Once this node wrote alone (a new generation) it could never be
+    /// registered, and its writes would wait for good. So it first registers the generation
+    /// it took the group at: it held all of that data (the peer hands over only to a node in
+    /// sync), and the writes of its newer generation, not yet acknowledged, stay behind the
+    /// second vote. The caller holds `g.registering`.
+    async fn vote_registration(
+        &self,
+        g: &GroupRuntime,
+        w: &WitnessClient,
+        round: u64,
+        gen: u64,
+    ) -> Result<VoteOutcome, crate::witness::WitnessError> {
+        let base = {
+            let rt = lock(&g.rt);
+            rt.consent_base
+                .filter(|&base| base != gen && rt.registered_generation == 0)
+        };
+        if let Some(base) = base {
+            match w.vote(&g.spec.name, round, base).await? {
+                VoteOutcome::Granted(_) => {
+                    // This node is the holder now: the witness takes any generation from it.
+                    lock(&g.rt).consent_base = None;
+                    info!(group = %g.spec.name, round, "registered with the witness at the generation this node took the group at");
+                }
+                denied => return Ok(denied),
+            }
+        }
+        let outcome = w.vote(&g.spec.name, round, gen).await?;
+        if matches!(outcome, VoteOutcome::Granted(_)) {
+            lock(&g.rt).consent_base = None;
+        }
+        Ok(outcome)
+    }
+
     fn data_facts(
         &self,
         g: &GroupRuntime,
@@ -843,7 +885,7 @@ impl Failover {
             let gen = hash_generations(&gens);
             let registered = lock(&g.rt).registered_generation;
             if gen != registered {
-                match w.vote(&g.spec.name, round, gen).await {
+                match self.vote_registration(g, w, round, gen).await {
                     Ok(VoteOutcome::Granted(_)) => {
                         let mut rt = lock(&g.rt);
                         rt.registered_generation = gen;
@@ -1153,11 +1195,12 @@ impl Failover {
             // Register the (possibly new) generation before any write alone is acknowledged.
             let gens = self.volume_generations(g);
             let gen = hash_generations(&gens);
+            lock(&g.rt).consent_base = (quorum == Quorum::PeerConsent).then_some(gen);
             // The witness starts the lease when it grants, after the request left: counting
             // from the send keeps this side's lease inside the witness's.
             let sent = Instant::now();
             let _registering = g.registering.lock().await;
-            if let Ok(VoteOutcome::Granted(_)) = w.vote(&g.spec.name, round, gen).await {
+            if let Ok(VoteOutcome::Granted(_)) = self.vote_registration(g, w, round, gen).await {
                 let mut rt = lock(&g.rt);
                 rt.registered_generation = gen;
                 rt.registered_volumes = gens;
@@ -1230,6 +1273,7 @@ impl Failover {
             rt.lease_until = None;
             rt.registered_generation = 0;
             rt.registered_volumes.clear();
+            rt.consent_base = None;
         }
         self.transition(g, GroupState::Waiting, reason);
     }

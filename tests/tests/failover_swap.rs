@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nbdmirror_tests::assert_qemu_io_ok;
 use nbdmirror_tests::data::assert_files_equal;
-use nbdmirror_tests::lab::{group_field, group_state, Host, Lab, GROUP};
+use nbdmirror_tests::lab::{group_field, group_state, volume_field, Host, Lab, GROUP};
 
 /// For `how_long` after a swap to node-b: node-a secondary and node-b primary throughout.
 fn assert_b_stays_primary(lab: &Lab, how_long: Duration) {
@@ -134,4 +134,68 @@ fn a_restarted_pair_takes_the_witness_round_in_one_step() {
         after > before,
         "round {after} after the restart, {before} before"
     );
+}
+
+/// A swap while the witness is away leaves the witness naming the old holder, with the
+/// pair's generation of then. When that old holder then dies and the new primary writes
+/// alone (a new generation), the new primary must still get registered once the witness is
+/// back: it took the group in sync, so it first registers the generation it took it at.
+/// Before, the witness refused the new generation from a non-holder for good and the write
+/// waited forever.
+#[test]
+fn a_swap_the_witness_missed_still_lets_the_new_primary_write_alone() {
+    let mut lab = Lab::new();
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x21 0 4M", "flush"]));
+    lab.wait_in_sync(Duration::from_secs(30));
+    // The witness goes down (its state stays on disk) and misses the swap.
+    lab.stop(Host::C, Duration::from_secs(10));
+    let cfg_a = lab.config(Host::A);
+    let out = lab.nbdmirror(
+        Host::A,
+        &["swap", GROUP, "--config", cfg_a.to_str().unwrap()],
+    );
+    assert!(out.success(), "swap failed: {out}\n{}", lab.all_logs());
+    let sb = lab.wait_group_state(Host::B, &["primary"], Duration::from_secs(30));
+    assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
+    let gen_before = volume_field(&lab.status(Host::B), "generation");
+    // node-a dies; a write reaches node-b (on its own address: the VIP leaves it when its
+    // lease, which it never had, cannot cover writes alone) and starts a new generation.
+    lab.kill(Host::A);
+    let writer = lab.spawn(
+        Host::B,
+        &[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x22 8M 1M",
+            "-c",
+            "flush",
+            "nbd://127.0.0.1:10809/disk0",
+        ],
+    );
+    lab.wait_for(
+        "a new generation on node-b",
+        Duration::from_secs(30),
+        |lab| {
+            let s = lab.try_status(Host::B).ok()?;
+            (volume_field(&s, "generation") != gen_before).then_some(())
+        },
+    );
+    lab.start_witness();
+    let (status, out) = writer.wait_or_kill(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()) && !out.contains("error"),
+        "the write alone never completed after the witness came back: {status:?} {out}\n{}",
+        lab.all_logs()
+    );
+    let check = lab.qemu_io_in(
+        Host::B,
+        "nbd://127.0.0.1:10809/disk0",
+        &["read -P 0x21 0 4M", "read -P 0x22 8M 1M"],
+        Duration::from_secs(30),
+    );
+    assert_qemu_io_ok(&check);
 }
