@@ -120,10 +120,15 @@ fn code_state(c: u8) -> GroupState {
     }
 }
 
+/// The format of the group announcements in a heartbeat's payload (its first byte). A node
+/// reads only its own format: a peer running another one is alive, but its groups' states
+/// are unknown, and a group whose peer state is unknown takes no role (see `tick`).
+pub const PAYLOAD_FORMAT: u8 = 1;
+
 /// Encodes every group's announcement: per group a length-prefixed name, the state, the
 /// round and flags. Pure, so its round trip is unit-tested.
 pub fn encode_payload(entries: &[(String, Announce)]) -> Vec<u8> {
-    let mut out = vec![1u8];
+    let mut out = vec![PAYLOAD_FORMAT];
     for (name, a) in entries {
         let n = &name.as_bytes()[..name.len().min(255)];
         out.push(n.len() as u8);
@@ -159,7 +164,7 @@ pub fn check_payload_size<'a>(
 
 pub fn decode_payload(b: &[u8]) -> HashMap<String, Announce> {
     let mut out = HashMap::new();
-    if b.first() != Some(&1) {
+    if b.first() != Some(&PAYLOAD_FORMAT) {
         return out;
     }
     let mut i = 1;
@@ -789,6 +794,16 @@ impl Failover {
         // The payload outlives the peer: what it was when it went silent.
         let peer_was_primary = last_entry.is_some_and(|a| code_state(a.state).is_primary());
         let state = lock(&g.rt).state;
+        if peer.alive && entry.is_none() && !state.is_primary() {
+            // A live peer whose state for this group is unknown may be its primary: taking
+            // a role on a guess could start the VM twice. A primary keeps serving.
+            let why = unknown_peer_state(peer.last_payload.as_deref(), &g.spec.name);
+            if lock(&g.rt).reason != why {
+                warn!(group = %g.spec.name, peer = ?peer.node, "{why}");
+            }
+            self.transition(g, GroupState::Waiting, &why);
+            return;
+        }
         let (data, peer_newer, equal) = self.data_facts(g, peer.alive, state.is_primary());
         let links = self.links_established(g);
         // Ready to take the group: every volume linked and in sync.
@@ -1371,6 +1386,22 @@ fn still_listening(
 }
 
 /// The group generation: one id for the volumes' generations together.
+/// Why a live peer's heartbeat says nothing about `group`, for the operator.
+fn unknown_peer_state(payload: Option<&[u8]>, group: &str) -> String {
+    match payload.and_then(|b| b.first()) {
+        None => "the peer's heartbeats carry no group states yet".to_string(),
+        Some(&f) if f != PAYLOAD_FORMAT => format!(
+            "the peer announces its groups in heartbeat format {f}, this node reads format \
+             {PAYLOAD_FORMAT}: run the same nbdmirror version on both nodes; this group takes \
+             no role meanwhile"
+        ),
+        Some(_) => format!(
+            "the peer does not announce group {group}: is it in the peer's configuration, \
+             under the same name? This group takes no role meanwhile"
+        ),
+    }
+}
+
 fn hash_generations(gens: &[u64]) -> u64 {
     let mut h = blake3::Hasher::new();
     for gen in gens {
@@ -1448,6 +1479,9 @@ mod tests {
         assert_eq!(m["vm1"], e[0].1);
         assert_eq!(m["db"], e[1].1);
         assert!(decode_payload(&[9, 1, 2]).is_empty());
+        assert!(unknown_peer_state(Some(&[9, 1, 2]), "vm1").contains("format 9"));
+        assert!(unknown_peer_state(Some(&encode_payload(&e)), "vm9").contains("group vm9"));
+        assert!(unknown_peer_state(None, "vm1").contains("no group states"));
         // Truncated input never panics.
         let full = encode_payload(&e);
         for n in 0..full.len() {
