@@ -297,7 +297,13 @@ pub fn decide(
 pub struct LeaseTable {
     /// Per group: (round, holder, when it last leased; `None` once it released the round).
     leases: HashMap<String, (u64, String, Option<u64>)>,
+    /// Per group: the run (incarnation) and sequence number of the release that ended the
+    /// holder's lease, while it stays released.
+    released_by: HashMap<String, (u64, u64)>,
 }
+
+/// Which request of which run of its sender: (incarnation, sequence number).
+pub type Origin = (u64, u64);
 
 impl LeaseTable {
     /// How long ago the stored holder last leased, for [`decide`]. Without a lease since the
@@ -318,10 +324,30 @@ impl LeaseTable {
         }
     }
 
+    /// Whether `req` is a lease the holder sent before the release that ended its lease,
+    /// overtaken by that release on the way (leases may arrive out of order). It must not
+    /// renew: the holder gave the round up after it, and the node taking over would wait a
+    /// full lease timeout for nothing.
+    pub fn overtaken_by_release(&self, group: &str, req: &Request, origin: Origin) -> bool {
+        let Request::Lease { node, round, .. } = req else {
+            return false;
+        };
+        let released = matches!(
+            self.leases.get(group),
+            Some((r, h, None)) if r == round && h == node
+        );
+        released
+            && self
+                .released_by
+                .get(group)
+                .is_some_and(|&(incarnation, seq)| incarnation == origin.0 && origin.1 < seq)
+    }
+
     /// Records what a decision says about the holder's lease: renewed (a lease, or a grant,
-    /// which is the new holder's first) or released.
-    pub fn apply(&mut self, group: &str, req: &Request, d: &Decision, now_ms: u64) {
+    /// which is the new holder's first) or released (by the request `origin` names).
+    pub fn apply(&mut self, group: &str, req: &Request, d: &Decision, now_ms: u64, origin: Origin) {
         if d.lease {
+            self.released_by.remove(group);
             let holder = match (req, &d.reply) {
                 (Request::Lease { node, round, .. }, _) => Some((*round, node.clone())),
                 (
@@ -340,6 +366,7 @@ impl LeaseTable {
             if let Request::Release { node, round, .. } = req {
                 self.leases
                     .insert(group.to_string(), (*round, node.clone(), None));
+                self.released_by.insert(group.to_string(), origin);
             }
         }
     }
@@ -1073,7 +1100,19 @@ impl Server {
         let stored = self.state.groups.get(&group).cloned();
         let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let since_lease_ms = self.leases.since_lease_ms(&group, stored.as_ref(), now_ms);
-        let d = decide(stored.as_ref(), &env.sender, &env.request, since_lease_ms);
+        let mut d = decide(stored.as_ref(), &env.sender, &env.request, since_lease_ms);
+        let origin = (env.incarnation, env.seq);
+        if self
+            .leases
+            .overtaken_by_release(&group, &env.request, origin)
+        {
+            debug!(group = %group, sender = %env.sender, seq = env.seq, "a lease sent before the holder's release: not renewed");
+            d.lease = false;
+            d.reply = Reply::Lease {
+                holder: false,
+                record: stored.clone(),
+            };
+        }
         if let Some(new) = d.store.clone() {
             let mut next = self.state.clone();
             next.groups.insert(group.clone(), new.clone());
@@ -1108,7 +1147,7 @@ impl Server {
         if let (true, Request::Release { node, round, .. }) = (d.release, &env.request) {
             info!(group = %group, holder = %node, round, "the holder released its round");
         }
-        self.leases.apply(&group, &env.request, &d, now_ms);
+        self.leases.apply(&group, &env.request, &d, now_ms, origin);
         d.reply
     }
 }
@@ -1664,6 +1703,76 @@ mod tests {
         server.stop().await;
     }
 
+    /// A lease renewal overtaken on the wire by the holder's release of the same round must
+    /// not renew it: the node taking over would wait out a lease nobody uses.
+    #[tokio::test]
+    async fn a_lease_overtaken_by_the_release_does_not_renew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = WitnessServer::start(WitnessServerSpec {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            key: KEY,
+            state_file: dir.path().join("witness.json"),
+        })
+        .await
+        .expect("start");
+        let raw = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr();
+        let ask = |sender: &'static str, incarnation: u64, seq: u64, request: Request| {
+            let raw = &raw;
+            async move {
+                let env = Envelope {
+                    nonce: [seq as u8 + 16 * (incarnation as u8); NONCE_LEN],
+                    sender: sender.into(),
+                    incarnation,
+                    seq,
+                    sent_ms: 1_000 + seq,
+                    request,
+                };
+                let bytes = encode_request(&KEY, &env).expect("encode");
+                raw.send_to(&bytes, addr).await.expect("send");
+                let mut buf = [0u8; MAX_DATAGRAM + 1];
+                let (n, _) = tokio::time::timeout(Duration::from_secs(2), raw.recv_from(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("request {seq} of {sender} not answered"))
+                    .expect("recv");
+                decode_reply(&KEY, &env.nonce, &buf[..n]).expect("reply")
+            }
+        };
+        let lease = Request::Lease {
+            group: "vm1".into(),
+            node: "node-a".into(),
+            round: 1,
+        };
+        let release = Request::Release {
+            group: "vm1".into(),
+            node: "node-a".into(),
+            round: 1,
+        };
+        let granted = ask("node-a", 7, 1, vote("vm1", 1, "node-a", 5)).await;
+        assert!(
+            matches!(granted, Reply::Vote { granted: true, .. }),
+            "{granted:?}"
+        );
+        // node-a sent lease 2, then release 3; the release arrives first.
+        let released = ask("node-a", 7, 3, release).await;
+        assert!(
+            matches!(released, Reply::Release { released: true, .. }),
+            "{released:?}"
+        );
+        let late = ask("node-a", 7, 2, lease).await;
+        assert!(
+            matches!(late, Reply::Lease { holder: false, .. }),
+            "{late:?}"
+        );
+        // So node-b is voted in at once, as after any release.
+        let taken = ask("node-b", 9, 1, vote("vm1", 2, "node-b", 5)).await;
+        assert!(
+            matches!(taken, Reply::Vote { granted: true, .. }),
+            "{taken:?}"
+        );
+        server.stop().await;
+    }
+
     #[test]
     fn reply_is_bound_to_its_nonce_and_direction() {
         let nonce = [1u8; NONCE_LEN];
@@ -1901,7 +2010,7 @@ mod tests {
                                 }
                             }
                         }
-                        table.apply(&group, &req, &d, now - started);
+                        table.apply(&group, &req, &d, now - started, (0, 0));
                         // The model, from the answers alone: a grant or a holder's lease
                         // protects; the holder's own release of its latest round ends it.
                         match (&req, &d.reply) {
