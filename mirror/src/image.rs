@@ -98,6 +98,16 @@ pub struct ImageFile {
     /// Test-only: writes held back as if the disk stalled (see [`ImageFile::stall_next_write_at`]).
     #[cfg(test)]
     stalls: std::sync::Mutex<Vec<Stall>>,
+    /// Test-only: a flush to fail (see [`ImageFile::fail_flush_after`]).
+    #[cfg(test)]
+    failing_flush: std::sync::Mutex<Option<FailingFlush>>,
+}
+
+/// Test-only: a flush to fail (see [`ImageFile::fail_flush_after`]).
+#[cfg(test)]
+struct FailingFlush {
+    successes_left: u32,
+    failed: tokio::sync::oneshot::Sender<()>,
 }
 
 /// Test-only: one write to hold back (see [`ImageFile::stall_next_write_at`]).
@@ -176,6 +186,8 @@ impl ImageFile {
             path: path.to_owned(),
             #[cfg(test)]
             stalls: std::sync::Mutex::new(Vec::new()),
+            #[cfg(test)]
+            failing_flush: std::sync::Mutex::new(None),
         })
     }
 
@@ -213,6 +225,36 @@ impl ImageFile {
         if let Some(s) = stall {
             let _ = s.started.send(());
             let _ = s.release.await;
+        }
+    }
+
+    /// Test-only: a disk whose flush fails once. The next `successes` flushes succeed, the
+    /// one after fails with EIO before it syncs anything (as an fdatasync that lost pages);
+    /// the returned receiver fires when it has failed.
+    #[cfg(test)]
+    pub(crate) fn fail_flush_after(&self, successes: u32) -> tokio::sync::oneshot::Receiver<()> {
+        let (failed, failed_rx) = tokio::sync::oneshot::channel();
+        *self.failing_flush.lock().unwrap_or_else(|e| e.into_inner()) = Some(FailingFlush {
+            successes_left: successes,
+            failed,
+        });
+        failed_rx
+    }
+
+    /// Test-only: whether this flush is the one [`ImageFile::fail_flush_after`] asked to fail.
+    #[cfg(test)]
+    fn flush_fails_if_asked(&self) -> bool {
+        let mut slot = self.failing_flush.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = slot.as_mut().filter(|f| f.successes_left > 0) {
+            f.successes_left -= 1;
+            return false;
+        }
+        match slot.take() {
+            Some(f) => {
+                let _ = f.failed.send(());
+                true
+            }
+            None => false,
         }
     }
 
@@ -473,6 +515,15 @@ impl BlockBackend for ImageFile {
     }
 
     async fn flush(&self) -> BackendResult<()> {
+        #[cfg(test)]
+        if self.flush_fails_if_asked() {
+            return Err(BackendError::io(
+                "flush",
+                0,
+                0,
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         if nbd_server::spin::requests_here() <= 1 {
             // Alone on this thread: fdatasync right here, as a page-cache server's worker
             // thread does. Through io_uring the flush is handed to an io-wq worker and its

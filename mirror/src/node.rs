@@ -1142,4 +1142,189 @@ mod tests {
         assert!(should_dial("0.0.0.0:7801", "127.0.0.1:7802"));
         assert!(!should_dial("0.0.0.0:7802", "127.0.0.1:7801"));
     }
+
+    /// Links volume `a` (of node "a") and volume `b` (of node "b") over a loopback
+    /// connection, as each node runs a link once its handshake is done. The sessions end
+    /// when the link closes.
+    async fn link_pair(
+        a: &std::sync::Arc<crate::volume::Volume>,
+        b: &std::sync::Arc<crate::volume::Volume>,
+    ) -> [tokio::task::JoinHandle<()>; 2] {
+        let (a_end, b_end) = loopback().await;
+        let node = session_node();
+        [(a, a_end, "b"), (b, b_end, "a")].map(|(vol, stream, peer)| {
+            let (node, vol) = (node.clone(), vol.clone());
+            tokio::spawn(async move { node.link_session(vol, stream, peer.into()).await })
+        })
+    }
+
+    /// Waits (5 s at most, or `limit`) until `cond` holds; panics naming `what` otherwise.
+    async fn wait_until(what: &str, limit: Option<Duration>, cond: impl Fn() -> bool) {
+        let limit = limit.unwrap_or(Duration::from_secs(5));
+        tokio::time::timeout(limit, async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("not within {limit:?}: {what}"));
+    }
+
+    /// Two primaries at once, both ways it can happen: both promoted at the same moment (each
+    /// still seeing the other as secondary), and a promotion forced past a primary peer. A
+    /// write of one that the other refuses (EROFS, before the first heard of the second's
+    /// promotion) counts as written alone: a generation of its own and a dirty bit. So once
+    /// that node is demoted, the pair still shows a split brain and the other primary does
+    /// not resync over its acknowledged write. (Recorded only as dirty at the generation
+    /// they shared, the demoted node would look as current as the other, or older, and be
+    /// overwritten.)
+    #[tokio::test]
+    async fn a_write_refused_by_a_second_primary_counts_as_written_alone() {
+        use super::Role;
+        use crate::volume::PlanSummary;
+        use nbd_server::BlockBackend;
+        const AT: u64 = 4 << 20;
+        for forced in [false, true] {
+            let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let a = crate::volume::Volume::open_for_tests(dir_a.path(), "a");
+            let b = crate::volume::Volume::open_for_tests(dir_b.path(), "b");
+            // Two secondaries in sync: a's generation copied to b.
+            a.promote(true).await.expect("promote a alone");
+            a.demote().await.expect("demote a");
+            let _sessions = link_pair(&a, &b).await;
+            wait_until("a and b in sync", None, || {
+                a.status().sync == "in-sync" && b.status().sync == "in-sync"
+            })
+            .await;
+            let shared = a.failover_view().generation;
+            assert_eq!(b.failover_view().generation, shared);
+
+            // This runtime runs one task at a time, and neither promotion waits on anything:
+            // each completes before the other's new state is read.
+            if forced {
+                a.promote(false).await.expect("promote a");
+                // Mirrored: b has read a's new state (frames are read in order) and answered.
+                a.write(0, vec![0xa0; 4096], false)
+                    .await
+                    .expect("mirrored write");
+                assert!(b.promote(false).await.is_err(), "b sees a primary");
+                b.promote(true).await.expect("promotion of b forced");
+            } else {
+                let (pa, pb) = tokio::join!(a.promote(false), b.promote(false));
+                pa.expect("promote a");
+                pb.expect("promote b");
+            }
+            assert_eq!((a.role(), b.role()), (Role::Primary, Role::Primary));
+
+            // a has not read b's new state yet: this write is sent to b, which refuses it.
+            a.write(AT, vec![0xa1; 64 << 10], false)
+                .await
+                .expect("a's write, acknowledged alone");
+            assert_ne!(
+                a.failover_view().generation,
+                shared,
+                "the write b refused started a generation of a's own (forced: {forced})"
+            );
+            assert!(a.status().dirty_bytes >= 64 << 10, "and is marked dirty");
+            wait_until("both see the split brain", None, || {
+                a.status().sync == "split-brain" && b.status().sync == "split-brain"
+            })
+            .await;
+
+            // a steps down; b stays primary and hears of it.
+            a.begin_demote();
+            a.demote().await.expect("demote a");
+            wait_until("b re-decides on a's new state", None, || {
+                !b.status().reason.contains("both nodes are primary")
+            })
+            .await;
+            for (node, vol) in [("a", &a), ("b", &b)] {
+                assert_eq!(
+                    vol.failover_view().plan,
+                    Some(PlanSummary::SplitBrain),
+                    "{node} (forced: {forced}): {}",
+                    vol.status().reason
+                );
+            }
+            let image = std::fs::read(a.image_path()).expect("read a's image");
+            let at = AT as usize;
+            assert!(
+                image[at..at + (64 << 10)].iter().all(|&x| x == 0xa1),
+                "a's acknowledged write was overwritten (forced: {forced})"
+            );
+        }
+    }
+
+    /// A resync pass that fails at its very end (the target's flush when it is told the
+    /// resync is done) leaves nothing dirty on the source but the target inconsistent: the
+    /// source tries again while the resync to the peer is still the plan, and the pair ends
+    /// in sync. Without the retry it stayed out of sync until the link flapped. A source of
+    /// either role: a secondary with the newer generation (both nodes restarted after one
+    /// wrote alone) is one too.
+    #[tokio::test]
+    async fn a_failed_resync_pass_is_retried_with_nothing_dirty_on_the_source() {
+        // Together: each waits about 10 s for its retry.
+        tokio::join!(failed_pass_case(true), failed_pass_case(false));
+    }
+
+    async fn failed_pass_case(source_primary: bool) {
+        use nbd_server::BlockBackend;
+        const AT: u64 = 1 << 20;
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = crate::volume::Volume::open_for_tests(dir_a.path(), "a");
+        let b = crate::volume::Volume::open_for_tests(dir_b.path(), "b");
+        a.promote(true).await.expect("promote a alone");
+        a.write(AT, vec![0xa2; 64 << 10], false)
+            .await
+            .expect("a's write alone");
+        if !source_primary {
+            a.demote().await.expect("demote a");
+        }
+        // No periodic peer flush: b's only flushes are the resync's.
+        let maintenance = tokio::spawn(a.clone().background_maintenance(Duration::from_secs(3600)));
+        // b flushes at the end of the pass (that one settles the chunks on a), then when told
+        // the resync is done: that one fails.
+        let failed = b.image_for_tests().fail_flush_after(1);
+        let _sessions = link_pair(&a, &b).await;
+        tokio::time::timeout(Duration::from_secs(5), failed)
+            .await
+            .expect("the resync reaches its end")
+            .expect("flush hook");
+        wait_until("the pass has failed", None, || {
+            a.status().sync == "out-of-sync"
+        })
+        .await;
+        let case = format!("source primary: {source_primary}");
+        assert_eq!(
+            a.status().dirty_bytes,
+            0,
+            "nothing dirty on the source ({case})"
+        );
+        assert!(
+            !b.status().consistent,
+            "the target is inconsistent ({case})"
+        );
+        assert_eq!(
+            b.status().sync,
+            "out-of-sync",
+            "and no longer syncing ({case})"
+        );
+
+        // Retried 10 s after the failure, on a maintenance tick (every 2 s).
+        wait_until(
+            &format!("the retried resync completes ({case})"),
+            Some(Duration::from_secs(30)),
+            || a.status().sync == "in-sync" && b.status().sync == "in-sync",
+        )
+        .await;
+        assert!(b.status().consistent);
+        assert_eq!(b.failover_view().generation, a.failover_view().generation);
+        let image = std::fs::read(b.image_path()).expect("read b's image");
+        let at = AT as usize;
+        assert!(
+            image[at..at + (64 << 10)].iter().all(|&x| x == 0xa2),
+            "{case}"
+        );
+        maintenance.abort();
+    }
 }

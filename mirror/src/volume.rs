@@ -1072,7 +1072,8 @@ impl Volume {
     }
 
     /// Every two seconds: starts a resync when regions went dirty while connected (a write the
-    /// peer or the local disk failed, a difference found by verify); and flushes the peer when
+    /// peer or the local disk failed, a difference found by verify), or again 10 s after a
+    /// pass of this node (a source of either role) failed; and flushes the peer when
     /// no flush reached it for `peer_flush_interval`, so that what a peer power loss could
     /// cost stays bounded (the unflushed set is what the primary must resync if the link
     /// drops).
@@ -1088,34 +1089,39 @@ impl Volume {
         let mut tick = tokio::time::interval(MAINTENANCE_TICK.min(peer_flush_interval));
         loop {
             tick.tick().await;
-            if let Some(link) = self.mirror_link() {
+            let mirror = self.mirror_link();
+            if let Some(link) = &mirror {
                 let flush_due = lock(&self.last_peer_flush).elapsed() >= peer_flush_interval;
                 if flush_due && !self.unflushed.is_empty() {
-                    if let Err(e) = self.flush_peer(&link).await {
+                    if let Err(e) = self.flush_peer(link).await {
                         error!(volume = %self.name, error = %e, "cannot record what a failed peer flush covered in the dirty map");
                     }
                 }
-                let (retry_due, failed_before) = {
-                    let sh = lock(&self.shared);
-                    let due = !sh.resync_source_running
-                        && sh
-                            .last_resync_failure
-                            .is_none_or(|t| t.elapsed() > Duration::from_secs(10));
-                    let resync_planned = matches!(
-                        sh.plan,
-                        Some(Plan::Resync {
-                            source: Who::Local,
-                            ..
-                        })
-                    );
-                    (due, resync_planned && sh.last_resync_failure.is_some())
-                };
-                // A pass that failed with nothing dirty here (the peer's final flush failed,
-                // say) still left the peer inconsistent: only a pass that completes ends that.
-                if retry_due && (failed_before || self.meta.dirty_count() > 0) {
-                    self.announce();
-                    self.redecide();
-                }
+            }
+            let (retry_due, failed_before) = {
+                let sh = lock(&self.shared);
+                let due = !sh.resync_source_running
+                    && sh
+                        .last_resync_failure
+                        .is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+                let resync_planned = matches!(
+                    sh.plan,
+                    Some(Plan::Resync {
+                        source: Who::Local,
+                        ..
+                    })
+                );
+                (due, resync_planned && sh.last_resync_failure.is_some())
+            };
+            // A pass that failed with nothing dirty here (the peer's final flush failed,
+            // say) still left the peer inconsistent: only a pass that completes ends that.
+            // So for a source of either role: a secondary with the newer generation (both
+            // nodes restarted after one wrote alone) mirrors nothing, yet is the source.
+            // Regions gone dirty while in sync are a mirroring primary's.
+            let dirty_while_mirroring = mirror.is_some() && self.meta.dirty_count() > 0;
+            if retry_due && (failed_before || dirty_while_mirroring) {
+                self.announce();
+                self.redecide();
             }
         }
     }
@@ -1371,6 +1377,8 @@ impl Volume {
     async fn resync_target_done(&self, generations: Generations) -> Message {
         if let Err(e) = self.image.flush().await {
             self.become_inconsistent("the flush at the end of the resync failed");
+            // This resync is over (status: no longer "syncing"); the source starts another.
+            lock(&self.shared).target_progress = None;
             return Message::Ack {
                 errno: errno_of(&e),
             };
