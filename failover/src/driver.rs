@@ -221,8 +221,9 @@ struct Runtime {
     registered_volumes: Vec<u64>,
     /// The latest round the witness named another node for, taken into `round` on demotion.
     witness_round: u64,
-    /// The group generation this node took the group at with its peer's consent, until the
-    /// witness registered this node (see [`Failover::vote_registration`]).
+    /// The group generation this node held, up to date, when it took the group with its
+    /// peer's consent (read before its volumes promoted), until the witness registered this
+    /// node (see [`Failover::vote_registration`]).
     consent_base: Option<u64>,
     transitions: VecDeque<Transition>,
     ready: bool,
@@ -685,14 +686,53 @@ impl Failover {
 
     /// Asks the witness to register this node as the group's holder in `round` with group
     /// generation `gen`. A node that took the group with its peer's consent (a swap, a
-    /// failback) while the witness was away is not registered yet: the witness still names
-    /// the old holder, with the generation the pair had then, and votes another node in only
-    /// with that generation. Once this node wrote alone (a new generation) it could never be
-    /// registered, and its writes would wait for good. So it first registers the generation
-    /// it took the group at: it held all of that data (the peer hands over only to a node in
-    /// sync), and the writes of its newer generation, not yet acknowledged, stay behind the
-    /// second vote. The caller holds `g.registering`.
+    /// failback, a start with both nodes up) while the witness was away is not registered
+    /// yet: the witness still names the old holder with the generation it last registered,
+    /// and votes another node in only with that generation. Once this node wrote alone (a
+    /// new generation) it could never be registered, and its writes would wait for good. So
+    /// it first registers the generation it took the group at: consent needs this node's
+    /// data up to date, so it held all of that data; the writes of its newer generation, not
+    /// yet acknowledged, stay behind the second vote. (If the old holder registered a later
+    /// generation the pair never had, both votes are refused, as before.) The caller holds
+    /// `g.registering`.
+    ///
+    /// Such a node may also be in an older round than the witness's (rounds live in memory:
+    /// both nodes restarted, and the pair agreed from round 1). Told that the peer holds a
+    /// later round, it asks for the round after that one at once, instead of being deposed
+    /// and taking the group again in that round: a stop and start of the VM for nothing. The
+    /// witness still applies its rules (the peer's lease lapsed, the same data). Returns the
+    /// answer and the round it is about; on a grant in a later round that round is this
+    /// node's.
     async fn vote_registration(
+        &self,
+        g: &GroupRuntime,
+        w: &WitnessClient,
+        round: u64,
+        gen: u64,
+    ) -> Result<(VoteOutcome, u64), crate::witness::WitnessError> {
+        let outcome = self.vote_from_base(g, w, round, gen).await?;
+        let later = match &outcome {
+            VoteOutcome::Denied(Some(r))
+                if r.holder != self.node_name
+                    && r.round >= round
+                    && lock(&g.rt).consent_base.is_some() =>
+            {
+                r.round + 1
+            }
+            _ => return Ok((outcome, round)),
+        };
+        match self.vote_from_base(g, w, later, gen).await? {
+            granted @ VoteOutcome::Granted(_) => {
+                info!(group = %g.spec.name, from = round, to = later, "the witness knew a later round: took the group in the round after it");
+                lock(&g.rt).round = later;
+                Ok((granted, later))
+            }
+            VoteOutcome::Denied(_) => Ok((outcome, round)),
+        }
+    }
+
+    /// [`Failover::vote_registration`] in `round`, from the take-over generation first.
+    async fn vote_from_base(
         &self,
         g: &GroupRuntime,
         w: &WitnessClient,
@@ -890,7 +930,7 @@ impl Failover {
         let Some(w) = &self.witness else {
             return Witness::None;
         };
-        let round = lock(&g.rt).round;
+        let mut round = lock(&g.rt).round;
         if primary {
             // Renew the lease; register a new generation (writing alone) before any write
             // made alone is acknowledged.
@@ -901,12 +941,13 @@ impl Failover {
             let registered = lock(&g.rt).registered_generation;
             if gen != registered {
                 match self.vote_registration(g, w, round, gen).await {
-                    Ok(VoteOutcome::Granted(_)) => {
+                    Ok((VoteOutcome::Granted(_), granted_round)) => {
+                        round = granted_round;
                         let mut rt = lock(&g.rt);
                         rt.registered_generation = gen;
                         rt.registered_volumes = gens;
                     }
-                    Ok(VoteOutcome::Denied(rec)) => {
+                    Ok((VoteOutcome::Denied(rec), _)) => {
                         // During a handover the old holder's lease has to lapse first; the
                         // lease answer below says whether this node was really deposed.
                         debug!(group = %g.spec.name, record = ?rec, "the witness has not registered this node's generation yet");
@@ -927,12 +968,21 @@ impl Failover {
                     // Deposed only by a newer round (or another holder of ours). A round
                     // older than ours is a handover whose registration waits for the old
                     // holder's lease to lapse: not a reason to give the group back.
-                    let deposed = l
+                    let mut deposed = l
                         .record
                         .as_ref()
                         .is_some_and(|r| r.holder != self.node_name && r.round >= round);
                     if let Some(r) = &l.record {
                         learn_round(&mut rt, r, &self.node_name);
+                        if deposed && peer_alive && rt.consent_base.is_some() {
+                            // Taken with the live peer's consent, in a round older than the
+                            // witness's (both nodes restarted): the peer agreed, so this is
+                            // no deposition. Ask for the round after the witness's from
+                            // now on; it is granted once the old holder's lease lapsed.
+                            // Until then writes alone wait (nothing registered).
+                            rt.round = rt.round.max(r.round + 1);
+                            deposed = false;
+                        }
                     }
                     rt.lease_holder = Some(!deposed);
                     if l.holder && rt.registered_generation == gen {
@@ -1177,6 +1227,9 @@ impl Failover {
         if self.witness.is_some() {
             self.set_gates(g, None);
         }
+        // Read before the volumes promote: one whose link dropped meanwhile starts a new
+        // generation as it does, which the witness never saw.
+        let consent_base = (quorum == Quorum::PeerConsent).then(|| self.group_generation(g));
         let mut promoted = Vec::new();
         for v in &g.spec.volumes {
             match self.node.promote(v, false).await {
@@ -1210,12 +1263,13 @@ impl Failover {
             // Register the (possibly new) generation before any write alone is acknowledged.
             let gens = self.volume_generations(g);
             let gen = hash_generations(&gens);
-            lock(&g.rt).consent_base = (quorum == Quorum::PeerConsent).then_some(gen);
+            lock(&g.rt).consent_base = consent_base;
             // The witness starts the lease when it grants, after the request left: counting
             // from the send keeps this side's lease inside the witness's.
             let sent = Instant::now();
             let _registering = g.registering.lock().await;
-            if let Ok(VoteOutcome::Granted(_)) = self.vote_registration(g, w, round, gen).await {
+            if let Ok((VoteOutcome::Granted(_), _)) = self.vote_registration(g, w, round, gen).await
+            {
                 let mut rt = lock(&g.rt);
                 rt.registered_generation = gen;
                 rt.registered_volumes = gens;
