@@ -197,7 +197,9 @@ struct Runtime {
     reason: String,
     round: u64,
     handing_over: bool,
-    swap_requested: bool,
+    /// When an operator asked this (primary) node to hand the group over; pending until the
+    /// peer is ready, withdrawn, or lapsed (like `wants_group`).
+    swap_requested: Option<Instant>,
     /// When an operator asked this (secondary) node to take the group; announced until it
     /// does, or until the request lapses.
     wants_group: Option<Instant>,
@@ -305,7 +307,7 @@ impl Failover {
                         reason: "starting".into(),
                         round: 0,
                         handing_over: false,
-                        swap_requested: false,
+                        swap_requested: None,
                         wants_group: None,
                         peer_wants_group: false,
                         vm_failed: false,
@@ -385,7 +387,7 @@ impl Failover {
         let action = {
             let mut rt = lock(&g.rt);
             if rt.state.is_primary() {
-                rt.swap_requested = true;
+                rt.swap_requested = Some(Instant::now());
                 "handing the group to the peer"
             } else {
                 rt.wants_group = Some(Instant::now());
@@ -395,6 +397,29 @@ impl Failover {
         // The peer learns of the request now, not at this group's next tick.
         self.publish();
         Ok(action)
+    }
+
+    /// Withdraws a swap asked on this node that has not happened yet (`swap --cancel`, or
+    /// the CLI giving up waiting): a group must not move long after the operator gave up.
+    /// Too late once the primary handed the group over.
+    pub fn cancel_swap(&self, name: &str) -> Result<&'static str, FailoverError> {
+        let g = self.group(name)?;
+        let outcome = {
+            let mut rt = lock(&g.rt);
+            let asked = rt.swap_requested.is_some() || rt.wants_group.is_some();
+            rt.swap_requested = None;
+            rt.wants_group = None;
+            if asked {
+                "swap request withdrawn"
+            } else if rt.peer_wants_group {
+                "no swap was asked on this node; the peer asks for the group: cancel it there"
+            } else {
+                "no swap was pending on this node"
+            }
+        };
+        // The peer stops seeing the request now, not at this group's next tick.
+        self.publish();
+        Ok(outcome)
     }
 
     pub fn status(&self) -> Vec<GroupStatus> {
@@ -868,13 +893,13 @@ impl Failover {
             // The peer is primary whenever this node asks for the group, so the request stays
             // up until this node takes the group (promote clears it), but not forever: a
             // request that could not be met (the copy never got in sync) must not move the
-            // group long after the operator gave up on it.
-            if rt
-                .wants_group
-                .is_some_and(|t| t.elapsed() >= WANTS_GROUP_LAPSE)
-            {
-                warn!(group = %g.spec.name, after = ?WANTS_GROUP_LAPSE, "the request to take the group lapsed");
+            // group long after the operator gave up on it. The same for a swap asked on the
+            // primary, pending until the peer is ready.
+            let lapsed = |t: &Option<Instant>| t.is_some_and(|t| t.elapsed() >= WANTS_GROUP_LAPSE);
+            if lapsed(&rt.wants_group) || lapsed(&rt.swap_requested) {
+                warn!(group = %g.spec.name, after = ?WANTS_GROUP_LAPSE, "the swap request lapsed");
                 rt.wants_group = None;
+                rt.swap_requested = None;
             }
             rt.peer_wants_group = entry.is_some_and(|a| a.wants_group);
             if let Some(p) = &peer_facts {
@@ -901,7 +926,8 @@ impl Failover {
                         ),
                 peer_fenced: rt.peer_fenced,
                 vm_failed: rt.vm_failed,
-                swap_requested: rt.swap_requested || (rt.peer_wants_group && rt.state.is_primary()),
+                swap_requested: rt.swap_requested.is_some()
+                    || (rt.peer_wants_group && rt.state.is_primary()),
                 handing_over: rt.handing_over,
             }
         };
@@ -1307,7 +1333,10 @@ impl Failover {
             rt.registered_generation = 0;
             // A swap the peer asked for is a handover too: without the flag the peer does
             // not take the group, and when this node is the preferred one it takes it back.
-            rt.swap_requested || rt.peer_wants_group || rt.vm_failed || reason.contains("failback")
+            rt.swap_requested.is_some()
+                || rt.peer_wants_group
+                || rt.vm_failed
+                || reason.contains("failback")
         };
         self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
         self.vip_down(g).await;
@@ -1335,7 +1364,7 @@ impl Failover {
         }
         {
             let mut rt = lock(&g.rt);
-            rt.swap_requested = false;
+            rt.swap_requested = None;
             rt.vm_failed = false;
             rt.handing_over = handover;
             rt.round = rt.round.max(rt.witness_round);

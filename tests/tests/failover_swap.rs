@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nbdmirror_tests::assert_qemu_io_ok;
 use nbdmirror_tests::data::assert_files_equal;
-use nbdmirror_tests::lab::{group_field, group_state, volume_field, Host, Lab, GROUP};
+use nbdmirror_tests::lab::{group_field, group_state, volume_field, Host, Lab, Link, GROUP};
 
 /// For `how_long` after a swap to node-b: node-a secondary and node-b primary throughout.
 fn assert_b_stays_primary(lab: &Lab, how_long: Duration) {
@@ -199,4 +199,65 @@ fn a_swap_the_witness_missed_still_lets_the_new_primary_write_alone() {
         Duration::from_secs(30),
     );
     assert_qemu_io_ok(&check);
+}
+
+/// For `how_long`: node-a primary and node-b secondary throughout.
+fn assert_a_stays_primary(lab: &Lab, how_long: Duration, after: &str) {
+    let start = Instant::now();
+    while start.elapsed() < how_long {
+        let a = lab.group_state(Host::A).unwrap_or_default();
+        let b = lab.group_state(Host::B).unwrap_or_default();
+        assert!(
+            a == "primary" && b == "secondary",
+            "{:?} {after}: node-a is {a}, node-b {b}\n{}",
+            start.elapsed(),
+            lab.all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A swap that cannot happen in time (the peer is out of sync) is withdrawn when `swap`
+/// gives up, whichever node it ran on: the group must not move minutes later, when the peer
+/// catches up, after the operator saw the command fail. `--cancel` withdraws one made with
+/// `--no-wait`.
+#[test]
+fn a_swap_that_could_not_happen_in_time_is_withdrawn() {
+    let mut lab = Lab::new();
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    for (i, from) in [Host::B, Host::A, Host::B].into_iter().enumerate() {
+        // node-b falls behind: its replication link is down, node-a writes alone.
+        lab.cut(Link::Repl, Host::B, true);
+        let pattern = format!("write -P 0x{:x} {}M 8M", 0x41 + i, 16 * i);
+        assert_qemu_io_ok(&lab.qemu_io(&[pattern.as_str(), "flush"]));
+        let cfg = lab.config(from);
+        let cfg = cfg.to_str().unwrap();
+        let withdrawn = if i < 2 {
+            let out = lab.nbdmirror(from, &["swap", GROUP, "--timeout", "3", "--config", cfg]);
+            assert!(
+                !out.success() && out.stderr.contains("withdrawn"),
+                "swap on {} should fail and withdraw its request: {out}",
+                from.node()
+            );
+            "a swap that timed out"
+        } else {
+            let out = lab.nbdmirror(from, &["swap", GROUP, "--no-wait", "--config", cfg]);
+            assert!(out.success(), "swap --no-wait: {out}");
+            let out = lab.nbdmirror(from, &["swap", GROUP, "--cancel", "--config", cfg]);
+            assert!(
+                out.success() && out.stdout.contains("withdrawn"),
+                "swap --cancel: {out}"
+            );
+            "a cancelled swap"
+        };
+        lab.cut(Link::Repl, Host::B, false);
+        lab.wait_in_sync(Duration::from_secs(60));
+        lab.wait_group_state(Host::A, &["primary"], Duration::from_secs(10));
+        assert_a_stays_primary(
+            &lab,
+            Duration::from_secs(5),
+            &format!("{withdrawn} on {}", from.node()),
+        );
+    }
 }

@@ -28,6 +28,9 @@ pub enum Request {
     },
     Swap {
         group: String,
+        /// Withdraw a pending request instead.
+        #[serde(default)]
+        cancel: bool,
     },
     Resolve {
         volume: String,
@@ -324,18 +327,47 @@ pub fn resolve(a: ResolveArgs) -> anyhow::Result<()> {
     long_about = "Move GROUP to the other node: stop the VM (stop hook), remove the virtual IP, \
         flush, wait until the peer is in sync, demote here, promote there, add the virtual IP \
         there and start the VM (start hook). Works from either node. Waits until the group is \
-        primary on the other node (at most --timeout seconds)."
+        primary on the other node (at most --timeout seconds). The peer must be in sync first; \
+        if it does not get there in time, the request is withdrawn and the command fails, so \
+        the group never moves long after you gave up. `--cancel` withdraws a request still \
+        pending (one made with `--no-wait`, or from another shell)."
 )]
 pub struct SwapArgs {
     pub group: String,
-    /// Give up waiting after this many seconds (the swap itself goes on).
+    /// Give up after this many seconds and withdraw the request.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Ask and return at once; the request stays pending until the peer is ready, it is
+    /// withdrawn with --cancel, or 10 minutes pass.
+    #[arg(long, conflicts_with = "cancel")]
+    pub no_wait: bool,
+    /// Withdraw a swap asked on this node that has not happened yet.
+    #[arg(long)]
+    pub cancel: bool,
     #[command(flatten)]
     pub c: ConfigArg,
 }
 
 pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
+    if a.cancel {
+        let r = call(
+            &a.c.config,
+            &Request::Swap {
+                group: a.group.clone(),
+                cancel: true,
+            },
+            Some(Duration::from_secs(30)),
+        )?;
+        if a.c.json {
+            return print_json(&r);
+        }
+        println!(
+            "{}: {}",
+            a.group,
+            r.get("action").and_then(|x| x.as_str()).unwrap_or("done")
+        );
+        return Ok(());
+    }
     let before = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
     let primary_of = |v: &serde_json::Value| {
         v.get("groups")
@@ -355,9 +387,24 @@ pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
         &a.c.config,
         &Request::Swap {
             group: a.group.clone(),
+            cancel: false,
         },
         Some(Duration::from_secs(30)),
     )?;
+    if a.no_wait {
+        if a.c.json {
+            return print_json(&r);
+        }
+        println!(
+            "{}: {} (pending until the peer is ready; `nbdmirror swap {} --cancel` withdraws it)",
+            a.group,
+            r.get("action")
+                .and_then(|x| x.as_str())
+                .unwrap_or("swap requested"),
+            a.group
+        );
+        return Ok(());
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout);
     let mut last = None;
     while std::time::Instant::now() < deadline {
@@ -378,13 +425,49 @@ pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
         }
         last = Some(now);
     }
-    let state = last
+    // Withdraw the request: a group that moves minutes after the operator saw this fail
+    // would surprise them. The check after it catches a handover that began meanwhile.
+    let withdrawn = call(
+        &a.c.config,
+        &Request::Swap {
+            group: a.group.clone(),
+            cancel: true,
+        },
+        Some(Duration::from_secs(30)),
+    );
+    let now = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30))).ok();
+    let moved = now.as_ref().and_then(primary_of);
+    if moved.is_some() && moved != from {
+        if a.c.json {
+            return print_json(&serde_json::json!({"group": a.group, "from": from, "to": moved}));
+        }
+        println!(
+            "{}: moved from {} to {}",
+            a.group,
+            from.as_deref().unwrap_or("-"),
+            moved.as_deref().unwrap_or("-")
+        );
+        return Ok(());
+    }
+    let state = now
+        .or(last)
         .as_ref()
         .and_then(|v| v.get("groups"))
         .map(|g| g.to_string())
         .unwrap_or_default();
+    let withdrawn = match withdrawn {
+        Ok(v) => v
+            .get("action")
+            .and_then(|x| x.as_str())
+            .unwrap_or("swap request withdrawn")
+            .to_string(),
+        Err(e) => format!(
+            "the request could not be withdrawn ({e}); `nbdmirror swap {} --cancel` retries",
+            a.group
+        ),
+    };
     anyhow::bail!(
-        "{}: {} but the group did not move within {} s; status: {state}",
+        "{}: {} but the group did not move within {} s (is the peer in sync? see `nbdmirror status`); {withdrawn}; status: {state}",
         a.group,
         r.get("action")
             .and_then(|x| x.as_str())

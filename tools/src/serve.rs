@@ -381,12 +381,18 @@ async fn execute(
             v["groups"] = serde_json::to_value(groups).map_err(|e| e.to_string())?;
             Ok(v)
         }
-        Request::Swap { group } => {
+        Request::Swap { group, cancel } => {
             let f = failover.ok_or(
                 "this node has no failover groups ([heartbeat] and [[group]] in its config)",
             )?;
-            info!(group, "operator: swap");
-            let action = f.request_swap(&group).map_err(|e| e.to_string())?;
+            let action = if cancel {
+                info!(group, "operator: cancel swap");
+                f.cancel_swap(&group)
+            } else {
+                info!(group, "operator: swap");
+                f.request_swap(&group)
+            }
+            .map_err(|e| e.to_string())?;
             Ok(serde_json::json!({"group": group, "action": action}))
         }
         Request::Promote { volume, force } => {
