@@ -215,6 +215,9 @@ struct Runtime {
     lease_until: Option<Instant>,
     lease_holder: Option<bool>,
     witness_seen: Option<Instant>,
+    /// When the witness last answered the watch's probe (a node that is not primary, with a
+    /// live peer, has no other reason to ask it): for the status only, never for a decision.
+    witness_probed: Option<Instant>,
     witness_holder_is_me: bool,
     /// The group generation the witness last confirmed for this node.
     registered_generation: u64,
@@ -318,6 +321,7 @@ impl Failover {
                         lease_until: None,
                         lease_holder: None,
                         witness_seen: None,
+                        witness_probed: None,
                         witness_holder_is_me: false,
                         registered_generation: 0,
                         registered_volumes: Vec::new(),
@@ -454,7 +458,7 @@ impl Failover {
                     volumes: g.spec.volumes.clone(),
                     vip: g.spec.vip.as_ref().map(|(v, i)| format!("{v} on {i}")),
                     peer_alive: peer.alive,
-                    witness: match (&self.witness, rt.witness_seen) {
+                    witness: match (&self.witness, rt.witness_seen.max(rt.witness_probed)) {
                         (None, _) => "none",
                         (Some(_), Some(t)) if t.elapsed() < self.interval * 6 => "reachable",
                         (Some(_), _) => "unreachable",
@@ -602,6 +606,7 @@ impl Failover {
         let Some(witness) = self.witness.clone() else {
             return;
         };
+        let mut last_probe: Option<Instant> = None;
         loop {
             tokio::time::sleep(LEASE_WATCH_PERIOD).await;
             // First the VIP, so a slow renewal below never delays its removal.
@@ -617,6 +622,8 @@ impl Failover {
                 self.vip_down(&g).await;
             }
             self.register_new_generation(&g, &witness).await;
+            self.probe_witness(&g, &witness, &peer, &mut last_probe)
+                .await;
             let low = {
                 let rt = lock(&g.rt);
                 let left = rt
@@ -656,6 +663,28 @@ impl Failover {
                     }
                 }
             }
+        }
+    }
+
+    /// Asks the witness, about once a second, whether it answers, while this node is not
+    /// primary and its peer is alive: nothing else makes such a node talk to the witness, so
+    /// its status said "unreachable" on a healthy pair, and a broken path to the witness
+    /// showed only when a failover needed it. The answer feeds the status only.
+    async fn probe_witness(
+        &self,
+        g: &GroupRuntime,
+        witness: &WitnessClient,
+        peer: &tokio::sync::watch::Receiver<PeerView>,
+        last_probe: &mut Option<Instant>,
+    ) {
+        let due = last_probe.is_none_or(|t| t.elapsed() >= self.interval * 2);
+        if !due || lock(&g.rt).state.is_primary() || !peer.borrow().alive {
+            return;
+        }
+        *last_probe = Some(Instant::now());
+        let client = witness.clone().with_timeout(WITNESS_PROBE_TIMEOUT);
+        if client.query(&g.spec.name).await.is_ok() {
+            lock(&g.rt).witness_probed = Some(Instant::now());
         }
     }
 
@@ -1430,6 +1459,9 @@ fn serving_state(s: GroupState) -> bool {
 /// How long a secondary asks its peer for the group (`swap` run on the secondary) before the
 /// request lapses: ample for the copy to finish a resync the swap waits for.
 const WANTS_GROUP_LAPSE: Duration = Duration::from_secs(600);
+
+/// How long the status probe of a node that is not primary waits for the witness.
+const WITNESS_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How often [`Failover::watch_lease`] looks at a group's lease.
 const LEASE_WATCH_PERIOD: Duration = Duration::from_millis(100);

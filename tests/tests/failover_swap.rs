@@ -28,6 +28,17 @@ fn swap_on_a_healthy_pair_moves_the_group_once() {
     let mut lab = Lab::new();
     lab.start_all();
     lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    // Both nodes know the witness answers, the secondary too (it would need it to take over).
+    for h in [Host::A, Host::B] {
+        lab.wait_for(
+            "the witness reachable in status",
+            Duration::from_secs(10),
+            |lab| {
+                let s = lab.try_status(h).ok()?;
+                (group_field(&s, "witness") == "reachable").then_some(())
+            },
+        );
+    }
     assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x5a 0 4M", "flush"]));
     let cfg_a = lab.config(Host::A);
     let out = lab.nbdmirror(
