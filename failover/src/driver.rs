@@ -757,18 +757,22 @@ impl Failover {
     /// witness still applies its rules (the peer's lease lapsed, the same data). Returns the
     /// answer and the round it is about; on a grant in a later round that round is this
     /// node's.
+    /// `consenting_peer`: the round the live peer announces while it is not primary in this
+    /// group (`None`: the peer is silent, primary or unknown; no later round is asked then).
     async fn vote_registration(
         &self,
         g: &GroupRuntime,
         w: &WitnessClient,
         round: u64,
         gen: u64,
+        consenting_peer: Option<u64>,
     ) -> Result<(VoteOutcome, u64), crate::witness::WitnessError> {
         let outcome = self.vote_from_base(g, w, round, gen).await?;
-        let later = match &outcome {
-            VoteOutcome::Denied(Some(r))
+        let later = match (&outcome, consenting_peer) {
+            (VoteOutcome::Denied(Some(r)), Some(peer_round))
                 if r.holder != self.node_name
                     && r.round >= round
+                    && peer_round < r.round
                     && lock(&g.rt).consent_base.is_some() =>
             {
                 r.round + 1
@@ -902,7 +906,9 @@ impl Failover {
         let links = self.links_established(g);
         // Ready to take the group: every volume linked and in sync.
         lock(&g.rt).ready = data == DataState::UpToDate && equal;
-        let witness = self.witness_facts(g, state.is_primary(), peer.alive).await;
+        let witness = self
+            .witness_facts(g, state.is_primary(), peer.alive, entry)
+            .await;
         let peer_facts = peer.alive.then(|| {
             let a = entry.unwrap_or_default();
             PeerFacts {
@@ -981,7 +987,14 @@ impl Failover {
         rt.fenced_at_links = links;
     }
 
-    async fn witness_facts(&self, g: &GroupRuntime, primary: bool, peer_alive: bool) -> Witness {
+    /// `peer`: the live peer's announcement for this group, if any.
+    async fn witness_facts(
+        &self,
+        g: &GroupRuntime,
+        primary: bool,
+        peer_alive: bool,
+        peer: Option<Announce>,
+    ) -> Witness {
         let Some(w) = &self.witness else {
             return Witness::None;
         };
@@ -995,7 +1008,10 @@ impl Failover {
             let gen = hash_generations(&gens);
             let registered = lock(&g.rt).registered_generation;
             if gen != registered {
-                match self.vote_registration(g, w, round, gen).await {
+                let consenting = peer
+                    .filter(|a| !code_state(a.state).is_primary())
+                    .map(|a| a.round);
+                match self.vote_registration(g, w, round, gen, consenting).await {
                     Ok((VoteOutcome::Granted(_), granted_round)) => {
                         round = granted_round;
                         let mut rt = lock(&g.rt);
@@ -1029,13 +1045,17 @@ impl Failover {
                         .is_some_and(|r| r.holder != self.node_name && r.round >= round);
                     if let Some(r) = &l.record {
                         learn_round(&mut rt, r, &self.node_name);
-                        if deposed && peer_alive && rt.consent_base.is_some() {
+                        if deposed
+                            && peer_alive
+                            && rt.consent_base.is_some()
+                            && consenting_peer_behind(peer, r)
+                        {
                             // Taken with the live peer's consent, in a round older than the
-                            // witness's (both nodes restarted): the peer agreed, so this is
-                            // no deposition. Ask for the round after the witness's from
-                            // now on; it is granted once the old holder's lease lapsed.
-                            // Until then writes alone wait (nothing registered).
-                            rt.round = rt.round.max(r.round + 1);
+                            // witness's (both nodes restarted): the peer, not primary and
+                            // itself behind the witness's round, agreed, so this is no
+                            // deposition. Each tick's registration asks for the round after
+                            // the witness's (`vote_registration`), granted once the old
+                            // holder's lease lapsed; until then writes alone wait.
                             deposed = false;
                         }
                     }
@@ -1323,7 +1343,10 @@ impl Failover {
             // from the send keeps this side's lease inside the witness's.
             let sent = Instant::now();
             let _registering = g.registering.lock().await;
-            if let Ok((VoteOutcome::Granted(_), _)) = self.vote_registration(g, w, round, gen).await
+            // The peer that consented is not primary, and behind this node's round.
+            let consenting = (quorum == Quorum::PeerConsent).then_some(round.saturating_sub(1));
+            if let Ok((VoteOutcome::Granted(_), _)) =
+                self.vote_registration(g, w, round, gen, consenting).await
             {
                 let mut rt = lock(&g.rt);
                 rt.registered_generation = gen;
@@ -1501,6 +1524,14 @@ fn still_listening(
 }
 
 /// The group generation: one id for the volumes' generations together.
+/// Whether the live peer's announcement shows a node that consented to this one taking the
+/// group and never learned the witness's `record` round (it restarted since): not primary,
+/// and in an older round. A peer announcing primary, or the record's round (it was voted in
+/// while this node was cut off), really deposed this node.
+fn consenting_peer_behind(peer: Option<Announce>, record: &GroupRecord) -> bool {
+    peer.is_some_and(|a| !code_state(a.state).is_primary() && a.round < record.round)
+}
+
 /// Why a live peer's heartbeat says nothing about `group`, for the operator.
 fn unknown_peer_state(payload: Option<&[u8]>, group: &str) -> String {
     match payload.and_then(|b| b.first()) {
@@ -1572,6 +1603,42 @@ mod tests {
         let short: Vec<String> = (0..60).map(|i| format!("vm{i}")).collect();
         assert!(check_payload_size(short.iter().map(String::as_str)).is_ok());
         assert_eq!(check_payload_size(std::iter::empty()).ok(), Some(1));
+    }
+
+    /// A consent primary behind the witness's round is deposed only by a peer that is
+    /// primary, or that announces the record's round (it was voted in meanwhile).
+    #[test]
+    fn only_a_restarted_consenting_peer_leaves_a_behind_primary_in_place() {
+        let record = GroupRecord {
+            round: 5,
+            holder: "node-b".into(),
+            generation: 9,
+        };
+        let peer = |state: GroupState, round| {
+            Some(Announce {
+                state: state_code(state),
+                round,
+                ..Announce::default()
+            })
+        };
+        assert!(consenting_peer_behind(
+            peer(GroupState::Secondary, 1),
+            &record
+        ));
+        assert!(consenting_peer_behind(
+            peer(GroupState::Waiting, 4),
+            &record
+        ));
+        assert!(!consenting_peer_behind(
+            peer(GroupState::Secondary, 5),
+            &record
+        ));
+        assert!(!consenting_peer_behind(
+            peer(GroupState::Primary, 1),
+            &record
+        ));
+        assert!(!consenting_peer_behind(peer(GroupState::Alone, 6), &record));
+        assert!(!consenting_peer_behind(None, &record));
     }
 
     #[test]
