@@ -96,6 +96,29 @@ pub struct Announce {
     pub ready: bool,
     /// An operator asked this (secondary) node to take the group.
     pub wants_group: bool,
+    /// This (primary) node is handing the group over (stopping the VM, demoting): a swap can
+    /// no longer be withdrawn.
+    pub leaving: bool,
+}
+
+/// What `swap --cancel` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapCancel {
+    /// The request made on this node was withdrawn.
+    Withdrawn,
+    /// A handover has begun (here or on the peer): the group moves anyway.
+    TooLate(&'static str),
+    /// Nothing to withdraw on this node.
+    NothingPending(&'static str),
+}
+
+impl SwapCancel {
+    pub fn message(self) -> &'static str {
+        match self {
+            SwapCancel::Withdrawn => "swap request withdrawn",
+            SwapCancel::TooLate(m) | SwapCancel::NothingPending(m) => m,
+        }
+    }
 }
 
 fn state_code(s: GroupState) -> u8 {
@@ -136,7 +159,10 @@ pub fn encode_payload(entries: &[(String, Announce)]) -> Vec<u8> {
         out.push(a.state);
         out.extend_from_slice(&a.round.to_be_bytes());
         out.push(
-            u8::from(a.handing_over) | (u8::from(a.ready) << 1) | (u8::from(a.wants_group) << 2),
+            u8::from(a.handing_over)
+                | (u8::from(a.ready) << 1)
+                | (u8::from(a.wants_group) << 2)
+                | (u8::from(a.leaving) << 3),
         );
     }
     out
@@ -185,6 +211,7 @@ pub fn decode_payload(b: &[u8]) -> HashMap<String, Announce> {
                 handing_over: flags & 1 != 0,
                 ready: flags & 2 != 0,
                 wants_group: flags & 4 != 0,
+                leaving: flags & 8 != 0,
             },
         );
         i += 1 + n + 10;
@@ -205,6 +232,8 @@ struct Runtime {
     wants_group: Option<Instant>,
     /// The peer's latest heartbeat asks this (primary) node to hand the group over.
     peer_wants_group: bool,
+    /// A demotion that hands the group over is under way (stop hook, VIP, volumes).
+    leaving: bool,
     vm_failed: bool,
     vip_up: bool,
     /// When a failed VIP removal was last logged as an error (retries say it once a minute).
@@ -246,6 +275,10 @@ pub struct GroupRuntime {
     /// both register, and two votes interleaved could leave the witness holding the older
     /// generation while the gates let the newer one through.
     registering: tokio::sync::Mutex<()>,
+    /// Held by the lease watch from deciding to renew until the answer: a demotion takes it
+    /// before it releases the round, so no renewal of its (retransmitted under a new
+    /// sequence number) reaches the witness after the release and re-leases the round.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 pub struct Failover {
@@ -305,6 +338,7 @@ impl Failover {
                 Arc::new(GroupRuntime {
                     spec: g,
                     registering: tokio::sync::Mutex::new(()),
+                    renewing: tokio::sync::Mutex::new(()),
                     rt: Mutex::new(Runtime {
                         state: GroupState::Stopped,
                         reason: "starting".into(),
@@ -313,6 +347,7 @@ impl Failover {
                         swap_requested: None,
                         wants_group: None,
                         peer_wants_group: false,
+                        leaving: false,
                         vm_failed: false,
                         vip_up: false,
                         vip_error_at: None,
@@ -405,20 +440,40 @@ impl Failover {
 
     /// Withdraws a swap asked on this node that has not happened yet (`swap --cancel`, or
     /// the CLI giving up waiting): a group must not move long after the operator gave up.
-    /// Too late once the primary handed the group over.
-    pub fn cancel_swap(&self, name: &str) -> Result<&'static str, FailoverError> {
+    /// Too late once the primary began handing the group over (it says so in its heartbeat).
+    pub fn cancel_swap(&self, name: &str) -> Result<SwapCancel, FailoverError> {
         let g = self.group(name)?;
+        let peer = self.heartbeats.subscribe().borrow().clone();
+        let peer_leaving = peer.alive
+            && peer
+                .last_payload
+                .as_deref()
+                .map(decode_payload)
+                .and_then(|m| m.get(name).copied())
+                .is_some_and(|a| a.leaving || a.handing_over);
         let outcome = {
             let mut rt = lock(&g.rt);
+            if rt.leaving || rt.handing_over {
+                return Ok(SwapCancel::TooLate(
+                    "too late: this node is handing the group over",
+                ));
+            }
+            if peer_leaving && rt.wants_group.is_some() {
+                return Ok(SwapCancel::TooLate(
+                    "too late: the peer is handing the group over",
+                ));
+            }
             let asked = rt.swap_requested.is_some() || rt.wants_group.is_some();
             rt.swap_requested = None;
             rt.wants_group = None;
             if asked {
-                "swap request withdrawn"
+                SwapCancel::Withdrawn
             } else if rt.peer_wants_group {
-                "no swap was asked on this node; the peer asks for the group: cancel it there"
+                SwapCancel::NothingPending(
+                    "no swap was asked on this node; the peer asks for the group: cancel it there",
+                )
             } else {
-                "no swap was pending on this node"
+                SwapCancel::NothingPending("no swap was pending on this node")
             }
         };
         // The peer stops seeing the request now, not at this group's next tick.
@@ -483,6 +538,7 @@ impl Failover {
                         handing_over: rt.handing_over,
                         ready: rt.ready,
                         wants_group: rt.wants_group.is_some(),
+                        leaving: rt.leaving,
                     },
                 )
             })
@@ -624,6 +680,7 @@ impl Failover {
             self.register_new_generation(&g, &witness).await;
             self.probe_witness(&g, &witness, &peer, &mut last_probe)
                 .await;
+            let renewing = g.renewing.lock().await;
             let low = {
                 let rt = lock(&g.rt);
                 let left = rt
@@ -663,6 +720,7 @@ impl Failover {
                     }
                 }
             }
+            drop(renewing);
         }
     }
 
@@ -1385,11 +1443,16 @@ impl Failover {
             rt.registered_generation = 0;
             // A swap the peer asked for is a handover too: without the flag the peer does
             // not take the group, and when this node is the preferred one it takes it back.
-            rt.swap_requested.is_some()
+            let handover = rt.swap_requested.is_some()
                 || rt.peer_wants_group
                 || rt.vm_failed
-                || reason.contains("failback")
+                || reason.contains("failback");
+            // From here a swap can no longer be withdrawn (`cancel_swap`).
+            rt.leaving = handover;
+            handover
         };
+        // The peer's `swap --cancel` learns it now.
+        self.publish();
         self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
         self.vip_down(g).await;
         let mut all_demoted = true;
@@ -1405,6 +1468,8 @@ impl Failover {
             // an answer the lease lapses by itself.
             let round = lock(&g.rt).round;
             let _registering = g.registering.lock().await;
+            // A renewal still on its way would reach the witness after the release.
+            let _renewing = g.renewing.lock().await;
             match w.release(&g.spec.name, round).await {
                 Ok(released) => {
                     debug!(group = %g.spec.name, round, released, "witness round released")
@@ -1419,6 +1484,7 @@ impl Failover {
             rt.swap_requested = None;
             rt.vm_failed = false;
             rt.handing_over = handover;
+            rt.leaving = false;
             rt.round = rt.round.max(rt.witness_round);
             rt.lease_until = None;
             rt.registered_generation = 0;
@@ -1523,7 +1589,6 @@ fn still_listening(
         && matches!(state, GroupState::Stopped | GroupState::Waiting)
 }
 
-/// The group generation: one id for the volumes' generations together.
 /// Whether the live peer's announcement shows a node that consented to this one taking the
 /// group and never learned the witness's `record` round (it restarted since): not primary,
 /// and in an older round. A peer announcing primary, or the record's round (it was voted in
@@ -1548,6 +1613,7 @@ fn unknown_peer_state(payload: Option<&[u8]>, group: &str) -> String {
     }
 }
 
+/// The group generation: one id for the volumes' generations together.
 fn hash_generations(gens: &[u64]) -> u64 {
     let mut h = blake3::Hasher::new();
     for gen in gens {
@@ -1652,6 +1718,7 @@ mod tests {
                     handing_over: true,
                     ready: false,
                     wants_group: true,
+                    leaving: true,
                 },
             ),
             ("db".to_string(), Announce::default()),

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use nbdmirror_tests::lab::{group_field, Host, Lab, Link};
+use nbdmirror_tests::lab::{group_field, Host, Lab, Link, GROUP};
 
 /// A hook that keeps a marker per node: start creates it, stop removes it, monitor fails when
 /// it is missing or when `broken-NODE` exists. Every call is appended to hooks.log.
@@ -186,4 +186,41 @@ fn a_slow_monitor_hook_does_not_stall_the_first_write_made_alone() {
         lab.all_logs()
     );
     lab.cut(Link::Repl, Host::A, false);
+}
+
+/// `swap` gives up waiting while node-a's stop hook (6 s) is still stopping the VM: the
+/// handover has begun and cannot be withdrawn, so the command waits for it and reports the
+/// move instead of failing (and claiming it withdrew a swap that then happened). Run on
+/// either node.
+#[test]
+fn a_swap_that_times_out_during_the_handover_waits_for_it() {
+    let mut lab = slow_hook_lab("stop", "node-a", 6, "stop = \"sh {}\", timeout = \"20s\"");
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    let cfg_b = lab.config(Host::B);
+    let t0 = Instant::now();
+    let out = lab.nbdmirror(
+        Host::B,
+        &[
+            "swap",
+            GROUP,
+            "--timeout",
+            "2",
+            "--json",
+            "--config",
+            cfg_b.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.success() && out.stdout.contains("\"moved\": true"),
+        "swap during a slow handover ({:?}): {out}\n{}",
+        t0.elapsed(),
+        lab.all_logs()
+    );
+    assert_eq!(primary_node(&lab, Host::B), "node-b");
+    assert!(
+        hooks_log(&lab).contains("node-a stop done"),
+        "the stop hook should have run to its end:\n{}",
+        hooks_log(&lab)
+    );
 }

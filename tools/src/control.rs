@@ -324,51 +324,57 @@ pub fn resolve(a: ResolveArgs) -> anyhow::Result<()> {
 #[derive(Args, Debug)]
 #[command(
     about = "Move a failover group to the other node, with no data loss",
-    long_about = "Move GROUP to the other node: stop the VM (stop hook), remove the virtual IP, \
-        flush, wait until the peer is in sync, demote here, promote there, add the virtual IP \
-        there and start the VM (start hook). Works from either node. Waits until the group is \
-        primary on the other node (at most --timeout seconds). The peer must be in sync first; \
-        if it does not get there in time, the request is withdrawn and the command fails, so \
-        the group never moves long after you gave up. `--cancel` withdraws a request still \
-        pending (one made with `--no-wait`, or from another shell)."
+    long_about = "Move GROUP to the other node: wait until the peer is in sync, then stop the VM \
+        (stop hook), remove the virtual IP, flush and demote here, promote there, add the \
+        virtual IP there and start the VM (start hook). Works from either node. Waits until the \
+        group is primary on the other node (at most --timeout seconds). If the peer does not get \
+        in sync in time, the request is withdrawn and the command fails, so the group never \
+        moves long after you gave up; a handover already under way is waited for instead. \
+        `--cancel` withdraws a request still pending on this node (one made with `--no-wait`); \
+        its JSON says `withdrawn` and `too_late`."
 )]
 pub struct SwapArgs {
+    /// The failover group (`[[group]] name` in the config).
     pub group: String,
     /// Give up after this many seconds and withdraw the request.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, conflicts_with_all = ["no_wait", "cancel"])]
     pub timeout: u64,
     /// Ask and return at once; the request stays pending until the peer is ready, it is
     /// withdrawn with --cancel, or 10 minutes pass.
     #[arg(long, conflicts_with = "cancel")]
     pub no_wait: bool,
     /// Withdraw a swap asked on this node that has not happened yet.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_wait")]
     pub cancel: bool,
     #[command(flatten)]
     pub c: ConfigArg,
 }
 
 pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
-    if a.cancel {
-        let r = call(
+    let ask = |cancel: bool| {
+        call(
             &a.c.config,
             &Request::Swap {
                 group: a.group.clone(),
-                cancel: true,
+                cancel,
             },
             Some(Duration::from_secs(30)),
-        )?;
+        )
+    };
+    let text = |v: &serde_json::Value, default: &str| {
+        v.get("action")
+            .and_then(|x| x.as_str())
+            .unwrap_or(default)
+            .to_string()
+    };
+    if a.cancel {
+        let r = ask(true)?;
         if a.c.json {
             return print_json(&r);
         }
-        println!(
-            "{}: {}",
-            a.group,
-            r.get("action").and_then(|x| x.as_str()).unwrap_or("done")
-        );
+        println!("{}: {}", a.group, text(&r, "done"));
         return Ok(());
     }
-    let before = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
     let primary_of = |v: &serde_json::Value| {
         v.get("groups")
             .and_then(|g| g.as_array())
@@ -382,15 +388,9 @@ pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
                     .map(str::to_string)
             })
     };
+    let before = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
     let from = primary_of(&before);
-    let r = call(
-        &a.c.config,
-        &Request::Swap {
-            group: a.group.clone(),
-            cancel: false,
-        },
-        Some(Duration::from_secs(30)),
-    )?;
+    let r = ask(false)?;
     if a.no_wait {
         if a.c.json {
             return print_json(&r);
@@ -398,83 +398,98 @@ pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
         println!(
             "{}: {} (pending until the peer is ready; `nbdmirror swap {} --cancel` withdraws it)",
             a.group,
-            r.get("action")
-                .and_then(|x| x.as_str())
-                .unwrap_or("swap requested"),
+            text(&r, "swap requested"),
             a.group
         );
         return Ok(());
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout);
-    let mut last = None;
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
-        let p = primary_of(&now);
-        if p.is_some() && p != from {
-            if a.c.json {
-                return print_json(&serde_json::json!({"group": a.group, "from": from, "to": p}));
+    // Polls the status until another node holds the group (its name); else the last status.
+    let wait_moved =
+        |for_how_long: Duration| -> anyhow::Result<Result<String, Option<serde_json::Value>>> {
+            let deadline = std::time::Instant::now() + for_how_long;
+            loop {
+                let now = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
+                let p = primary_of(&now);
+                if let Some(p) = p.filter(|p| Some(p) != from.as_ref()) {
+                    return Ok(Ok(p));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Ok(Err(Some(now)));
+                }
+                std::thread::sleep(Duration::from_millis(250));
             }
-            println!(
-                "{}: moved from {} to {}",
-                a.group,
-                from.as_deref().unwrap_or("-"),
-                p.as_deref().unwrap_or("-")
-            );
-            return Ok(());
-        }
-        last = Some(now);
-    }
-    // Withdraw the request: a group that moves minutes after the operator saw this fail
-    // would surprise them. The check after it catches a handover that began meanwhile.
-    let withdrawn = call(
-        &a.c.config,
-        &Request::Swap {
-            group: a.group.clone(),
-            cancel: true,
-        },
-        Some(Duration::from_secs(30)),
-    );
-    let now = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30))).ok();
-    let moved = now.as_ref().and_then(primary_of);
-    if moved.is_some() && moved != from {
+        };
+    let moved = |to: String| -> anyhow::Result<()> {
         if a.c.json {
-            return print_json(&serde_json::json!({"group": a.group, "from": from, "to": moved}));
+            return print_json(
+                &serde_json::json!({"group": a.group, "from": from, "to": to, "moved": true}),
+            );
         }
         println!(
-            "{}: moved from {} to {}",
+            "{}: moved from {} to {to}",
             a.group,
-            from.as_deref().unwrap_or("-"),
-            moved.as_deref().unwrap_or("-")
+            from.as_deref().unwrap_or("-")
         );
-        return Ok(());
-    }
-    let state = now
-        .or(last)
+        Ok(())
+    };
+    let last = match wait_moved(Duration::from_secs(a.timeout))? {
+        Ok(to) => return moved(to),
+        Err(last) => last,
+    };
+    // Withdraw the request: a group that moves minutes after the operator saw this fail
+    // would surprise them. Unless a handover has begun: then it goes on (stop hook, VIP,
+    // demotion, promotion there), and this waits for it rather than report a failure.
+    let withdrawn = ask(true);
+    let too_late = withdrawn
+        .as_ref()
+        .ok()
+        .and_then(|v| v.get("too_late"))
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false);
+    let grace = if too_late {
+        HANDOVER_GRACE
+    } else {
+        // A handover that began on the peer just before the withdrawal shows within a few
+        // heartbeats.
+        Duration::from_secs(3)
+    };
+    let last = match wait_moved(grace)? {
+        Ok(to) => return moved(to),
+        Err(now) => now.or(last),
+    };
+    let status = last
         .as_ref()
         .and_then(|v| v.get("groups"))
-        .map(|g| g.to_string())
+        .cloned()
         .unwrap_or_default();
-    let withdrawn = match withdrawn {
-        Ok(v) => v
-            .get("action")
-            .and_then(|x| x.as_str())
-            .unwrap_or("swap request withdrawn")
-            .to_string(),
+    let withdrawn_text = match &withdrawn {
+        Ok(v) => text(v, "swap request withdrawn"),
         Err(e) => format!(
             "the request could not be withdrawn ({e}); `nbdmirror swap {} --cancel` retries",
             a.group
         ),
     };
+    if a.c.json {
+        print_json(&serde_json::json!({
+            "group": a.group,
+            "from": from,
+            "moved": false,
+            "withdrawn": withdrawn.as_ref().ok().and_then(|v| v.get("withdrawn")).cloned().unwrap_or(serde_json::Value::Bool(false)),
+            "message": withdrawn_text,
+            "groups": status,
+        }))?;
+    }
     anyhow::bail!(
-        "{}: {} but the group did not move within {} s (is the peer in sync? see `nbdmirror status`); {withdrawn}; status: {state}",
+        "{}: {} but the group did not move within {} s (is the peer in sync? see `nbdmirror status`); {withdrawn_text}; status: {status}",
         a.group,
-        r.get("action")
-            .and_then(|x| x.as_str())
-            .unwrap_or("swap requested"),
+        text(&r, "swap requested"),
         a.timeout
     )
 }
+
+/// How long `swap` still waits for a handover that had begun when it gave up (the stop hook
+/// alone may take its whole timeout).
+const HANDOVER_GRACE: Duration = Duration::from_secs(180);
 
 /// Returns whether the copies matched.
 pub fn verify(a: VerifyArgs) -> anyhow::Result<bool> {

@@ -385,14 +385,18 @@ async fn execute(
             let f = failover.ok_or(
                 "this node has no failover groups ([heartbeat] and [[group]] in its config)",
             )?;
-            let action = if cancel {
+            if cancel {
                 info!(group, "operator: cancel swap");
-                f.cancel_swap(&group)
-            } else {
-                info!(group, "operator: swap");
-                f.request_swap(&group)
+                let outcome = f.cancel_swap(&group).map_err(|e| e.to_string())?;
+                return Ok(serde_json::json!({
+                    "group": group,
+                    "action": outcome.message(),
+                    "withdrawn": outcome == failover::driver::SwapCancel::Withdrawn,
+                    "too_late": matches!(outcome, failover::driver::SwapCancel::TooLate(_)),
+                }));
             }
-            .map_err(|e| e.to_string())?;
+            info!(group, "operator: swap");
+            let action = f.request_swap(&group).map_err(|e| e.to_string())?;
             Ok(serde_json::json!({"group": group, "action": action}))
         }
         Request::Promote { volume, force } => {
