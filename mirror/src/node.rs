@@ -80,6 +80,8 @@ pub struct Node {
     pub name: String,
     peer_addr: String,
     key: AuthKey,
+    /// When a refused replication connection was last logged as a warning.
+    refusal_said: std::sync::Mutex<Option<Instant>>,
     peer_timeout: Duration,
     threads: usize,
     volumes: Vec<Hosted>,
@@ -90,6 +92,21 @@ struct Hosted {
     vol: Arc<Volume>,
     listen: Vec<ListenAddr>,
     home: Home,
+}
+
+/// What a refused handshake means to the operator of the dialing node.
+fn describe_refusal(e: &link::HandshakeError) -> String {
+    match e {
+        link::HandshakeError::BadProof => {
+            "authentication failed: the peer does not know this node's shared secret \
+             (is `secret` the same on both nodes?)"
+                .to_string()
+        }
+        link::HandshakeError::Refused(why) if why.contains("authentication") => {
+            format!("the peer refused: {why} (is `secret` the same on both nodes?)")
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A volume's home thread. Dropping it ends the thread's runtime (and the tasks on it).
@@ -354,6 +371,7 @@ impl Node {
             name: spec.node.clone(),
             peer_addr: spec.peer.clone(),
             key: AuthKey::from_secret(&spec.secret),
+            refusal_said: std::sync::Mutex::new(None),
             peer_timeout: spec.peer_timeout,
             threads: spec.threads,
             volumes,
@@ -543,11 +561,37 @@ impl Node {
                         info!(volume = %acc.volume, peer = %acc.peer_node, %addr, "peer authenticated");
                         node.run_connection(vol, stream, acc.peer_node).await;
                     }
-                    Err(link::HandshakeError::BadProof) => {
-                        warn!(%addr, "replication connection refused: the peer failed authentication (wrong shared secret?)");
-                    }
                     Err(e) => {
-                        warn!(%addr, error = %e, "replication connection refused");
+                        let from_peer = peer_ip.is_some_and(|ip| ip == addr.ip().to_canonical());
+                        let problem = match &e {
+                            link::HandshakeError::BadProof => Some(
+                                "a connection from the peer failed authentication: \
+                                 is `secret` the same on both nodes?",
+                            ),
+                            // The dialer checks this node's proof first: a peer that hangs
+                            // up then holds another secret.
+                            link::HandshakeError::Io(io)
+                                if from_peer && io.kind() == std::io::ErrorKind::UnexpectedEof =>
+                            {
+                                Some(
+                                    "the peer hung up during authentication: \
+                                     is `secret` the same on both nodes?",
+                                )
+                            }
+                            _ => None,
+                        };
+                        if let Some(problem) = problem {
+                            for h in &node.volumes {
+                                h.vol.note_link_problem(problem);
+                            }
+                        }
+                        let mut said = node.refusal_said.lock().unwrap_or_else(|e| e.into_inner());
+                        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            *said = Some(Instant::now());
+                            warn!(%addr, error = %e, hint = problem.unwrap_or(""), "replication connection refused; said once a minute");
+                        } else {
+                            debug!(%addr, error = %e, "replication connection refused");
+                        }
                     }
                 }
             });
@@ -569,7 +613,7 @@ impl Node {
                 let _ = s.set_nodelay(true);
                 let peer = link::dial_handshake(&mut s, &self.key, &self.name, &vol.name)
                     .await
-                    .map_err(|e| (true, e.to_string()))?;
+                    .map_err(|e| (true, describe_refusal(&e)))?;
                 Ok::<_, (bool, String)>((s, peer))
             };
             match attempt.await {
@@ -589,9 +633,18 @@ impl Node {
                     };
                 }
                 Err((reached, e)) => {
-                    // Say it once, then once a minute: a peer that is down is a normal state.
+                    // A peer that answered but refused (another secret, another version) is
+                    // a configuration to fix: a warning, and the status says it. One that is
+                    // down is a normal state. Either is said once, then once a minute.
+                    if reached {
+                        vol.note_link_problem(&e);
+                    }
                     if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                        info!(volume = %vol.name, addr = %self.peer_addr, error = %e, "cannot reach the peer; retrying");
+                        if reached {
+                            warn!(volume = %vol.name, addr = %self.peer_addr, error = %e, "the peer refused the replication link; retrying (said once a minute)");
+                        } else {
+                            info!(volume = %vol.name, addr = %self.peer_addr, error = %e, "cannot reach the peer; retrying");
+                        }
                         last_said = Some(Instant::now());
                     } else {
                         debug!(volume = %vol.name, error = %e, "peer still unreachable");
@@ -733,6 +786,7 @@ mod tests {
             name: "b".into(),
             peer_addr: "127.0.0.1:9".into(),
             key: crate::repl::auth::AuthKey::from_secret("a secret of the pair, long enough"),
+            refusal_said: std::sync::Mutex::new(None),
             peer_timeout: Duration::from_secs(10),
             threads: 0,
             volumes: Vec::new(),

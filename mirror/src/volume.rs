@@ -154,6 +154,10 @@ struct Shared {
     target_progress: Option<Progress>,
     source_progress: Option<Progress>,
     reason: String,
+    /// Why the last links with the peer failed, when it was a configuration problem (another
+    /// secret, another size): kept over "connection closed" until a link works, so the status
+    /// shows the cause, not only the log.
+    link_problem: Option<String>,
 }
 
 #[derive(Clone)]
@@ -341,6 +345,7 @@ impl Volume {
                 target_progress: None,
                 source_progress: None,
                 reason: "waiting for the peer".into(),
+                link_problem: None,
             }),
             mirror: RwLock::new(None),
             peer_flush_lock: tokio::sync::Mutex::new(()),
@@ -573,7 +578,10 @@ impl Volume {
             sh.peer = None;
             sh.plan = None;
             sh.target_progress = None;
-            sh.reason = format!("peer disconnected: {why}");
+            sh.reason = format!(
+                "peer disconnected: {}",
+                sh.link_problem.as_deref().unwrap_or(why)
+            );
         }
         self.set_mirror(None);
         warn!(volume = %self.name, peer = %link.peer_node, reason = why, "peer lost");
@@ -642,10 +650,13 @@ impl Volume {
         if state.size != self.size || state.granularity != self.meta.granularity() {
             error!(volume = %self.name, peer = %link.peer_node, peer_size = state.size, size = self.size,
                    "the peer's volume has another size or granularity; not mirroring");
-            lock(&self.shared).reason = format!(
-                "the peer's volume is {} bytes, ours {}: fix the config",
-                state.size, self.size
-            );
+            lock(&self.shared).link_problem = Some(format!(
+                "the peer's volume is {} bytes (granularity {}), ours {} ({}): fix the config",
+                state.size,
+                state.granularity,
+                self.size,
+                self.meta.granularity()
+            ));
             link.close();
             return;
         }
@@ -654,9 +665,9 @@ impl Volume {
             Err(what) => {
                 error!(volume = %self.name, peer = %link.peer_node, problem = %what,
                        "the peer's state is unreadable; not mirroring");
-                lock(&self.shared).reason = format!(
+                lock(&self.shared).link_problem = Some(format!(
                     "the peer's state is unreadable ({what}); check both nodes run the same build"
-                );
+                ));
                 link.close();
                 return;
             }
@@ -668,8 +679,20 @@ impl Volume {
                 _ => return,
             }
             sh.peer = Some(view);
+            sh.link_problem = None;
         }
         self.redecide();
+    }
+
+    /// A link with the peer could not be set up for a reason an operator must fix (another
+    /// shared secret, say): the status says so while no link works. Ignored while one does
+    /// (a stray connection then says nothing about the pair).
+    pub fn note_link_problem(&self, problem: &str) {
+        let mut sh = lock(&self.shared);
+        if sh.link.is_none() {
+            sh.link_problem = Some(problem.to_string());
+            sh.reason = format!("peer not connected: {problem}");
+        }
     }
 
     fn redecide(self: &Arc<Self>) {
