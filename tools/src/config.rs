@@ -35,6 +35,9 @@ use serde::Deserialize;
 
 use crate::size::parse_size;
 
+/// Volume sizes are whole 512-byte sectors, as every NBD client and hypervisor expects.
+const SECTOR: u64 = 512;
+
 /// Shorter secrets are refused: they are the only thing standing between the replication
 /// port and anyone who can reach it.
 pub const MIN_SECRET_LEN: usize = 16;
@@ -345,6 +348,15 @@ pub fn parse(
                 parse_size(&t).map_err(|e| invalid(format!("volume '{}': {e}", v.name)))?
             }
         };
+        if size % SECTOR != 0 {
+            // Most likely a forgotten suffix ("100" for 100G): a disk of a few bytes, or one
+            // that is not a whole number of sectors, would only surprise later.
+            return Err(invalid(format!(
+                "volume '{}': size {size} bytes is not a multiple of {SECTOR} (a disk sector); \
+                 a forgotten suffix? Sizes take K, M, G or T (binary), e.g. size = \"{size}G\"",
+                v.name
+            )));
+        }
         let texts = match v.listen {
             OneOrMany::One(a) => vec![a],
             OneOrMany::Many(list) => list,
@@ -731,6 +743,8 @@ listen = ["127.0.0.1:10811", "unix:run/disk1.sock"]
             ),
             (GOOD.replace("\"256M\"", "\"12Q\""), "volume 'disk0'"),
             (GOOD.replace("\"256M\"", "0"), "size must be > 0"),
+            (GOOD.replace("\"256M\"", "\"100\""), "a forgotten suffix"),
+            (GOOD.replace("\"256M\"", "1000000"), "not a multiple of 512"),
             (GOOD.replace("disk1\"", "disk0\""), "defined twice"),
             (
                 GOOD.replace("127.0.0.1:10811", "127.0.0.1:10809"),

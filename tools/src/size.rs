@@ -1,11 +1,11 @@
 //! Sizes as operators write them: `1073741824`, `256M`, `10G`, `1.5T` is refused (binary
-//! suffixes only, whole numbers), `4KiB` and `4k` are accepted.
+//! suffixes only, whole numbers), `4KiB`, `4Ki`, `4KB` and `4k` are accepted (all 4096).
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SizeError {
     #[error("size '{0}' is empty")]
     Empty(String),
-    #[error("size '{0}' is not a whole number of bytes with an optional K, M, G or T suffix (e.g. 256M)")]
+    #[error("size '{0}' is not a whole number with an optional binary suffix: K, M, G or T (also written KiB, Ki or KB: all mean 1024), e.g. 256M")]
     Malformed(String),
     #[error("size '{0}' is too large")]
     TooLarge(String),
@@ -25,10 +25,10 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     }
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
+        "K" | "KB" | "KI" | "KIB" => 10,
+        "M" | "MB" | "MI" | "MIB" => 20,
+        "G" | "GB" | "GI" | "GIB" => 30,
+        "T" | "TB" | "TI" | "TIB" => 40,
         _ => return Err(SizeError::Malformed(text.into())),
     };
     let n: u64 = digits
@@ -60,6 +60,7 @@ mod tests {
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         assert_eq!(parse_size("2T"), Ok(2 << 40));
         assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("256Mi"), Ok(256 << 20));
     }
 
     #[test]
