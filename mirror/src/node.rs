@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use nbd_server::{Export, ExportInfo, ListenAddr};
 use serde::Serialize;
 use tokio::io::BufReader;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{lookup_host, TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -92,6 +92,17 @@ struct Hosted {
     vol: Arc<Volume>,
     listen: Vec<ListenAddr>,
     home: Home,
+}
+
+/// How a dial to the peer failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dial {
+    /// No connection (the peer is down or the network is): a normal state.
+    Unreachable,
+    /// The peer address is a name that does not resolve.
+    Unresolvable,
+    /// The peer answered and refused the handshake.
+    Refused,
 }
 
 /// What a refused handshake means to the operator of the dialing node.
@@ -603,18 +614,29 @@ impl Node {
         let mut pause = DIAL_RETRY_FIRST;
         loop {
             let attempt = async {
-                let mut s = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    TcpStream::connect(&self.peer_addr),
-                )
-                .await
-                .map_err(|_| (false, "connect timed out".to_string()))?
-                .map_err(|e| (false, e.to_string()))?;
+                // Resolved apart, so a name that does not resolve (a typo) is told from a
+                // peer that is down.
+                let addrs: Vec<std::net::SocketAddr> =
+                    tokio::time::timeout(Duration::from_secs(5), lookup_host(&self.peer_addr))
+                        .await
+                        .map_err(|_| (Dial::Unresolvable, "name lookup timed out".to_string()))?
+                        .map_err(|e| {
+                            (
+                                Dial::Unresolvable,
+                                format!("cannot resolve the peer address: {e}"),
+                            )
+                        })?
+                        .collect();
+                let mut s =
+                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addrs[..]))
+                        .await
+                        .map_err(|_| (Dial::Unreachable, "connect timed out".to_string()))?
+                        .map_err(|e| (Dial::Unreachable, e.to_string()))?;
                 let _ = s.set_nodelay(true);
                 let peer = link::dial_handshake(&mut s, &self.key, &self.name, &vol.name)
                     .await
-                    .map_err(|e| (true, describe_refusal(&e)))?;
-                Ok::<_, (bool, String)>((s, peer))
+                    .map_err(|e| (Dial::Refused, describe_refusal(&e)))?;
+                Ok::<_, (Dial, String)>((s, peer))
             };
             match attempt.await {
                 Ok((s, peer)) => {
@@ -632,16 +654,19 @@ impl Node {
                         DIAL_RETRY_FIRST
                     };
                 }
-                Err((reached, e)) => {
-                    // A peer that answered but refused (another secret, another version) is
-                    // a configuration to fix: a warning, and the status says it. One that is
-                    // down is a normal state. Either is said once, then once a minute.
-                    if reached {
+                Err((failure, e)) => {
+                    // A peer that answered but refused (another secret, another version), or
+                    // a name that does not resolve, is a configuration to fix: a warning, and
+                    // the status says it. A peer that is down is a normal state. Either is
+                    // said once, then once a minute.
+                    let reached = failure == Dial::Refused;
+                    let to_fix = failure != Dial::Unreachable;
+                    if to_fix {
                         vol.note_link_problem(&e);
                     }
                     if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                        if reached {
-                            warn!(volume = %vol.name, addr = %self.peer_addr, error = %e, "the peer refused the replication link; retrying (said once a minute)");
+                        if to_fix {
+                            warn!(volume = %vol.name, addr = %self.peer_addr, error = %e, "the replication link to the peer cannot be set up; retrying (said once a minute)");
                         } else {
                             info!(volume = %vol.name, addr = %self.peer_addr, error = %e, "cannot reach the peer; retrying");
                         }

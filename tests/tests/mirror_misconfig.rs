@@ -60,3 +60,29 @@ fn another_volume_size_on_one_node_shows_in_both_statuses() {
         r.contains("67108864") && r.contains("33554432") && r.contains("fix the config")
     });
 }
+
+/// A peer address whose name does not resolve (a typo) is a configuration to fix, not a
+/// peer that is down: the status says so.
+#[test]
+fn a_peer_name_that_does_not_resolve_shows_in_status() {
+    let mut pair = Pair::new();
+    let cfg_a = pair.config(A);
+    let text = std::fs::read_to_string(&cfg_a).unwrap();
+    assert!(text.contains("peer = \"127.0.0.1:7802\""), "{text}");
+    std::fs::write(
+        &cfg_a,
+        text.replace(
+            "peer = \"127.0.0.1:7802\"",
+            "peer = \"no-such-peer.invalid:7802\"",
+        ),
+    )
+    .unwrap();
+    pair.start(A);
+    pair.wait_for(
+        A,
+        VOLUME,
+        "a reason about the name",
+        Duration::from_secs(20),
+        |v| reason(v).contains("cannot resolve"),
+    );
+}
