@@ -3,6 +3,9 @@
 # node-a, waits until they are connected, and promotes node-a for disk0. Its export then
 # answers at nbd://127.0.0.1:10809/disk0 (try `qemu-img info nbd://127.0.0.1:10809/disk0`).
 # Runs in the foreground; Ctrl-C stops both daemons cleanly. Logs: state/node-*.log.
+# A daemon that dies (try `kill -9 $(cat state/node-b.pid)`) is restarted after 3 s while the
+# other keeps serving: it comes back secondary and resyncs only what changed meanwhile. One
+# that keeps dying at start (a broken config) is left down; the other keeps running.
 #
 # Set NBDMIRROR=/path/to/nbdmirror to use an existing binary instead of building one.
 set -euo pipefail
@@ -18,15 +21,23 @@ mkdir -p "$here/state"
 log_a=$here/state/node-a.log
 log_b=$here/state/node-b.log
 
-"$bin" serve --config "$here/node-b.toml" 2>>"$log_b" &
-pid_b=$!
-"$bin" serve --config "$here/node-a.toml" 2>>"$log_a" &
-pid_a=$!
+declare -A pid started
+start_node() { # a | b
+    "$bin" serve --config "$here/node-$1.toml" 2>>"$here/state/node-$1.log" &
+    pid[$1]=$!
+    started[$1]=$SECONDS
+    echo "${pid[$1]}" > "$here/state/node-$1.pid"
+}
+start_node b
+start_node a
+pid_a=${pid[a]}
+pid_b=${pid[b]}
 
 stop() {
     trap - INT TERM EXIT
-    kill -TERM "$pid_a" "$pid_b" 2>/dev/null || true
-    wait "$pid_a" "$pid_b" 2>/dev/null || true
+    kill -TERM "${pid[a]}" "${pid[b]}" 2>/dev/null || true
+    wait "${pid[a]}" "${pid[b]}" 2>/dev/null || true
+    rm -f "$here/state/node-a.pid" "$here/state/node-b.pid"
 }
 trap 'stop; exit 0' INT TERM
 trap stop EXIT
@@ -58,7 +69,31 @@ fi
 "$bin" status --config "$here/node-a.toml"
 echo
 echo "ready: nbd://127.0.0.1:10809/disk0 (node-a primary, mirrored to node-b). Ctrl-C stops the pair."
-# Until a signal, or until a daemon dies (then stop the other one too).
-wait -n "$pid_a" "$pid_b" || true
-echo "a daemon exited; stopping the pair (logs: $here/state/)" >&2
+# Until a signal. A daemon that dies is restarted (it comes back secondary); one that dies
+# twice within 10 s of its start is left down. The loop ends when no daemon is left.
+declare -A quick=([a]=0 [b]=0)
+while :; do
+    alive=()
+    for n in a b; do
+        [ -n "${pid[$n]}" ] && kill -0 "${pid[$n]}" 2>/dev/null && alive+=("${pid[$n]}")
+    done
+    [ ${#alive[@]} -eq 0 ] && break
+    wait -n "${alive[@]}" || true
+    for n in a b; do
+        [ -n "${pid[$n]}" ] || continue
+        kill -0 "${pid[$n]}" 2>/dev/null && continue
+        rc=0; wait "${pid[$n]}" 2>/dev/null || rc=$?
+        if [ $((SECONDS - ${started[$n]})) -lt 10 ]; then quick[$n]=$((quick[$n] + 1)); else quick[$n]=0; fi
+        if [ "${quick[$n]}" -ge 2 ]; then
+            echo "node-$n exited again right after its start (status $rc): left down, see $here/state/node-$n.log" >&2
+            pid[$n]=""
+            rm -f "$here/state/node-$n.pid"
+            continue
+        fi
+        echo "node-$n exited (status $rc); the other node keeps serving. Restarting node-$n in 3 s: it comes back secondary and resyncs what changed." >&2
+        sleep 3
+        start_node "$n"
+    done
+done
+echo "no daemon left; logs: $here/state/" >&2
 exit 1

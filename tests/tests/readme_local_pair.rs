@@ -1,6 +1,7 @@
 //! The README's main job: `examples/local-pair/run.sh` brings up the two-node pair on one
 //! machine with node-a primary and its export answering; data written there is on node-b;
-//! SIGTERM stops both daemons cleanly.
+//! a daemon killed with -9 is restarted by the script and resyncs while the other keeps
+//! serving; SIGTERM stops both daemons cleanly.
 
 use std::path::Path;
 use std::time::Duration;
@@ -46,6 +47,40 @@ fn the_local_pair_script_brings_up_a_mirrored_export() {
     // node-b is secondary: its export address is closed.
     let b = env.run(&["qemu-img", "info", "nbd://127.0.0.1:10810/disk0"]);
     assert!(!b.success(), "node-b must not export while secondary: {b}");
+
+    // kill -9 node-b: node-a keeps serving, the script restarts node-b, which resyncs.
+    let pid_b: i32 = std::fs::read_to_string(dir.join("state/node-b.pid"))
+        .expect("run.sh writes state/node-b.pid")
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid_b),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_qemu_io_ok(&qemu_io(&env, uri, &["write -P 0x3c 100M 2M", "flush"]));
+    let cfg_a = dir.join("node-a.toml");
+    poll(
+        "node-b restarted and in sync again",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                pair.is_running(),
+                "run.sh exited after a daemon died:
+{}",
+                log()
+            );
+            let out = env.run_nbdmirror(&["status", "--json", "--config", cfg_a.to_str().unwrap()]);
+            let st: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+            let v = &st["volumes"][0];
+            (v["sync"] == "in-sync"
+                && v["peer"] == "connected"
+                && v["resync_bytes_sent"].as_u64()? > 0)
+                .then_some(())
+        },
+    );
+    assert!(log().contains("Restarting node-b"), "{}", log());
 
     // SIGTERM to the script stops both daemons cleanly (then the images can be compared).
     let pid = nix::unistd::Pid::from_raw(pair.pid() as i32);
