@@ -47,6 +47,23 @@ pub enum Plan {
     Wait { why: &'static str },
 }
 
+impl Plan {
+    /// The plan in an operator's words, as seen from this node (for messages).
+    pub fn describe(&self) -> String {
+        match self {
+            Plan::InSync => "the copies are in sync".into(),
+            Plan::Resync {
+                source: Who::Local, ..
+            } => "a resync to the peer is under way".into(),
+            Plan::Resync {
+                source: Who::Peer, ..
+            } => "a resync from the peer is under way".into(),
+            Plan::SplitBrain { why } => format!("split brain: {why}"),
+            Plan::Wait { why } => format!("waiting: {why}"),
+        }
+    }
+}
+
 fn knows(g: &Generations, id: u64) -> bool {
     id != 0 && (g.sync == id || g.history.contains(&id))
 }
@@ -282,6 +299,25 @@ pub fn check_promote(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn plans_are_described_in_words() {
+        assert_eq!(Plan::InSync.describe(), "the copies are in sync");
+        let r = Plan::Resync {
+            source: Who::Peer,
+            full: false,
+        };
+        assert!(r.describe().contains("from the peer"), "{}", r.describe());
+        for p in [
+            Plan::InSync,
+            r,
+            Plan::Wait { why: "x" },
+            Plan::SplitBrain { why: "x" },
+        ] {
+            let d = p.describe();
+            assert!(!d.contains('{') && !d.contains("Some("), "{d}");
+        }
+    }
 
     fn g(current: u64, history: &[u64]) -> Generations {
         let mut out = Generations {

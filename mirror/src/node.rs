@@ -41,8 +41,9 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Volume(#[from] VolumeError),
-    #[error("no volume named {0:?} on this node")]
-    UnknownVolume(String),
+    /// The name asked for, and the volumes this node has (comma-separated).
+    #[error("no volume named {0:?} on this node (volumes here: {1})")]
+    UnknownVolume(String, String),
     #[error("volume {volume}: cannot export: {reason}")]
     Export { volume: String, reason: String },
     #[error("volume {volume}: cannot start its thread: {source}")]
@@ -410,7 +411,10 @@ impl Node {
         self.volumes
             .iter()
             .find(|h| h.vol.name == name)
-            .ok_or_else(|| NodeError::UnknownVolume(name.to_string()))
+            .ok_or_else(|| {
+                let here: Vec<&str> = self.volumes.iter().map(|h| h.vol.name.as_str()).collect();
+                NodeError::UnknownVolume(name.to_string(), here.join(", "))
+            })
     }
 
     pub fn volume(&self, name: &str) -> Result<&Arc<Volume>, NodeError> {

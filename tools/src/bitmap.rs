@@ -35,7 +35,8 @@ enum BitmapCommand {
 /// the end of the volume; a legend row at the bottom shows the colour scale from 0% to 100%.
 ///
 /// JSON keys (stable): `path`, `format_version`, `header_slot`, `header_sequence`,
-/// `standby_header_error` (string or null), `node_name`, `peer_name`, `volume_size`,
+/// `standby_header_error` (string or null), `node_name`, `peer_name` (empty: the daemon
+/// does not record the peer's name), `volume_size`,
 /// `dirty_granularity`, `activity_extent_size`, `activity_capacity`,
 /// `flags` {`consistent`, `clean_shutdown`, `primary`, `unconfirmed`},
 /// `generations` {`current`, `sync`, `history`} (each "0x" and 16 hex digits, since JSON
@@ -134,11 +135,21 @@ struct StripJson {
 
 fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let snap = Snapshot::read(&args.metafile)?;
-    let h = &snap.header;
-    let strip = strip(&snap, usize::from(args.columns));
     if let Some(png) = &args.png {
         write_png(&snap, png).with_context(|| format!("writing {}", png.display()))?;
     }
+    let report = report(&args, &snap);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", text(&report, &snap));
+    }
+    Ok(())
+}
+
+fn report(args: &InspectArgs, snap: &Snapshot) -> Report {
+    let h = &snap.header;
+    let strip = strip(snap, usize::from(args.columns));
     let ranges: Vec<(u64, u64)> = snap.dirty_ranges().collect();
     let dirty_bits = snap.dirty.bits().count();
     let total_bits = snap.layout.dirty_bits;
@@ -146,7 +157,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let dirty_percent = 100.0 * dirty_bytes as f64 / h.volume_size as f64;
     let hot: Vec<u64> = snap.activity.bits().runs().flatten().collect();
     let gen = |g: u64| format!("{g:#018x}");
-    let report = Report {
+    Report {
         path: args.metafile.display().to_string(),
         format_version: mirror::metadata::header::FORMAT_VERSION,
         header_slot: snap.active_slot,
@@ -188,13 +199,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         hot_extents: hot,
         strip,
         png: args.png.as_ref().map(|p| p.display().to_string()),
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", text(&report, &snap));
     }
-    Ok(())
 }
 
 fn text(r: &Report, snap: &Snapshot) -> String {
@@ -209,12 +214,14 @@ fn text(r: &Report, snap: &Snapshot) -> String {
         "format          version {}, header copy {} (sequence {}); other copy {}",
         r.format_version, r.header_slot, r.header_sequence, standby
     );
+    // The format has room for the peer's name, but the daemon does not record it (the
+    // peer's name comes with each connection): only a file that holds one shows it.
     let peer = if r.peer_name.is_empty() {
-        "not known yet".to_string()
+        String::new()
     } else {
-        r.peer_name.clone()
+        format!(" (peer: {})", r.peer_name)
     };
-    let _ = writeln!(o, "node            {} (peer: {peer})", r.node_name);
+    let _ = writeln!(o, "node            {}{peer}", r.node_name);
     let _ = writeln!(
         o,
         "volume size     {} ({} bytes)",
@@ -458,4 +465,51 @@ fn write_png(snap: &Snapshot, path: &Path) -> anyhow::Result<()> {
     w.write_image_data(&img)?;
     w.finish()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mirror::metadata::{MetadataFile, MetadataOptions};
+
+    fn args(metafile: PathBuf) -> InspectArgs {
+        InspectArgs {
+            metafile,
+            json: false,
+            png: None,
+            max_ranges: 20,
+            columns: 64,
+        }
+    }
+
+    #[test]
+    fn a_file_the_daemon_made_shows_no_unknown_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk0.meta");
+        drop(MetadataFile::create(&path, 1 << 20, "node-a", MetadataOptions::default()).unwrap());
+        let snap = Snapshot::read(&path).unwrap();
+        let r = report(&args(path), &snap);
+        let t = text(&r, &snap);
+        assert!(t.contains("node            node-a\n"), "{t}");
+        assert!(!t.contains("peer:"), "{t}");
+    }
+
+    #[test]
+    fn read_errors_name_their_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content) in [("missing.meta", None), ("short.meta", Some("hello\n"))] {
+            let path = dir.path().join(name);
+            if let Some(c) = content {
+                std::fs::write(&path, c).unwrap();
+            }
+            let Err(e) = Snapshot::read(&path) else {
+                panic!("{name} should not read")
+            };
+            let e = anyhow::Error::from(e);
+            let line = crate::error_text(&e);
+            let cause = e.chain().last().unwrap().to_string();
+            assert_eq!(line.matches(&cause).count(), 1, "{line}");
+            assert!(line.contains(name), "{line}");
+        }
+    }
 }

@@ -26,6 +26,9 @@
 //! `resync_rate` (bytes per second with K/M/G suffix, default 0 = no limit;
 //! resync always yields to application I/O), `resync_checksum` (default false: hash-compare
 //! chunks first and send only those that differ), `io_engine` ("auto", "uring", "sync").
+//! The `[heartbeat]` and `[[group]]` tables (failover) are parsed below too. README.md's
+//! "Configuration reference" lists every key with its default: keep it in step with
+//! the raw structs here.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -100,9 +100,14 @@ pub struct ConfigArg {
 #[derive(Args, Debug)]
 #[command(
     about = "Show each volume's role, peer, sync state, generation and dirty bytes",
-    after_help = "JSON keys (per element of `volumes`): name, role, peer, sync, dirty_bytes, \
-                  resync_bytes_sent, resync_bytes_received, resync_bytes_left, \
-                  resync_eta_seconds, generation, metadata, consistent, reason."
+    after_help = "JSON keys (top level): node, peer_address, volumes, groups.\n\
+        Per element of `volumes`: name, role, peer, peer_node (null while disconnected), sync, \
+        size, dirty_bytes, hot_extents, resync_bytes_sent and resync_bytes_received (totals \
+        since the daemon started), resync_bytes_left, resync_eta_seconds, generation, \
+        metadata, consistent, reason.\n\
+        Per element of `groups` (empty without [[group]] in the config): name, state, \
+        primary_node, reason, round, preferred_node, volumes, vip, peer_alive, witness, \
+        transitions (each at_unix, from, to, reason)."
 )]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -119,6 +124,7 @@ pub struct StatusArgs {
         copy was in sync: make sure the other node is really down first."
 )]
 pub struct PromoteArgs {
+    /// The volume (`[[volume]] name` in the config).
     pub volume: String,
     /// Promote even stale or inconsistent data (the peer's newer writes are then a split
     /// brain, never silently overwritten).
@@ -131,6 +137,7 @@ pub struct PromoteArgs {
 #[derive(Args, Debug)]
 #[command(about = "Stop a volume's NBD export and make this node secondary for it")]
 pub struct DemoteArgs {
+    /// The volume (`[[volume]] name` in the config).
     pub volume: String,
     /// Demote a volume that belongs to a failover group (normally only the group does).
     #[arg(long)]
@@ -148,8 +155,10 @@ pub struct DemoteArgs {
         Both daemons must be running and connected."
 )]
 pub struct ResolveArgs {
+    /// The volume in split brain (`[[volume]] name` in the config).
     pub volume: String,
-    /// The node whose writes are thrown away.
+    /// The node whose writes are thrown away: this node's name or its peer's (`node` in
+    /// their configs).
     #[arg(long, value_name = "NODE")]
     pub discard_on: String,
     /// Only print what would be discarded.
@@ -168,6 +177,7 @@ pub struct ResolveArgs {
         (e.g. the peer is not connected)."
 )]
 pub struct VerifyArgs {
+    /// The volume to compare (`[[volume]] name` in the config).
     pub volume: String,
     #[command(flatten)]
     pub c: ConfigArg,
@@ -198,6 +208,13 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     if a.c.json {
         return print_json(&v);
     }
+    print!("{}", status_text(&v));
+    Ok(())
+}
+
+/// The human form of a status answer.
+fn status_text(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
     let s = |v: &serde_json::Value, k: &str| {
         v.get(k)
             .map(|x| {
@@ -208,12 +225,15 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     let u = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-    println!(
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
         "node {} (peer address {})",
-        s(&v, "node"),
-        s(&v, "peer_address")
+        s(v, "node"),
+        s(v, "peer_address")
     );
-    println!(
+    let _ = writeln!(
+        o,
         "{:<16} {:<10} {:<13} {:<12} {:>11}  GENERATION",
         "VOLUME", "ROLE", "PEER", "SYNC", "DIRTY"
     );
@@ -223,7 +243,8 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         .into_iter()
         .flatten()
     {
-        println!(
+        let _ = writeln!(
+            o,
             "{:<16} {:<10} {:<13} {:<12} {:>11}  {}",
             s(vol, "name"),
             s(vol, "role"),
@@ -233,26 +254,31 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
             s(vol, "generation")
         );
         if s(vol, "sync") == "syncing" {
+            // DIRTY is this node's dirty map: a copied region stays in it until the data is
+            // on the target's disk (the source clears it at the target's next flush), so it
+            // may stay above what is left to copy.
             let eta = vol.get("resync_eta_seconds").and_then(|x| x.as_u64());
-            println!(
-                "    resync: {} left{}",
+            let _ = writeln!(
+                o,
+                "    resync: {} left to copy{} (DIRTY drops only once copied data is on the target's disk)",
                 human_bytes(u(vol, "resync_bytes_left")),
                 eta.map(|e| format!(", about {e} s")).unwrap_or_default()
             );
         }
-        println!(
-            "    resync sent {}, received {}; copy {}",
-            human_bytes(u(vol, "resync_bytes_sent")),
-            human_bytes(u(vol, "resync_bytes_received")),
+        let _ = writeln!(
+            o,
+            "    copy {}; resync since the daemon started: sent {}, received {}",
             if vol.get("consistent").and_then(|x| x.as_bool()) == Some(true) {
                 "consistent"
             } else {
                 "INCONSISTENT"
-            }
+            },
+            human_bytes(u(vol, "resync_bytes_sent")),
+            human_bytes(u(vol, "resync_bytes_received")),
         );
-        println!("    {}", s(vol, "reason"));
+        let _ = writeln!(o, "    {}", s(vol, "reason"));
     }
-    Ok(())
+    o
 }
 
 pub fn promote(a: PromoteArgs) -> anyhow::Result<()> {
@@ -275,6 +301,11 @@ pub fn promote(a: PromoteArgs) -> anyhow::Result<()> {
 }
 
 pub fn demote(a: DemoteArgs) -> anyhow::Result<()> {
+    // The role before, only for the message: the daemon's demotion of a secondary does
+    // nothing and succeeds. Without an answer the demotion below reports the problem.
+    let before = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))
+        .ok()
+        .and_then(|st| role_of(&st, &a.volume));
     let v = call(
         &a.c.config,
         &Request::Demote {
@@ -286,8 +317,29 @@ pub fn demote(a: DemoteArgs) -> anyhow::Result<()> {
     if a.c.json {
         return print_json(&v);
     }
-    println!("{}: secondary on this node (export stopped)", a.volume);
+    println!("{}", demote_text(&a.volume, before.as_deref()));
     Ok(())
+}
+
+/// The role of `volume` in a status answer.
+fn role_of(status: &serde_json::Value, volume: &str) -> Option<String> {
+    status
+        .get("volumes")?
+        .as_array()?
+        .iter()
+        .find(|v| v.get("name").and_then(|n| n.as_str()) == Some(volume))?
+        .get("role")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// What a successful demotion says, given the role the volume had before.
+fn demote_text(volume: &str, role_before: Option<&str>) -> String {
+    if role_before == Some("secondary") {
+        format!("{volume}: already secondary on this node (nothing to do)")
+    } else {
+        format!("{volume}: secondary on this node (export stopped)")
+    }
 }
 
 pub fn resolve(a: ResolveArgs) -> anyhow::Result<()> {
@@ -524,4 +576,141 @@ pub fn verify(a: VerifyArgs) -> anyhow::Result<bool> {
         );
     }
     Ok(differing == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::collections::BTreeSet;
+
+    /// Every key of an object, nested objects and the first element of arrays included.
+    fn keys(v: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    out.insert(k.clone());
+                    keys(x, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| keys(x, out)),
+            _ => {}
+        }
+    }
+
+    /// The status answer the daemon builds (serve.rs: NodeStatus plus `groups`).
+    fn real_status() -> serde_json::Value {
+        let vol = mirror::volume::VolumeStatus {
+            name: "disk0".into(),
+            role: "primary",
+            peer: "connected",
+            peer_node: Some("node-b".into()),
+            sync: "syncing",
+            dirty_bytes: 40 << 20,
+            resync_bytes_sent: 300 << 20,
+            resync_bytes_received: 0,
+            resync_bytes_left: 12 << 20,
+            resync_eta_seconds: Some(3),
+            generation: "00000000000000aa".into(),
+            metadata: "/s/disk0.meta".into(),
+            consistent: true,
+            size: 1 << 30,
+            hot_extents: 2,
+            reason: "resync to the peer (changed regions)".into(),
+        };
+        let node = mirror::node::NodeStatus {
+            node: "node-a".into(),
+            peer_address: "127.0.0.1:7802".into(),
+            volumes: vec![vol],
+        };
+        let group = failover::driver::GroupStatus {
+            name: "vm1".into(),
+            state: "primary",
+            primary_node: Some("node-a".into()),
+            reason: String::new(),
+            round: 1,
+            preferred_node: "node-a".into(),
+            volumes: vec!["disk0".into()],
+            vip: None,
+            peer_alive: true,
+            witness: "none",
+            transitions: vec![failover::driver::Transition {
+                at_unix: 1,
+                from: "secondary",
+                to: "primary",
+                reason: String::new(),
+            }],
+        };
+        let mut v = serde_json::to_value(node).unwrap();
+        v["groups"] = serde_json::to_value(vec![group]).unwrap();
+        v
+    }
+
+    #[test]
+    fn status_help_lists_every_json_key() {
+        let mut cli = crate::Cli::command();
+        let help = cli
+            .find_subcommand_mut("status")
+            .unwrap()
+            .get_after_help()
+            .unwrap()
+            .to_string();
+        let words: BTreeSet<&str> = help
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        let mut all = BTreeSet::new();
+        keys(&real_status(), &mut all);
+        let missing: Vec<_> = all.iter().filter(|k| !words.contains(k.as_str())).collect();
+        assert!(missing.is_empty(), "status --help lacks {missing:?}");
+    }
+
+    #[test]
+    fn every_positional_argument_has_a_description() {
+        fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_positionals() {
+                let described = a.get_help().map(|h| !h.to_string().trim().is_empty());
+                if described != Some(true) {
+                    missing.push(format!("{path} <{}>", a.get_id()));
+                }
+            }
+            // Hidden commands (the witness's debugging client) are not for operators.
+            for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+                check(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        check(&crate::Cli::command(), "nbdmirror", &mut missing);
+        assert!(missing.is_empty(), "no help for {missing:?}");
+    }
+
+    #[test]
+    fn status_text_says_what_dirty_and_left_count_and_since_when() {
+        let t = status_text(&real_status());
+        assert!(t.contains("40.0 MiB"), "{t}");
+        assert!(t.contains("12.0 MiB left to copy, about 3 s"), "{t}");
+        assert!(t.contains("DIRTY drops only once"), "{t}");
+        assert!(
+            t.contains("resync since the daemon started: sent 300.0 MiB, received 0 B"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn demoting_a_secondary_says_so() {
+        let st = real_status();
+        assert_eq!(role_of(&st, "disk0").as_deref(), Some("primary"));
+        assert_eq!(role_of(&st, "disk9"), None);
+        assert_eq!(
+            demote_text("disk0", Some("primary")),
+            "disk0: secondary on this node (export stopped)"
+        );
+        assert_eq!(
+            demote_text("disk0", Some("secondary")),
+            "disk0: already secondary on this node (nothing to do)"
+        );
+        assert_eq!(
+            demote_text("disk0", None),
+            "disk0: secondary on this node (export stopped)"
+        );
+    }
 }

@@ -82,7 +82,7 @@ fn main() -> ExitCode {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_text(&e));
                 return ExitCode::from(2);
             }
         },
@@ -93,8 +93,68 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, each cause once. Most of our errors already put
+/// their source into their own message ("cannot create image X: {source}") and also return
+/// it as `source()`, so anyhow's `{:#}` printed the same cause two or three times: a cause
+/// whose text is already on the line is left out (nothing is lost: it is there verbatim).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Inner {
+        #[error("cannot create image /x/disk0.img: {0}")]
+        Create(#[source] std::io::Error),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("volume disk0: {0}")]
+        Volume(#[source] Inner),
+    }
+
+    fn enoent() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::NotFound)
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let e = anyhow::Error::new(Outer::Volume(Inner::Create(enoent())));
+        let io = enoent().to_string();
+        let line = error_text(&e);
+        assert_eq!(
+            line,
+            format!("volume disk0: cannot create image /x/disk0.img: {io}")
+        );
+        assert_eq!(line.matches(&io).count(), 1, "{line}");
+    }
+
+    #[test]
+    fn causes_not_in_the_message_are_kept() {
+        let e = anyhow::Error::new(enoent()).context("reading the config");
+        assert_eq!(error_text(&e), format!("reading the config: {}", enoent()));
+        let e = anyhow::anyhow!("plain");
+        assert_eq!(error_text(&e), "plain");
     }
 }
