@@ -183,6 +183,13 @@ pub struct Volume {
     /// When the peer last confirmed a flush (a client's FLUSH or the periodic one).
     last_peer_flush: Mutex<Instant>,
     solo_lock: Mutex<()>,
+    /// A `ResyncDone` went to the peer and its answer did not come back: the peer may have
+    /// adopted this node's generation as its own, in sync. A write made alone from then on
+    /// must start a new generation even though this node's current one differs from its
+    /// sync one, or the peer's copy would look as current as this one without those writes
+    /// (and could be promoted, or chosen as a resync source, over them). In memory: a
+    /// restart comes back secondary, and a promotion alone always starts a new generation.
+    handover_unanswered: AtomicBool,
     app_inflight: AtomicUsize,
     resync_sent: AtomicU64,
     resync_received: AtomicU64,
@@ -351,6 +358,7 @@ impl Volume {
             peer_flush_lock: tokio::sync::Mutex::new(()),
             last_peer_flush: Mutex::new(Instant::now()),
             solo_lock: Mutex::new(()),
+            handover_unanswered: AtomicBool::new(false),
             app_inflight: AtomicUsize::new(0),
             resync_sent: AtomicU64::new(0),
             resync_received: AtomicU64::new(0),
@@ -599,6 +607,13 @@ impl Volume {
     /// What the peer acknowledged but had not flushed (mirrored writes on a primary, resync
     /// chunks on a resync source of either role) may be lost if the peer lost power: once the
     /// link that carried it is gone, it goes into the dirty map.
+    fn drain_unflushed_into_dirty(&self) -> Result<(), MetadataError> {
+        for (off, len) in self.unflushed.drain_ranges() {
+            self.meta.mark_dirty(off, len)?;
+        }
+        Ok(())
+    }
+
     fn record_unflushed_as_dirty(&self) {
         // Resync chunks waiting for a flush are still dirty; no later link may settle them.
         self.meta.forget_resync_pending(None);
@@ -791,6 +806,11 @@ impl Volume {
                 error!(volume = %self.name, error = %e, "cannot record the in-sync generation");
             }
         }
+        let after = self.meta.generations();
+        if after.sync == after.current {
+            // The peer answered the handover: a write alone starts a new generation anyway.
+            self.handover_unanswered.store(false, Ordering::Release);
+        }
     }
 
     // ----- writing alone -----
@@ -800,11 +820,13 @@ impl Volume {
     fn ensure_solo_generation(&self) -> Result<(), MetadataError> {
         let _g = lock(&self.solo_lock);
         let g = self.meta.generations();
-        if g.current == g.sync || g.current == 0 {
+        let shared_maybe = self.handover_unanswered.load(Ordering::Acquire);
+        if g.current == g.sync || g.current == 0 || shared_maybe {
             // With a witness, nothing of this generation is acknowledged until it confirms
             // it: until then its writes may be discarded safely (see decide()).
             let gated = *self.alone_gate.borrow() != ALONE_ALWAYS;
             let new = self.meta.start_new_generation_unconfirmed(gated)?;
+            self.handover_unanswered.store(false, Ordering::Release);
             info!(volume = %self.name, generation = %format_gen(new), unconfirmed = gated, "writing without the peer: new generation");
         }
         Ok(())
@@ -1623,6 +1645,8 @@ impl Volume {
             // Writes the peer failed during the pass: go again.
         }
         let gens = self.meta.generations();
+        // Cleared by `mark_in_sync` on a clean answer, or by the next new generation.
+        self.handover_unanswered.store(true, Ordering::Release);
         // The target flushes before it calls itself consistent: that flush covers the chunks
         // (and mirrored writes) it acknowledged before, as a peer flush does.
         let reply = self
@@ -1838,6 +1862,7 @@ impl Volume {
         if effect.peer_adopts {
             if let Some(link) = &link {
                 let gens = self.meta.generations();
+                self.handover_unanswered.store(true, Ordering::Release);
                 match link
                     .request(&Message::ResyncDone { generations: gens })
                     .await
@@ -1940,7 +1965,15 @@ impl Volume {
         let peer_ok = async {
             match &link {
                 Some(l) => self.flush_peer(l).await,
-                None => Ok(PeerFlush::Absent),
+                None => {
+                    // The link closed and `link_down` has not drained what the peer
+                    // acknowledged but never flushed (or a thread saw the mirror go before
+                    // it did): recorded dirty now, so this FLUSH counts it (a new
+                    // generation, see `client_flush`) and the cold extents cleared below
+                    // stay covered.
+                    self.drain_unflushed_into_dirty()?;
+                    Ok(PeerFlush::Absent)
+                }
             }
         };
         // The peer's flush is sent first: the local one may block this thread (an inline
@@ -2009,9 +2042,20 @@ impl Volume {
                 "the peer is not connected; resolve needs both nodes up".into(),
             ));
         };
+        // The node name first: a typo is the likelier mistake, whatever the state.
+        if discard_on != self.node && discard_on != link.peer_node {
+            return Err(refused(format!(
+                "unknown node {discard_on:?}: --discard-on takes {:?} (this node) or {:?} (its peer)",
+                self.node, link.peer_node
+            )));
+        }
         if !matches!(plan, Some(Plan::SplitBrain { .. })) {
             return Err(refused(format!(
-                "there is no split brain to resolve (state: {plan:?})"
+                "there is no split brain to resolve ({})",
+                plan.as_ref().map_or_else(
+                    || "the pair has not compared its copies yet".to_string(),
+                    Plan::describe
+                )
             )));
         }
         if discard_on == self.node {
@@ -2028,7 +2072,8 @@ impl Volume {
                 self.announce();
             }
             Ok(bytes)
-        } else if discard_on == link.peer_node {
+        } else {
+            // The peer (checked above).
             if peer.side.role == Role::Primary {
                 return Err(refused(format!(
                     "{} is primary; demote it first",
@@ -2055,11 +2100,6 @@ impl Volume {
                 }
             }
             Ok(peer.dirty_bytes)
-        } else {
-            Err(refused(format!(
-                "unknown node {discard_on:?}: this node is {:?}, the peer {:?}",
-                self.node, link.peer_node
-            )))
         }
     }
 
@@ -2577,6 +2617,55 @@ mod tests {
             "no generation on a secondary"
         );
         assert!(vol.meta.is_dirty(1 << 20, 4096), "what it wrote is marked");
+    }
+
+    /// A `ResyncDone` whose answer never came (the peer may have adopted this generation, in
+    /// sync, and then gone): the next write alone starts a new generation although this
+    /// node's current one already differs from its sync one; otherwise the peer's copy would
+    /// look as current as this one without that write.
+    #[tokio::test]
+    async fn a_write_alone_after_an_unanswered_handover_starts_a_generation() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote alone");
+        vol.record_alone(0, 4096).expect("a write alone");
+        let alone = vol.meta.generations();
+        assert_ne!(alone.current, alone.sync, "writing alone");
+        vol.record_alone(4096, 4096).expect("another write alone");
+        assert_eq!(vol.meta.generations(), alone, "the same generation goes on");
+        vol.handover_unanswered
+            .store(true, std::sync::atomic::Ordering::Release);
+        vol.record_alone(1 << 20, 4096)
+            .expect("a write alone after the handover");
+        let after = vol.meta.generations();
+        assert_ne!(after.current, alone.current, "a new generation");
+        vol.record_alone(2 << 20, 4096).expect("and another");
+        assert_eq!(vol.meta.generations(), after, "only one");
+    }
+
+    /// The link closed but `link_down` has not drained the writes the peer acknowledged and
+    /// never flushed: a client FLUSH then must count them as written alone (dirty, and a new
+    /// generation), not answer as if the peer had everything.
+    #[tokio::test]
+    async fn a_flush_after_the_link_closed_counts_the_peers_unflushed_writes() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote");
+        // As after a completed initial copy: in sync, nothing dirty.
+        vol.meta.clear_dirty(0, 16 << 20).expect("clear");
+        vol.mark_in_sync();
+        let before = vol.meta.generations();
+        assert_eq!(before.current, before.sync);
+        assert_eq!(vol.meta.dirty_count(), 0);
+        let sent = vol.unflushed.ticket();
+        vol.unflushed.mark_acked(1 << 20, 4096, sent);
+        vol.client_flush().await.expect("the flush");
+        assert!(vol.meta.is_dirty(1 << 20, 4096), "the peer may lack it");
+        assert_ne!(
+            vol.meta.generations().current,
+            before.current,
+            "a new generation"
+        );
     }
 
     /// A write that meets a volume demoted under its connection is told ESHUTDOWN (the
