@@ -279,6 +279,9 @@ pub struct GroupRuntime {
     /// before it releases the round, so no renewal of its (retransmitted under a new
     /// sequence number) reaches the witness after the release and re-leases the round.
     renewing: tokio::sync::Mutex<()>,
+    /// Held across each tick: the daemon's stop takes it, so it never demotes a group under
+    /// a tick that is promoting it.
+    ticking: tokio::sync::Mutex<()>,
 }
 
 pub struct Failover {
@@ -292,6 +295,8 @@ pub struct Failover {
     /// "no heartbeat yet" says nothing (two nodes started together once both took the group).
     started: Instant,
     peer_timeout: Duration,
+    /// The daemon is stopping: no tick decides anything any more.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -339,6 +344,7 @@ impl Failover {
                     spec: g,
                     registering: tokio::sync::Mutex::new(()),
                     renewing: tokio::sync::Mutex::new(()),
+                    ticking: tokio::sync::Mutex::new(()),
                     rt: Mutex::new(Runtime {
                         state: GroupState::Stopped,
                         reason: "starting".into(),
@@ -379,6 +385,7 @@ impl Failover {
             interval: spec.interval,
             started: Instant::now(),
             peer_timeout: spec.timeout,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         for g in &f.groups {
             // Writes alone wait for the witness from the start (a group volume is never
@@ -436,6 +443,75 @@ impl Failover {
         // The peer learns of the request now, not at this group's next tick.
         self.publish();
         Ok(action)
+    }
+
+    /// The daemon is stopping (SIGTERM, `systemctl stop`): every group this node serves is
+    /// given up as a demotion does it (stop hook, virtual IP removed, volumes demoted, witness
+    /// round released), and handed over when the peer is alive and ready, so the VM restarts
+    /// there at once instead of after a heartbeat timeout. Otherwise a stopped primary left
+    /// its virtual IP up (two hosts answering for it once the peer took over) and its VM
+    /// running on a disk that no longer took writes. Waits (bounded) for the peer to take a
+    /// handed-over group, so it sees this node's heartbeats meanwhile.
+    pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        for g in &self.groups {
+            // After any tick in progress; no tick starts after this.
+            let _ticking = g.ticking.lock().await;
+            let (primary, round) = {
+                let rt = lock(&g.rt);
+                (rt.state.is_primary(), rt.round)
+            };
+            if !primary {
+                continue;
+            }
+            let peer = self.heartbeats.subscribe().borrow().clone();
+            let peer_ready = peer.alive
+                && peer
+                    .last_payload
+                    .as_deref()
+                    .map(decode_payload)
+                    .and_then(|m| m.get(&g.spec.name).copied())
+                    .is_some_and(|a| a.ready);
+            if peer_ready {
+                // A handover, as for a swap: the peer takes the group with this consent.
+                lock(&g.rt).swap_requested = Some(Instant::now());
+            }
+            let reason = if peer_ready {
+                "the daemon is stopping: handing the group to the peer"
+            } else {
+                "the daemon is stopping"
+            };
+            self.demote(g, reason).await;
+            self.publish();
+            if !peer_ready {
+                continue;
+            }
+            let deadline = Instant::now() + self.peer_timeout * 3;
+            let mut hb = self.heartbeats.subscribe();
+            loop {
+                let taken = {
+                    let view = hb.borrow_and_update();
+                    view.alive
+                        && view
+                            .last_payload
+                            .as_deref()
+                            .map(decode_payload)
+                            .and_then(|m| m.get(&g.spec.name).copied())
+                            .is_some_and(|a| code_state(a.state).is_primary() && a.round > round)
+                };
+                if taken {
+                    info!(group = %g.spec.name, "the peer took the group over");
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    warn!(group = %g.spec.name, "the peer did not take the group before this node stopped; it takes over after the heartbeat timeout");
+                    break;
+                }
+                let _ = tokio::time::timeout(left.min(self.interval), hb.changed()).await;
+            }
+        }
     }
 
     /// Withdraws a swap asked on this node that has not happened yet (`swap --cancel`, or
@@ -635,7 +711,13 @@ impl Failover {
     async fn run_group(self: Arc<Self>, g: Arc<GroupRuntime>) {
         let mut hb = self.heartbeats.subscribe();
         loop {
-            self.tick(&g).await;
+            {
+                let _ticking = g.ticking.lock().await;
+                if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                self.tick(&g).await;
+            }
             let stale_vip = {
                 let rt = lock(&g.rt);
                 rt.vip_up && !rt.state.is_primary() && g.spec.vip.is_some()
@@ -955,7 +1037,12 @@ impl Failover {
             // a role on a guess could start the VM twice. A primary keeps serving.
             let why = unknown_peer_state(peer.last_payload.as_deref(), &g.spec.name);
             if lock(&g.rt).reason != why {
-                warn!(group = %g.spec.name, peer = ?peer.node, "{why}");
+                // A peer just started publishes its groups within a tick: not worth a warning.
+                if peer.last_payload.as_deref().is_some_and(|b| !b.is_empty()) {
+                    warn!(group = %g.spec.name, peer = ?peer.node, "{why}");
+                } else {
+                    debug!(group = %g.spec.name, peer = ?peer.node, "{why}");
+                }
             }
             self.transition(g, GroupState::Waiting, &why);
             return;

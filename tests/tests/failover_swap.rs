@@ -272,3 +272,34 @@ fn a_swap_that_could_not_happen_in_time_is_withdrawn() {
         );
     }
 }
+
+/// `systemctl stop` (SIGTERM) of the primary's daemon hands the group over like a swap: its
+/// virtual IP goes (it stayed up before, so two hosts answered for it once node-b took
+/// over), and node-b takes the group at once, not after a heartbeat timeout, with the data.
+#[test]
+fn a_primary_stopped_cleanly_hands_the_group_over_and_drops_the_vip() {
+    let mut lab = Lab::new();
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x77 0 4M", "flush"]));
+    lab.wait_in_sync(Duration::from_secs(30));
+    assert!(lab.holds_vip(Host::A));
+    let t0 = Instant::now();
+    let st = lab.stop(Host::A, Duration::from_secs(30));
+    assert!(st.success(), "node-a exited with {st}\n{}", lab.all_logs());
+    assert!(
+        !lab.holds_vip(Host::A),
+        "node-a stopped with the virtual IP still on its interface\n{}",
+        lab.all_logs()
+    );
+    let sb = lab.wait_group_state(Host::B, &["primary", "alone"], Duration::from_secs(30));
+    assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
+    assert!(
+        lab.log(Host::B).contains("the peer handed the group over"),
+        "node-b should take the group with node-a's consent ({:?}):\n{}",
+        t0.elapsed(),
+        lab.all_logs()
+    );
+    assert!(lab.holds_vip(Host::B));
+    assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x77 0 4M"]));
+}

@@ -288,6 +288,10 @@ async fn serve(cfg: NodeConfig, threads: Option<u16>) -> anyhow::Result<()> {
         }
     });
     let signal = crate::export::wait_for_signal().await;
+    if let Some(f) = &failover {
+        info!(signal, "stopping: giving up this node's failover groups");
+        f.shutdown().await;
+    }
     info!(signal, "stopping: draining exports, flushing images");
     node.shutdown().await;
     let _ = std::fs::remove_file(&cfg.control_socket);
