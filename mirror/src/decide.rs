@@ -75,6 +75,24 @@ fn source_is(s: Who) -> Plan {
     }
 }
 
+/// An isolated primary whose writes alone were never acknowledged (its generation was never
+/// confirmed by the witness) still holds the primary role when the partition heals, for the
+/// moment its failover layer takes to see it was deposed: nothing is lost on it, so this is
+/// no split brain to resolve (it was reported as one, at ERROR, on every such heal). The pair
+/// waits; once it steps down, it is resynced from the other node.
+fn stepping_down(isolated: &Side, other: &Side) -> bool {
+    isolated.role == Role::Primary
+        && isolated.unconfirmed
+        && isolated.consistent
+        && !other.unconfirmed
+        && other.consistent
+}
+
+const STEP_DOWN: Plan = Plan::Wait {
+    why: "a primary whose writes alone were never acknowledged meets the node that took over: \
+          waiting for it to step down, then it is resynced",
+};
+
 /// The plan for two nodes that just exchanged their states. Symmetric: the peer computes the
 /// mirror image, so both agree without another round trip.
 pub fn decide(local: &Side, peer: &Side) -> Plan {
@@ -102,6 +120,9 @@ pub fn decide(local: &Side, peer: &Side) -> Plan {
 fn decide_unguarded(local: &Side, peer: &Side) -> Plan {
     use Role::*;
     if local.role == Primary && peer.role == Primary {
+        if stepping_down(local, peer) || stepping_down(peer, local) {
+            return STEP_DOWN;
+        }
         return Plan::SplitBrain {
             why: "both nodes are primary",
         };
@@ -167,6 +188,7 @@ fn decide_unguarded(local: &Side, peer: &Side) -> Plan {
             return match (expendable(local), expendable(peer)) {
                 (false, true) if peer.role == Secondary => source_is(Who::Local),
                 (true, false) if local.role == Secondary => source_is(Who::Peer),
+                _ if stepping_down(local, peer) || stepping_down(peer, local) => STEP_DOWN,
                 _ => Plan::SplitBrain {
                     why: "both nodes wrote without the other",
                 },
@@ -366,6 +388,33 @@ mod tests {
         let b = side(Secondary, g(7, &[]));
         assert_eq!(decide(&a, &b), source_is(Who::Local));
         assert_eq!(decide(&b, &a), source_is(Who::Peer));
+    }
+
+    /// A healed partition: the isolated primary, whose writes alone the witness never
+    /// confirmed, still holds its role for a moment. The pair waits for it to step down (no
+    /// split brain reported), then resyncs it from the node that took over.
+    #[test]
+    fn an_isolated_unconfirmed_primary_is_waited_for_not_a_split_brain() {
+        let mut isolated = side(Primary, g(9, &[7]));
+        isolated.unconfirmed = true;
+        let took_over = side(Primary, g(8, &[7]));
+        for (a, b) in [(&isolated, &took_over), (&took_over, &isolated)] {
+            assert_eq!(decide(a, b), STEP_DOWN);
+        }
+        // Once it stepped down: resynced from the other node.
+        let mut stepped = isolated;
+        stepped.role = Secondary;
+        assert_eq!(decide(&stepped, &took_over), source_is(Who::Peer));
+        // Two primaries whose writes alone both count (or neither) stay a split brain.
+        let mut both = took_over;
+        both.generations = g(9, &[7]);
+        assert!(matches!(decide(&both, &took_over), Plan::SplitBrain { .. }));
+        let mut other_unconfirmed = took_over;
+        other_unconfirmed.unconfirmed = true;
+        assert!(matches!(
+            decide(&isolated, &other_unconfirmed),
+            Plan::SplitBrain { .. }
+        ));
     }
 
     #[test]

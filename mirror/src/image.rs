@@ -482,6 +482,17 @@ impl ImageFile {
     }
 }
 
+impl ImageFile {
+    /// fdatasync on an io-wq worker, never on the calling thread (a background task on a
+    /// thread that serves other work).
+    pub async fn flush_off_thread(&self) -> BackendResult<()> {
+        self.engine
+            .datasync()
+            .await
+            .map_err(|e| BackendError::io("flush", 0, 0, e))
+    }
+}
+
 impl BlockBackend for ImageFile {
     fn size(&self) -> u64 {
         self.size

@@ -114,6 +114,15 @@ const RESYNC_FLUSH_EVERY: u64 = 256 << 20;
 /// more per request.
 pub const HASH_BLOCK_MAX: u64 = CHUNK * 8;
 
+/// Where a flush's fdatasync may run: on the calling thread when it serves the request alone
+/// (`ImageFile::flush` decides), or never there (the maintenance runs on the volume's home
+/// thread, which must keep serving the replication link).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Thread {
+    Caller,
+    Other,
+}
+
 /// How often `background_maintenance` looks for work (a resync to retry, a peer flush due).
 const MAINTENANCE_TICK: Duration = Duration::from_secs(2);
 
@@ -182,6 +191,9 @@ pub struct Volume {
     peer_flush_lock: tokio::sync::Mutex<()>,
     /// When the peer last confirmed a flush (a client's FLUSH or the periodic one).
     last_peer_flush: Mutex<Instant>,
+    /// When the maintenance last flushed both copies to clear the activity bits of extents
+    /// gone cold (see `background_maintenance`).
+    last_cold_flush: Mutex<Instant>,
     solo_lock: Mutex<()>,
     /// A `ResyncDone` went to the peer and its answer did not come back: the peer may have
     /// adopted this node's generation as its own, in sync. A write made alone from then on
@@ -357,6 +369,7 @@ impl Volume {
             mirror: RwLock::new(None),
             peer_flush_lock: tokio::sync::Mutex::new(()),
             last_peer_flush: Mutex::new(Instant::now()),
+            last_cold_flush: Mutex::new(Instant::now()),
             solo_lock: Mutex::new(()),
             handover_unanswered: AtomicBool::new(false),
             app_inflight: AtomicUsize::new(0),
@@ -1135,7 +1148,19 @@ impl Volume {
         loop {
             tick.tick().await;
             let mirror = self.mirror_link();
-            if let Some(link) = &mirror {
+            // Activity bits are cleared only after a flush of both copies, which only a
+            // client's FLUSH did: a client that seldom flushes (QEMU with cache=unsafe) left
+            // every extent it ever wrote marked, and a primary crash then cost a resync of
+            // all of them. So the maintenance flushes too when extents wait to be cleared.
+            let cold_due = self.role() == Role::Primary
+                && self.meta.pending_cold() > 0
+                && lock(&self.last_cold_flush).elapsed() >= peer_flush_interval;
+            if cold_due {
+                *lock(&self.last_cold_flush) = Instant::now();
+                if let Err(e) = self.flush_all(Thread::Other).await {
+                    error!(volume = %self.name, error = %e, "the periodic flush that clears cold extents failed");
+                }
+            } else if let Some(link) = &mirror {
                 let flush_due = lock(&self.last_peer_flush).elapsed() >= peer_flush_interval;
                 if flush_due && !self.unflushed.is_empty() {
                     if let Err(e) = self.flush_peer(link).await {
@@ -1937,10 +1962,12 @@ impl Volume {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.flush_all().await.map_err(|source| VolumeError::Io {
-            volume: self.name.clone(),
-            source,
-        })?;
+        self.flush_all(Thread::Caller)
+            .await
+            .map_err(|source| VolumeError::Io {
+                volume: self.name.clone(),
+                source,
+            })?;
         lock(&self.shared).role = Role::Secondary;
         self.set_mirror(None);
         self.meta
@@ -1958,10 +1985,15 @@ impl Volume {
 
     /// Flushes the local image and the peer; says how the peer's part went (unless it
     /// flushed, what it may lack is marked dirty).
-    async fn flush_all(&self) -> BackendResult<PeerFlush> {
+    async fn flush_all(&self, thread: Thread) -> BackendResult<PeerFlush> {
         let cold = self.meta.take_cold();
         let link = self.mirror_link();
-        let local = self.image.flush();
+        let local = async {
+            match thread {
+                Thread::Caller => self.image.flush().await,
+                Thread::Other => self.image.flush_off_thread().await,
+            }
+        };
         let peer_ok = async {
             match &link {
                 Some(l) => self.flush_peer(l).await,
@@ -1997,7 +2029,7 @@ impl Volume {
     /// generation registered before the acknowledgement. A peer that answered with an error
     /// needs none of this: it marked its copy inconsistent first.
     async fn client_flush(&self) -> BackendResult<()> {
-        let peer = self.flush_all().await?;
+        let peer = self.flush_all(Thread::Caller).await?;
         if self.role() != Role::Primary {
             // Demoted meanwhile: like a write racing the demotion, refused unless both
             // nodes flushed.
@@ -2665,6 +2697,56 @@ mod tests {
             vol.meta.generations().current,
             before.current,
             "a new generation"
+        );
+    }
+
+    /// A client that never sends FLUSH: extents gone cold still get their activity bits
+    /// cleared by the maintenance's periodic flush of both copies, so a primary crash later
+    /// does not resync every extent ever written.
+    #[tokio::test]
+    async fn the_maintenance_clears_cold_extents_without_a_client_flush() {
+        use nbd_server::BlockBackend;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        // Small extents and a hot set of two, so writes to four extents evict two.
+        MetadataFile::create(
+            &dir.path().join("v.meta"),
+            16 << 20,
+            "a",
+            MetadataOptions {
+                dirty_granularity: 64 << 10,
+                activity_extent_size: 1 << 20,
+                activity_capacity: 2,
+            },
+        )
+        .expect("create");
+        std::fs::File::create(dir.path().join("v.img"))
+            .and_then(|f| f.set_len(16 << 20))
+            .expect("image");
+        let vol = Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote");
+        for i in 0..4u64 {
+            vol.write(i * (2 << 20), vec![7; 4096], false)
+                .await
+                .expect("write");
+        }
+        assert!(
+            vol.meta.pending_cold() > 0,
+            "evicted extents wait for a flush"
+        );
+        let maintenance = tokio::spawn(
+            vol.clone()
+                .background_maintenance(std::time::Duration::from_millis(50)),
+        );
+        let cleared = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while vol.meta.pending_cold() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        maintenance.abort();
+        assert!(
+            cleared.is_ok(),
+            "cold extents never cleared without a client flush"
         );
     }
 
