@@ -745,8 +745,25 @@ impl Failover {
             return;
         };
         let mut last_probe: Option<Instant> = None;
+        let watch_started = Instant::now();
+        let mut said_silent = false;
         loop {
             tokio::time::sleep(LEASE_WATCH_PERIOD).await;
+            // Say it once when the witness stops answering, and once when it is back: the
+            // status alone ("unreachable") was easy to miss, and meanwhile this group cannot
+            // fail over by itself.
+            let answered = {
+                let rt = lock(&g.rt);
+                rt.witness_seen.max(rt.witness_probed)
+            };
+            let silent = answered.unwrap_or(watch_started).elapsed() >= WITNESS_SILENT_WARNING;
+            if silent && !said_silent {
+                warn!(group = %g.spec.name, witness = %witness.addr(), after = ?WITNESS_SILENT_WARNING, "the witness does not answer (down, unreachable, or another secret): this group cannot fail over by itself until it does, and a primary that loses its peer meanwhile suspends its I/O");
+                said_silent = true;
+            } else if !silent && said_silent {
+                info!(group = %g.spec.name, witness = %witness.addr(), "the witness answers again");
+                said_silent = false;
+            }
             // First the VIP, so a slow renewal below never delays its removal.
             let lapsed = {
                 let rt = lock(&g.rt);
@@ -1173,7 +1190,8 @@ impl Failover {
                             learn_round(&mut rt, r, &self.node_name);
                         }
                     }
-                    Err(e) => warn!(group = %g.spec.name, error = %e, "witness unreachable"),
+                    // Said once by the lease watch when it lasts.
+                    Err(e) => debug!(group = %g.spec.name, error = %e, "witness unreachable"),
                 }
             }
             drop(registering);
@@ -1635,6 +1653,9 @@ fn serving_state(s: GroupState) -> bool {
 /// How long a secondary asks its peer for the group (`swap` run on the secondary) before the
 /// request lapses: ample for the copy to finish a resync the swap waits for.
 const WANTS_GROUP_LAPSE: Duration = Duration::from_secs(600);
+
+/// How long the witness may stay silent before the group warns about it.
+const WITNESS_SILENT_WARNING: Duration = Duration::from_secs(5);
 
 /// How long the status probe of a node that is not primary waits for the witness.
 const WITNESS_PROBE_TIMEOUT: Duration = Duration::from_millis(500);

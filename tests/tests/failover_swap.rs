@@ -303,3 +303,43 @@ fn a_primary_stopped_cleanly_hands_the_group_over_and_drops_the_vip() {
     assert!(lab.holds_vip(Host::B));
     assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x77 0 4M"]));
 }
+
+/// The witness going away is said once on each node (a warning: no automatic failover until
+/// it is back), and its return too; before, nothing was logged at all.
+#[test]
+fn a_silent_witness_is_warned_about_once_and_its_return_said() {
+    let mut lab = Lab::new();
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.stop(Host::C, Duration::from_secs(10));
+    for h in [Host::A, Host::B] {
+        lab.wait_for(
+            "the warning about the silent witness",
+            Duration::from_secs(15),
+            |lab| {
+                lab.log(h)
+                    .contains("the witness does not answer")
+                    .then_some(())
+            },
+        );
+    }
+    // Once, not every tick.
+    std::thread::sleep(Duration::from_secs(2));
+    for h in [Host::A, Host::B] {
+        let n = lab.log(h).matches("the witness does not answer").count();
+        assert_eq!(n, 1, "{} warned {n} times:\n{}", h.node(), lab.log(h));
+    }
+    lab.start_witness();
+    for h in [Host::A, Host::B] {
+        lab.wait_for(
+            "the witness's return in the log",
+            Duration::from_secs(15),
+            |lab| {
+                lab.log(h)
+                    .contains("the witness answers again")
+                    .then_some(())
+            },
+        );
+    }
+    assert_eq!(lab.group_state(Host::A).as_deref(), Some("primary"));
+}
