@@ -473,9 +473,20 @@ impl Failover {
                     .map(decode_payload)
                     .and_then(|m| m.get(&g.spec.name).copied())
                     .is_some_and(|a| a.ready);
-            if peer_ready {
-                // A handover, as for a swap: the peer takes the group with this consent.
-                lock(&g.rt).swap_requested = Some(Instant::now());
+            let peer_ready = peer_ready && self.peer_answers(g).await;
+            let plain = |rt: &mut Runtime| {
+                rt.swap_requested = None;
+                rt.peer_wants_group = false;
+                rt.vm_failed = false;
+            };
+            {
+                let mut rt = lock(&g.rt);
+                if peer_ready {
+                    // A handover, as for a swap: the peer takes the group with this consent.
+                    rt.swap_requested = Some(Instant::now());
+                } else {
+                    plain(&mut rt);
+                }
             }
             let reason = if peer_ready {
                 "the daemon is stopping: handing the group to the peer"
@@ -483,6 +494,11 @@ impl Failover {
                 "the daemon is stopping"
             };
             self.demote(g, reason).await;
+            if lock(&g.rt).state.is_primary() {
+                // The handover found the peer gone after all: give the group up anyway.
+                plain(&mut lock(&g.rt));
+                self.demote(g, "the daemon is stopping").await;
+            }
             self.publish();
             if !peer_ready {
                 continue;
@@ -1540,6 +1556,21 @@ impl Failover {
     }
 
     async fn demote(&self, g: &Arc<GroupRuntime>, reason: &str) {
+        let handing_over = {
+            let rt = lock(&g.rt);
+            rt.swap_requested.is_some()
+                || rt.peer_wants_group
+                || rt.vm_failed
+                || reason.contains("failback")
+        };
+        if handing_over && !self.peer_answers(g).await {
+            // Its readiness came in a heartbeat that may be seconds old: a peer cut off just
+            // now would not take the group, and this node would take it back only after its
+            // own timeouts (the VM stopped for nothing). The request stays; the next tick
+            // decides again.
+            warn!(group = %g.spec.name, reason, "the peer does not answer on the replication link: not handing the group over now");
+            return;
+        }
         info!(group = %g.spec.name, reason, "giving up the group");
         let handover = {
             let mut rt = lock(&g.rt);
@@ -1599,6 +1630,19 @@ impl Failover {
         self.transition(g, GroupState::Waiting, reason);
     }
 
+    /// Every volume of the group gets an answer from the peer on its replication link.
+    async fn peer_answers(&self, g: &GroupRuntime) -> bool {
+        for v in &g.spec.volumes {
+            let Ok(vol) = self.node.volume(v) else {
+                return false;
+            };
+            if !vol.peer_answers(PEER_PING_TIMEOUT).await {
+                return false;
+            }
+        }
+        true
+    }
+
     async fn monitor(&self, g: &Arc<GroupRuntime>) {
         let Some(m) = &g.spec.monitor else { return };
         let due = lock(&g.rt)
@@ -1653,6 +1697,9 @@ fn serving_state(s: GroupState) -> bool {
 /// How long a secondary asks its peer for the group (`swap` run on the secondary) before the
 /// request lapses: ample for the copy to finish a resync the swap waits for.
 const WANTS_GROUP_LAPSE: Duration = Duration::from_secs(600);
+
+/// How long a peer may take to answer the ping made before a handover.
+const PEER_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the witness may stay silent before the group warns about it.
 const WITNESS_SILENT_WARNING: Duration = Duration::from_secs(5);

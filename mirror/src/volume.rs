@@ -924,6 +924,20 @@ impl Volume {
         self.alone_gate.send_modify(|_| {});
     }
 
+    /// Whether the peer answers a ping on the replication link within `within`: a check made
+    /// right before handing the group over, since the heartbeats and the link's own timeout
+    /// notice a peer cut off only seconds later.
+    pub async fn peer_answers(&self, within: Duration) -> bool {
+        let link = lock(&self.shared).link.clone();
+        let Some(link) = link.filter(|l| !l.is_closed()) else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(within, link.request(&Message::Ping)).await,
+            Ok(Ok(Message::Pong))
+        )
+    }
+
     /// Drops the replication link now (the heartbeats say the peer is gone), instead of
     /// waiting for the link's own timeout; a promotion can then proceed alone.
     pub async fn disconnect_peer(self: &Arc<Self>, why: &str) {

@@ -343,3 +343,49 @@ fn a_silent_witness_is_warned_about_once_and_its_return_said() {
     }
     assert_eq!(lab.group_state(Host::A).as_deref(), Some("primary"));
 }
+
+/// A swap asked right after the peer was cut off, before the heartbeats noticed: the peer's
+/// last heartbeat still says it is ready, but it would never take the group. The primary
+/// checks that the peer answers on the replication link before it stops anything, so the
+/// VM and the VIP stay (before, it demoted and took the group back seconds later).
+#[test]
+fn a_swap_to_a_peer_cut_off_just_now_stops_nothing() {
+    let mut lab = Lab::new();
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.wait_in_sync(Duration::from_secs(30));
+    lab.cut(Link::All, Host::B, true);
+    let cfg_a = lab.config(Host::A);
+    let out = lab.nbdmirror(
+        Host::A,
+        &[
+            "swap",
+            GROUP,
+            "--timeout",
+            "3",
+            "--config",
+            cfg_a.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.success(), "the swap cannot succeed: {out}");
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        let a = lab.group_state(Host::A).unwrap_or_default();
+        assert!(
+            a == "primary" || a == "alone",
+            "node-a is {a} after a swap to a peer that is gone\n{}",
+            lab.all_logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        lab.holds_vip(Host::A),
+        "node-a dropped its VIP\n{}",
+        lab.all_logs()
+    );
+    assert!(
+        !lab.log(Host::A).contains("giving up the group"),
+        "node-a gave the group up for a peer that was gone\n{}",
+        lab.all_logs()
+    );
+}

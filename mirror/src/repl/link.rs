@@ -751,6 +751,9 @@ where
             Ok(None) => return ReadEnd::Closed,
             Ok(Some((h, m))) => match m {
                 Message::Ping => link.send(h.seq, &Message::Pong),
+                // The answer to a ping sent as a request (`Volume::peer_answers`); the
+                // keepalive's pings go as sequence 0, whose answers wake nobody.
+                Message::Pong if h.seq != 0 => link.deliver(h.seq, m),
                 Message::Pong => {}
                 m if m.is_response() => link.deliver(h.seq, m),
                 m => {
