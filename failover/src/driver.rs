@@ -232,6 +232,9 @@ struct Runtime {
     wants_group: Option<Instant>,
     /// The peer's latest heartbeat asks this (primary) node to hand the group over.
     peer_wants_group: bool,
+    /// When an operator asked this node to take the group over from a peer they say is down
+    /// (`nbdmirror takeover`); lapses like a swap request.
+    operator_takeover: Option<Instant>,
     /// A demotion that hands the group over is under way (stop hook, VIP, volumes).
     leaving: bool,
     vm_failed: bool,
@@ -353,6 +356,7 @@ impl Failover {
                         swap_requested: None,
                         wants_group: None,
                         peer_wants_group: false,
+                        operator_takeover: None,
                         leaving: false,
                         vm_failed: false,
                         vip_up: false,
@@ -528,6 +532,35 @@ impl Failover {
                 let _ = tokio::time::timeout(left.min(self.interval), hb.changed()).await;
             }
         }
+    }
+
+    /// An operator vouches that the peer is down and asks this node to take the group, in a
+    /// group that never fails over by itself (no witness, no fence hook). The group's rules
+    /// still apply: this node's copy must be current (in sync when the peer was lost), and
+    /// the peer silent; the request lapses after [`TAKEOVER_LAPSE`].
+    pub fn request_takeover(&self, name: &str) -> Result<&'static str, FailoverError> {
+        let g = self.group(name)?;
+        let refused = |what: &str| FailoverError::Refused {
+            group: name.into(),
+            what: what.into(),
+        };
+        if self.witness.is_some() || g.spec.fence.is_some() {
+            return Err(refused(
+                "this group fails over by itself (witness or fence hook): a takeover by hand \
+                 would bypass what protects it",
+            ));
+        }
+        if self.heartbeats.subscribe().borrow().alive {
+            return Err(refused(
+                "the peer is alive: use `nbdmirror swap` to move the group",
+            ));
+        }
+        let mut rt = lock(&g.rt);
+        if rt.state.is_primary() {
+            return Ok("this node already holds the group");
+        }
+        rt.operator_takeover = Some(Instant::now());
+        Ok("taking the group over")
     }
 
     /// Withdraws a swap asked on this node that has not happened yet (`swap --cancel`, or
@@ -1114,6 +1147,14 @@ impl Failover {
                 rt.wants_group = None;
                 rt.swap_requested = None;
             }
+            // An operator's takeover is for now, not for whenever the peer goes silent later.
+            if rt
+                .operator_takeover
+                .is_some_and(|t| t.elapsed() >= TAKEOVER_LAPSE)
+            {
+                warn!(group = %g.spec.name, "the takeover request lapsed: it could not be carried out");
+                rt.operator_takeover = None;
+            }
             rt.peer_wants_group = entry.is_some_and(|a| a.wants_group);
             if let Some(p) = &peer_facts {
                 if p.state.is_primary() {
@@ -1142,6 +1183,7 @@ impl Failover {
                 swap_requested: rt.swap_requested.is_some()
                     || (rt.peer_wants_group && rt.state.is_primary()),
                 handing_over: rt.handing_over,
+                operator_takeover: rt.operator_takeover.is_some(),
             }
         };
         let decision = group::decide(&facts);
@@ -1417,6 +1459,9 @@ impl Failover {
     ) {
         match quorum {
             Quorum::PeerConsent => {}
+            Quorum::Operator => {
+                warn!(group = %g.spec.name, "taking the group over on an operator's word that the peer is down");
+            }
             Quorum::WitnessVote => {
                 let Some(w) = &self.witness else { return };
                 let gen = self.group_generation(g);
@@ -1507,6 +1552,7 @@ impl Failover {
             rt.round = round;
             rt.handing_over = false;
             rt.wants_group = None;
+            rt.operator_takeover = None;
             rt.restarts = 0;
             rt.vm_failed = false;
             rt.registered_generation = 0;
@@ -1697,6 +1743,9 @@ fn serving_state(s: GroupState) -> bool {
 /// How long a secondary asks its peer for the group (`swap` run on the secondary) before the
 /// request lapses: ample for the copy to finish a resync the swap waits for.
 const WANTS_GROUP_LAPSE: Duration = Duration::from_secs(600);
+
+/// How long an operator's takeover request waits to be carried out.
+const TAKEOVER_LAPSE: Duration = Duration::from_secs(60);
 
 /// How long a peer may take to answer the ping made before a handover.
 const PEER_PING_TIMEOUT: Duration = Duration::from_secs(1);

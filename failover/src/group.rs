@@ -134,6 +134,9 @@ pub struct Facts {
     pub swap_requested: bool,
     /// This node just handed the group over and waits for the peer to take it.
     pub handing_over: bool,
+    /// An operator asserted that the peer is down and asked this node to take the group
+    /// (`nbdmirror takeover`; groups without witness or fence hook only).
+    pub operator_takeover: bool,
 }
 
 /// What the node should do now.
@@ -167,6 +170,8 @@ pub enum Quorum {
     WitnessVote,
     /// Run the fence hook first; promote only if it exits 0.
     Fence,
+    /// An operator's `takeover`: they vouch that the peer is down.
+    Operator,
 }
 
 fn stay(state: GroupState, reason: impl Into<String>) -> Decision {
@@ -324,9 +329,14 @@ pub fn decide(f: &Facts) -> Decision {
                     GroupState::Waiting,
                     "the peer and the witness are unreachable: no quorum to take over",
                 ),
+                (Witness::None, false) if f.operator_takeover => Decision::Promote {
+                    round: next_round,
+                    quorum: Quorum::Operator,
+                    reason: "the peer is gone and an operator asked this node to take over".into(),
+                },
                 (Witness::None, false) => stay(
                     GroupState::Waiting,
-                    "the peer is unreachable; without a witness or fence hook this node never takes over by itself (promote manually if the peer is down)",
+                    "the peer is unreachable; without a witness or fence hook this node never takes over by itself (if the peer is down: `nbdmirror takeover GROUP`)",
                 ),
             }
         }
@@ -492,6 +502,7 @@ mod tests {
             vm_failed: false,
             swap_requested: false,
             handing_over: false,
+            operator_takeover: false,
         }
     }
 
@@ -738,6 +749,7 @@ mod tests {
         let old = Facts {
             state: GroupState::Waiting,
             handing_over: true,
+            operator_takeover: false,
             is_preferred: true,
             peer: Some(peer(GroupState::Secondary)),
             ..base()
@@ -793,12 +805,12 @@ mod tests {
         fn arb_facts()(state in arb_state(), round in 0u64..5, pref in any::<bool>(), afb in any::<bool>(),
                        data in arb_data(), witness in arb_witness(), fence in any::<bool>(),
                        vm_failed in any::<bool>(), swap in any::<bool>(), handing in any::<bool>(),
-                       long in any::<bool>(), fenced in any::<bool>(),
+                       long in any::<bool>(), fenced in any::<bool>(), takeover in any::<bool>(),
                        peer in proptest::option::of((arb_state(), 0u64..5, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())))
                        -> Facts {
             Facts { state, round, is_preferred: pref, auto_failback: afb, data, witness,
                     fence_configured: fence, peer_silent_long: long, peer_fenced: fenced,
-                    vm_failed, swap_requested: swap, handing_over: handing,
+                    vm_failed, swap_requested: swap, handing_over: handing, operator_takeover: takeover,
                     peer: peer.map(|(state, round, newer, equal, handing_over, ready)| PeerFacts {
                         state, round, data_newer: newer && !equal, data_equal: equal && !newer, handing_over, ready }) }
         }
@@ -820,6 +832,11 @@ mod tests {
                     Quorum::PeerConsent => prop_assert!(f.peer.is_some()),
                     Quorum::WitnessVote => { let ok = matches!(f.witness, Witness::Reachable { .. }); prop_assert!(ok) }
                     Quorum::Fence => prop_assert!(f.fence_configured),
+                    Quorum::Operator => {
+                        let ok = f.operator_takeover && f.peer.is_none()
+                            && matches!(f.witness, Witness::None) && !f.fence_configured;
+                        prop_assert!(ok)
+                    }
                 }
                 if f.data == DataState::Stale {
                     let ok = f.peer.is_none() && matches!(f.witness, Witness::Reachable { holder_is_me: true, .. }); prop_assert!(ok);

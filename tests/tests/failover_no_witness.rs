@@ -82,3 +82,37 @@ fn without_witness_the_survivor_waits_and_manual_promote_works() {
         Duration::from_secs(60),
     ));
 }
+
+/// `nbdmirror takeover vm1`: the operator vouches that the dead peer is down and the group
+/// (not only its volume) starts on the survivor: volumes promoted, the virtual IP raised,
+/// the data served through it. Refused while the peer is alive.
+#[test]
+fn takeover_starts_the_group_on_the_survivor_with_its_vip() {
+    let mut lab = Lab::new();
+    for f in ["node-a.toml", "node-b.toml"] {
+        lab.patch(f, "witness = \"10.99.0.10:7790\"\n", "");
+    }
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    assert_qemu_io_ok(&lab.qemu_io(&["write -P 0x5b 0 4M", "flush"]));
+    lab.wait_in_sync(Duration::from_secs(30));
+    let cfg_b = lab.config(Host::B);
+    let cfg_b = cfg_b.to_str().unwrap();
+    let refused = lab.nbdmirror(Host::B, &["takeover", "vm1", "--config", cfg_b]);
+    assert!(
+        !refused.success() && refused.all().contains("swap"),
+        "takeover with a live peer must be refused and point to swap: {refused}"
+    );
+    lab.kill(Host::A);
+    std::thread::sleep(Duration::from_secs(4));
+    let out = lab.nbdmirror(Host::B, &["takeover", "vm1", "--config", cfg_b]);
+    assert!(out.success(), "takeover failed: {out}\n{}", lab.all_logs());
+    let s = lab.status(Host::B);
+    assert_eq!(group_field(&s, "primary_node"), "node-b", "{s}");
+    assert!(
+        lab.holds_vip(Host::B),
+        "no VIP on node-b\n{}",
+        lab.all_logs()
+    );
+    assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x5b 0 4M", "write -P 0x67 8M 1M", "flush"]));
+}

@@ -32,6 +32,9 @@ pub enum Request {
         #[serde(default)]
         cancel: bool,
     },
+    Takeover {
+        group: String,
+    },
     Resolve {
         volume: String,
         discard_on: String,
@@ -537,6 +540,73 @@ pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
         text(&r, "swap requested"),
         a.timeout
     )
+}
+
+#[derive(Args, Debug)]
+#[command(
+    about = "Start a group here while its peer is down, in a group without witness or fence hook",
+    long_about = "Start GROUP on this node (promote its volumes, add the virtual IP, run the \
+        start hook) while the peer is down, in a group that never fails over by itself (no \
+        witness and no fence hook). You vouch that the peer is really down (powered off, or \
+        its daemon and VM stopped): if it still runs the VM, both would write. Refused while \
+        the peer's heartbeats arrive (use `swap`), in groups with a witness or fence hook, and \
+        when this node's copy may be stale (it was not in sync when the peer was lost: then \
+        only `promote VOLUME --force` per volume, your decision). Waits until the group is \
+        primary here (at most --timeout seconds)."
+)]
+pub struct TakeoverArgs {
+    /// The failover group (`[[group]] name` in the config).
+    pub group: String,
+    /// Give up waiting after this many seconds (the request lapses after 60 s).
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub c: ConfigArg,
+}
+
+pub fn takeover(a: TakeoverArgs) -> anyhow::Result<()> {
+    let r = call(
+        &a.c.config,
+        &Request::Takeover {
+            group: a.group.clone(),
+        },
+        Some(Duration::from_secs(30)),
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout);
+    loop {
+        let st = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
+        let group = st
+            .get("groups")
+            .and_then(|g| g.as_array())
+            .and_then(|g| {
+                g.iter()
+                    .find(|x| x.get("name").and_then(|n| n.as_str()) == Some(&a.group))
+            })
+            .cloned()
+            .unwrap_or_default();
+        let state = group.get("state").and_then(|s| s.as_str()).unwrap_or("");
+        if matches!(state, "primary" | "alone") {
+            if a.c.json {
+                return print_json(
+                    &serde_json::json!({"group": a.group, "state": state, "taken": true}),
+                );
+            }
+            println!("{}: taken over here ({state})", a.group);
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let reason = group.get("reason").and_then(|s| s.as_str()).unwrap_or("");
+            anyhow::bail!(
+                "{}: {} but the group is not primary here after {} s: {state}: {reason}",
+                a.group,
+                r.get("action")
+                    .and_then(|x| x.as_str())
+                    .unwrap_or("takeover requested"),
+                a.timeout
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// How long `swap` still waits for a handover that had begun when it gave up (the stop hook

@@ -40,6 +40,7 @@ enum Command {
     Demote(control::DemoteArgs),
     Resolve(control::ResolveArgs),
     Swap(control::SwapArgs),
+    Takeover(control::TakeoverArgs),
     Verify(control::VerifyArgs),
     Export(export::ExportArgs),
     /// Inspect a volume's metadata file (dirty map, activity map, generations).
@@ -77,6 +78,7 @@ fn main() -> ExitCode {
         Command::Demote(args) => control::demote(args),
         Command::Resolve(args) => control::resolve(args),
         Command::Swap(args) => control::swap(args),
+        Command::Takeover(args) => control::takeover(args),
         // Like cmp(1): 0 identical, 1 different, 2 could not compare.
         Command::Verify(args) => match control::verify(args) {
             Ok(true) => Ok(()),

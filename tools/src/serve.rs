@@ -403,6 +403,17 @@ async fn execute(
             let action = f.request_swap(&group).map_err(|e| e.to_string())?;
             Ok(serde_json::json!({"group": group, "action": action}))
         }
+        Request::Takeover { group } => {
+            let f = failover.ok_or(
+                "this node has no failover groups ([heartbeat] and [[group]] in its config)",
+            )?;
+            warn!(
+                group,
+                "operator: takeover (the operator says the peer is down)"
+            );
+            let action = f.request_takeover(&group).map_err(|e| e.to_string())?;
+            Ok(serde_json::json!({"group": group, "action": action}))
+        }
         Request::Promote { volume, force } => {
             manual(&volume, force)?;
             info!(volume, force, "operator: promote");
