@@ -469,14 +469,8 @@ impl Failover {
             if !primary {
                 continue;
             }
-            let peer = self.heartbeats.subscribe().borrow().clone();
-            let peer_ready = peer.alive
-                && peer
-                    .last_payload
-                    .as_deref()
-                    .map(decode_payload)
-                    .and_then(|m| m.get(&g.spec.name).copied())
-                    .is_some_and(|a| a.ready);
+            let peer_ready = live_announcement(&self.heartbeats.subscribe().borrow(), &g.spec.name)
+                .is_some_and(|a| a.ready);
             let peer_ready = peer_ready && self.peer_answers(g).await;
             let plain = |rt: &mut Runtime| {
                 rt.swap_requested = None;
@@ -510,16 +504,8 @@ impl Failover {
             let deadline = Instant::now() + self.peer_timeout * 3;
             let mut hb = self.heartbeats.subscribe();
             loop {
-                let taken = {
-                    let view = hb.borrow_and_update();
-                    view.alive
-                        && view
-                            .last_payload
-                            .as_deref()
-                            .map(decode_payload)
-                            .and_then(|m| m.get(&g.spec.name).copied())
-                            .is_some_and(|a| code_state(a.state).is_primary() && a.round > round)
-                };
+                let taken = live_announcement(&hb.borrow_and_update(), &g.spec.name)
+                    .is_some_and(|a| code_state(a.state).is_primary() && a.round > round);
                 if taken {
                     info!(group = %g.spec.name, "the peer took the group over");
                     break;
@@ -568,14 +554,8 @@ impl Failover {
     /// Too late once the primary began handing the group over (it says so in its heartbeat).
     pub fn cancel_swap(&self, name: &str) -> Result<SwapCancel, FailoverError> {
         let g = self.group(name)?;
-        let peer = self.heartbeats.subscribe().borrow().clone();
-        let peer_leaving = peer.alive
-            && peer
-                .last_payload
-                .as_deref()
-                .map(decode_payload)
-                .and_then(|m| m.get(name).copied())
-                .is_some_and(|a| a.leaving || a.handing_over);
+        let peer_leaving = live_announcement(&self.heartbeats.subscribe().borrow(), name)
+            .is_some_and(|a| a.leaving || a.handing_over);
         let outcome = {
             let mut rt = lock(&g.rt);
             if rt.leaving || rt.handing_over {
@@ -1799,6 +1779,16 @@ fn still_listening(
 /// while this node was cut off), really deposed this node.
 fn consenting_peer_behind(peer: Option<Announce>, record: &GroupRecord) -> bool {
     peer.is_some_and(|a| !code_state(a.state).is_primary() && a.round < record.round)
+}
+
+/// What the peer announces for `group`, if it is alive and announces it.
+fn live_announcement(view: &PeerView, group: &str) -> Option<Announce> {
+    if !view.alive {
+        return None;
+    }
+    decode_payload(view.last_payload.as_deref()?)
+        .get(group)
+        .copied()
 }
 
 /// Why a live peer's heartbeat says nothing about `group`, for the operator.

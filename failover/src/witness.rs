@@ -1660,10 +1660,9 @@ mod tests {
         assert!(f.accept("node-a", 0, 10, 601, false));
     }
 
-    /// The server end to end: a request overtaken on the wire by a later one of the same run
-    /// is answered, and a replay of either is not.
-    #[tokio::test]
-    async fn server_answers_an_overtaken_request() {
+    /// A witness on a loopback port with its state in a fresh folder (kept alive by the
+    /// returned guard).
+    async fn loopback_server() -> (tempfile::TempDir, WitnessServer) {
         let dir = tempfile::tempdir().expect("tempdir");
         let server = WitnessServer::start(WitnessServerSpec {
             listen: "127.0.0.1:0".parse().expect("address"),
@@ -1672,6 +1671,14 @@ mod tests {
         })
         .await
         .expect("start");
+        (dir, server)
+    }
+
+    /// The server end to end: a request overtaken on the wire by a later one of the same run
+    /// is answered, and a replay of either is not.
+    #[tokio::test]
+    async fn server_answers_an_overtaken_request() {
+        let (_dir, server) = loopback_server().await;
         let raw = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let query = |seq: u64| Envelope {
             nonce: [seq as u8; NONCE_LEN],
@@ -1707,14 +1714,7 @@ mod tests {
     /// not renew it: the node taking over would wait out a lease nobody uses.
     #[tokio::test]
     async fn a_lease_overtaken_by_the_release_does_not_renew() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let server = WitnessServer::start(WitnessServerSpec {
-            listen: "127.0.0.1:0".parse().expect("address"),
-            key: KEY,
-            state_file: dir.path().join("witness.json"),
-        })
-        .await
-        .expect("start");
+        let (_dir, server) = loopback_server().await;
         let raw = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let addr = server.local_addr();
         let ask = |sender: &'static str, incarnation: u64, seq: u64, request: Request| {

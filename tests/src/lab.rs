@@ -622,14 +622,23 @@ impl Lab {
 
     /// `qemu-io -f raw -c CMD... URI` in a host.
     pub fn qemu_io_in(&self, host: Host, uri: &str, cmds: &[&str], timeout: Duration) -> CmdOutput {
-        let mut args = vec!["qemu-io", "-f", "raw"];
-        for c in cmds {
-            args.push("-c");
-            args.push(c);
-        }
-        args.push(uri);
-        self.exec(host, &args, timeout)
+        self.exec(host, &qemu_io_args(uri, cmds), timeout)
     }
+
+    /// [`Lab::qemu_io_in`] in the background (a client whose writes wait, say).
+    pub fn spawn_qemu_io(&self, host: Host, uri: &str, cmds: &[&str]) -> BgCommand {
+        self.spawn(host, &qemu_io_args(uri, cmds))
+    }
+}
+
+fn qemu_io_args<'a>(uri: &'a str, cmds: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["qemu-io", "-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    args
 }
 
 impl Default for Lab {

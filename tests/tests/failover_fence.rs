@@ -145,16 +145,10 @@ fn after_a_swap_nothing_is_acknowledged_alone_before_a_fence() {
             .then_some(())
     });
     lab.cut(Link::All, Host::B, true);
-    let writer = lab.spawn(
+    let writer = lab.spawn_qemu_io(
         Host::B,
-        &[
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0xee 16M 64k",
-            "nbd://127.0.0.1:10809/disk0",
-        ],
+        "nbd://127.0.0.1:10809/disk0",
+        &["write -P 0xee 16M 64k"],
     );
     // node-a fences node-b (its grace after losing a primary: one failure timeout).
     lab.wait_for("node-a fences node-b", Duration::from_secs(30), |lab| {

@@ -18,18 +18,10 @@ fn replication_link_cut_never_two_primaries_and_no_split_brain() {
     lab.cut(Link::Repl, Host::A, true);
     // A write during the partition: the primary must either keep it waiting or acknowledge
     // it once it knows it may continue alone; it runs while the states are sampled.
-    let mut writer = lab.spawn(
+    let mut writer = lab.spawn_qemu_io(
         Host::C,
-        &[
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x22 8M 1M",
-            "-c",
-            "flush",
-            nbdmirror_tests::lab::VIP_URI,
-        ],
+        nbdmirror_tests::lab::VIP_URI,
+        &["write -P 0x22 8M 1M", "flush"],
     );
     let mut samples = Vec::new();
     let start = Instant::now();

@@ -7,16 +7,20 @@ use nbdmirror_tests::assert_qemu_io_ok;
 use nbdmirror_tests::data::assert_files_equal;
 use nbdmirror_tests::lab::{group_field, group_state, volume_field, Host, Lab, Link, GROUP};
 
-/// For `how_long` after a swap to node-b: node-a secondary and node-b primary throughout.
-fn assert_b_stays_primary(lab: &Lab, how_long: Duration) {
+/// For `how_long`: `primary` holds the group and the other node is secondary throughout
+/// (`after`: what just happened, for the failure message).
+fn assert_stays_primary(lab: &Lab, primary: Host, how_long: Duration, after: &str) {
+    let secondary = if primary == Host::A { Host::B } else { Host::A };
     let start = Instant::now();
     while start.elapsed() < how_long {
-        let a = lab.group_state(Host::A).unwrap_or_default();
-        let b = lab.group_state(Host::B).unwrap_or_default();
+        let p = lab.group_state(primary).unwrap_or_default();
+        let s = lab.group_state(secondary).unwrap_or_default();
         assert!(
-            a == "secondary" && b == "primary",
-            "{:?} after the swap node-a is {a}, node-b {b}\n{}",
+            p == "primary" && s == "secondary",
+            "{:?} {after}: {} is {p}, {} is {s}\n{}",
             start.elapsed(),
+            primary.node(),
+            secondary.node(),
             lab.all_logs()
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -48,7 +52,7 @@ fn swap_on_a_healthy_pair_moves_the_group_once() {
     assert!(out.success(), "swap failed: {out}\n{}", lab.all_logs());
     let sb = lab.wait_group_state(Host::B, &["primary"], Duration::from_secs(30));
     assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
-    assert_b_stays_primary(&lab, Duration::from_secs(5));
+    assert_stays_primary(&lab, Host::B, Duration::from_secs(5), "after the swap");
     assert_qemu_io_ok(&lab.qemu_io(&["read -P 0x5a 0 4M", "write -P 0x33 50M 1M", "flush"]));
     lab.wait_in_sync(Duration::from_secs(30));
     lab.stop_nodes_cleanly();
@@ -79,7 +83,7 @@ fn swap_run_on_the_secondary_moves_the_group_once() {
     assert!(out.success(), "swap failed: {out}\n{}", lab.all_logs());
     let sb = lab.wait_group_state(Host::B, &["primary"], Duration::from_secs(30));
     assert_eq!(group_field(&sb, "primary_node"), "node-b", "{sb}");
-    assert_b_stays_primary(&lab, Duration::from_secs(8));
+    assert_stays_primary(&lab, Host::B, Duration::from_secs(8), "after the swap");
     let takes = lab.log(Host::A).matches("taking the group").count();
     assert_eq!(
         takes,
@@ -175,18 +179,10 @@ fn a_swap_the_witness_missed_still_lets_the_new_primary_write_alone() {
     // node-a dies; a write reaches node-b (on its own address: the VIP leaves it when its
     // lease, which it never had, cannot cover writes alone) and starts a new generation.
     lab.kill(Host::A);
-    let writer = lab.spawn(
+    let writer = lab.spawn_qemu_io(
         Host::B,
-        &[
-            "qemu-io",
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x22 8M 1M",
-            "-c",
-            "flush",
-            "nbd://127.0.0.1:10809/disk0",
-        ],
+        "nbd://127.0.0.1:10809/disk0",
+        &["write -P 0x22 8M 1M", "flush"],
     );
     lab.wait_for(
         "a new generation on node-b",
@@ -210,22 +206,6 @@ fn a_swap_the_witness_missed_still_lets_the_new_primary_write_alone() {
         Duration::from_secs(30),
     );
     assert_qemu_io_ok(&check);
-}
-
-/// For `how_long`: node-a primary and node-b secondary throughout.
-fn assert_a_stays_primary(lab: &Lab, how_long: Duration, after: &str) {
-    let start = Instant::now();
-    while start.elapsed() < how_long {
-        let a = lab.group_state(Host::A).unwrap_or_default();
-        let b = lab.group_state(Host::B).unwrap_or_default();
-        assert!(
-            a == "primary" && b == "secondary",
-            "{:?} {after}: node-a is {a}, node-b {b}\n{}",
-            start.elapsed(),
-            lab.all_logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A swap that cannot happen in time (the peer is out of sync) is withdrawn when `swap`
@@ -265,8 +245,9 @@ fn a_swap_that_could_not_happen_in_time_is_withdrawn() {
         lab.cut(Link::Repl, Host::B, false);
         lab.wait_in_sync(Duration::from_secs(60));
         lab.wait_group_state(Host::A, &["primary"], Duration::from_secs(10));
-        assert_a_stays_primary(
+        assert_stays_primary(
             &lab,
+            Host::A,
             Duration::from_secs(5),
             &format!("{withdrawn} on {}", from.node()),
         );
