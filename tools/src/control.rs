@@ -326,14 +326,23 @@ pub fn demote(a: DemoteArgs) -> anyhow::Result<()> {
 
 /// The role of `volume` in a status answer.
 fn role_of(status: &serde_json::Value, volume: &str) -> Option<String> {
-    status
-        .get("volumes")?
-        .as_array()?
-        .iter()
-        .find(|v| v.get("name").and_then(|n| n.as_str()) == Some(volume))?
+    status_entry(status, "volumes", volume)?
         .get("role")?
         .as_str()
         .map(str::to_string)
+}
+
+/// The element named `name` of a status answer's `list` ("volumes" or "groups").
+fn status_entry<'a>(
+    status: &'a serde_json::Value,
+    list: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    status
+        .get(list)?
+        .as_array()?
+        .iter()
+        .find(|v| v.get("name").and_then(|n| n.as_str()) == Some(name))
 }
 
 /// What a successful demotion says, given the role the volume had before.
@@ -431,17 +440,10 @@ pub fn swap(a: SwapArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let primary_of = |v: &serde_json::Value| {
-        v.get("groups")
-            .and_then(|g| g.as_array())
-            .and_then(|g| {
-                g.iter()
-                    .find(|x| x.get("name").and_then(|n| n.as_str()) == Some(&a.group))
-            })
-            .and_then(|g| {
-                g.get("primary_node")
-                    .and_then(|p| p.as_str())
-                    .map(str::to_string)
-            })
+        status_entry(v, "groups", &a.group)
+            .and_then(|g| g.get("primary_node"))
+            .and_then(|p| p.as_str())
+            .map(str::to_string)
     };
     let before = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
     let from = primary_of(&before);
@@ -575,13 +577,7 @@ pub fn takeover(a: TakeoverArgs) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout);
     loop {
         let st = call(&a.c.config, &Request::Status, Some(Duration::from_secs(30)))?;
-        let group = st
-            .get("groups")
-            .and_then(|g| g.as_array())
-            .and_then(|g| {
-                g.iter()
-                    .find(|x| x.get("name").and_then(|n| n.as_str()) == Some(&a.group))
-            })
+        let group = status_entry(&st, "groups", &a.group)
             .cloned()
             .unwrap_or_default();
         let state = group.get("state").and_then(|s| s.as_str()).unwrap_or("");
