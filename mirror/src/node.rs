@@ -573,16 +573,18 @@ impl Node {
                         let Ok(vol) = node.volume(&acc.volume).cloned() else {
                             return;
                         };
-                        info!(volume = %acc.volume, peer = %acc.peer_node, %addr, "peer authenticated");
-                        node.run_connection(vol, stream, acc.peer_node).await;
+                        info!(volume = %acc.volume, peer = %acc.peer.peer_node, %addr, protocol = acc.peer.version, "peer authenticated");
+                        node.run_connection(vol, stream, acc.peer.peer_node).await;
                     }
                     Err(e) => {
                         let from_peer = peer_ip.is_some_and(|ip| ip == addr.ip().to_canonical());
                         let problem = match &e {
                             link::HandshakeError::BadProof => Some(
                                 "a connection from the peer failed authentication: \
-                                 is `secret` the same on both nodes?",
+                                 is `secret` the same on both nodes?"
+                                    .to_string(),
                             ),
+                            link::HandshakeError::NoCommonVersion { .. } => Some(e.to_string()),
                             // The dialer checks this node's proof first: a peer that hangs
                             // up then holds another secret.
                             link::HandshakeError::Io(io)
@@ -590,12 +592,13 @@ impl Node {
                             {
                                 Some(
                                     "the peer hung up during authentication: \
-                                     is `secret` the same on both nodes?",
+                                     is `secret` the same on both nodes?"
+                                        .to_string(),
                                 )
                             }
                             _ => None,
                         };
-                        if let Some(problem) = problem {
+                        if let Some(problem) = &problem {
                             for h in &node.volumes {
                                 h.vol.note_link_problem(problem);
                             }
@@ -603,7 +606,7 @@ impl Node {
                         let mut said = node.refusal_said.lock().unwrap_or_else(|e| e.into_inner());
                         if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                             *said = Some(Instant::now());
-                            warn!(%addr, error = %e, hint = problem.unwrap_or(""), "replication connection refused; said once a minute");
+                            warn!(%addr, error = %e, hint = problem.as_deref().unwrap_or(""), "replication connection refused; said once a minute");
                         } else {
                             debug!(%addr, error = %e, "replication connection refused");
                         }
@@ -645,9 +648,9 @@ impl Node {
             match attempt.await {
                 Ok((s, peer)) => {
                     last_said = None;
-                    info!(volume = %vol.name, peer = %peer, addr = %self.peer_addr, "connected to the peer");
+                    info!(volume = %vol.name, peer = %peer.peer_node, addr = %self.peer_addr, protocol = peer.version, "connected to the peer");
                     let since = Instant::now();
-                    self.run_connection(vol.clone(), s, peer).await;
+                    self.run_connection(vol.clone(), s, peer.peer_node).await;
                     // A link that ends right after the handshake (the peer refuses our volume's
                     // size, a bad frame) would otherwise be rebuilt 20 times a second, with a
                     // state exchange and log lines on both nodes each time: back off as after

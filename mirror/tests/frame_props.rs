@@ -4,8 +4,8 @@
 use mirror::metadata::Generations;
 use mirror::repl::frame::{
     decode_body, decode_header, decode_split, encode, encode_resync_data, encode_write,
-    encode_write_head, fuzz_stream, payload_prefix, FrameError, Message, Role, VolumeState,
-    HEADER_LEN,
+    encode_write_head, fuzz_stream, negotiate_version, payload_prefix, FrameError, Message, Role,
+    VolumeState, HEADER_LEN,
 };
 use proptest::prelude::*;
 
@@ -32,14 +32,15 @@ fn arb_gens() -> impl Strategy<Value = Generations> {
 fn arb_message() -> impl Strategy<Value = Message> {
     let text = "[a-z0-9.-]{0,40}";
     prop_oneof![
-        (any::<u16>(), text, text, any::<[u8; 32]>()).prop_map(|(version, node, volume, nonce)| {
-            Message::Hello {
-                version,
+        (any::<u16>(), any::<u16>(), text, text, any::<[u8; 32]>()).prop_map(
+            |(min_version, max_version, node, volume, nonce)| Message::Hello {
+                min_version,
+                max_version,
                 node,
                 volume,
                 nonce,
             }
-        }),
+        ),
         (any::<u16>(), text, any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(
             |(version, node, nonce, proof)| Message::HelloReply {
                 version,
@@ -136,6 +137,17 @@ fn arb_message() -> impl Strategy<Value = Message> {
 }
 
 proptest! {
+    /// Two nodes use the newest version both speak; with none in common (or an empty range)
+    /// they use none.
+    #[test]
+    fn the_version_chosen_is_the_newest_both_speak(offered in (0u16..12, 0u16..12), ours in (0u16..12, 0u16..12)) {
+        let common = (0u16..12)
+            .filter(|v| (offered.0..=offered.1).contains(v) && (ours.0..=ours.1).contains(v))
+            .max();
+        prop_assert_eq!(negotiate_version(offered, ours), common);
+        prop_assert_eq!(negotiate_version(ours, offered), common);
+    }
+
     #[test]
     fn every_message_roundtrips(seq in any::<u64>(), m in arb_message()) {
         prop_assert_eq!(roundtrip(seq, &m), m);

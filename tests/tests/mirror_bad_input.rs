@@ -420,8 +420,10 @@ fn text(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn hello(version: u16, node: &str, volume: &str) -> Vec<u8> {
-    let mut b = version.to_be_bytes().to_vec();
+/// A `Hello` offering protocol versions `versions.0..=versions.1`.
+fn hello(versions: (u16, u16), node: &str, volume: &str) -> Vec<u8> {
+    let mut b = versions.1.to_be_bytes().to_vec();
+    b.extend_from_slice(&versions.0.to_be_bytes());
     text(&mut b, node);
     text(&mut b, volume);
     b.extend_from_slice(&pattern(99, 0, 32));
@@ -455,7 +457,7 @@ fn read_frame(s: &mut TcpStream, timeout: Duration) -> Option<(u8, Vec<u8>)> {
 /// Hello as node-a for disk0 to node-b; returns the connection after node-b's HelloReply.
 fn hello_to_b(sc: &Scene) -> (TcpStream, Vec<u8>) {
     let mut s = sc.connect(B);
-    s.write_all(&hello(1, "node-a", VOLUME)).unwrap();
+    s.write_all(&hello((1, 1), "node-a", VOLUME)).unwrap();
     let (kind, body) =
         read_frame(&mut s, Duration::from_secs(10)).expect("node-b answers a well-formed hello");
     assert_eq!(kind, HELLO_REPLY, "node-b's answer to a hello: {body:02x?}");
@@ -528,23 +530,27 @@ fn forged_frames_without_the_secret_are_refused_and_write_nothing() {
     }
 
     // Hellos that are wrong in one field: each refused.
-    let mut bad_crc = hello(1, "node-a", VOLUME);
+    let mut bad_crc = hello((1, 1), "node-a", VOLUME);
     let n = bad_crc.len();
     bad_crc[n - 1] ^= 1;
-    let mut reserved = hello(1, "node-a", VOLUME);
+    let mut reserved = hello((1, 1), "node-a", VOLUME);
     reserved[6] = 1;
-    let mut too_long = hello(1, "node-a", VOLUME);
+    let mut too_long = hello((1, 1), "node-a", VOLUME);
     too_long[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
-    let mut bad_text = hello(1, "node-a", VOLUME);
-    bad_text[26..28].copy_from_slice(&u16::MAX.to_be_bytes());
+    let mut bad_text = hello((1, 1), "node-a", VOLUME);
+    bad_text[28..30].copy_from_slice(&u16::MAX.to_be_bytes());
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("a hello with a bad CRC", bad_crc),
         ("a hello with reserved bits", reserved),
         ("a frame of 4 GiB", too_long),
         ("a name longer than the frame", bad_text),
-        ("protocol version 99", hello(99, "node-a", VOLUME)),
-        ("an unknown volume", hello(1, "node-a", "no-such-volume")),
-        ("the acceptor's own name", hello(1, "node-b", VOLUME)),
+        ("protocol versions 99-99", hello((99, 99), "node-a", VOLUME)),
+        ("an empty version range", hello((2, 1), "node-a", VOLUME)),
+        (
+            "an unknown volume",
+            hello((1, 1), "node-a", "no-such-volume"),
+        ),
+        ("the acceptor's own name", hello((1, 1), "node-b", VOLUME)),
         ("an unknown frame kind", frame(200, 0, b"x")),
         ("a proof without hello", frame(HELLO_PROOF, 0, &[0; 32])),
     ];
@@ -557,6 +563,13 @@ fn forged_frames_without_the_secret_are_refused_and_write_nothing() {
             assert_ne!(kind, HELLO_REPLY, "{what}: answered as if valid");
         }
         eprintln!("{what}: answer {answer:?}");
+        if what.starts_with("protocol versions") {
+            let said = answer.as_ref().map(|(_, text)| text.as_str()).unwrap_or("");
+            assert!(
+                said.contains("speaks versions 99-99") && said.contains("upgrade the older node"),
+                "{what}: the refusal names no versions: {said:?}"
+            );
+        }
         assert!(closed_within(&mut s, REFUSE_TIMEOUT), "{what}: not closed");
         sc.assert_healthy(what);
     }

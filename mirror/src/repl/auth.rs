@@ -2,7 +2,9 @@
 //!
 //! Challenge–response with a keyed BLAKE3 MAC: each side sends a fresh random nonce and
 //! proves knowledge of the secret by MACing both nonces, both node names, the volume and its
-//! own role in the exchange. The secret never crosses the wire; a recorded exchange cannot be
+//! own role in the exchange, and the protocol versions offered and chosen (so that nobody in
+//! between can make two nodes settle on an older version than both speak). The secret never
+//! crosses the wire; a recorded exchange cannot be
 //! replayed (the other side's nonce is new each time); a proof from the acceptor cannot be
 //! reflected back as the dialer's (the role is in the MAC).
 //! The link is authenticated, not encrypted: run replication on a trusted network or a VPN.
@@ -39,6 +41,10 @@ pub struct Transcript<'a> {
     pub volume: &'a str,
     pub dialer_nonce: &'a [u8; 32],
     pub acceptor_nonce: &'a [u8; 32],
+    /// The dialer's (oldest, newest) protocol versions, as it sent them.
+    pub offered_versions: (u16, u16),
+    /// The version the acceptor chose.
+    pub version: u16,
 }
 
 pub fn proof(key: &AuthKey, side: Side, t: &Transcript<'_>) -> [u8; 32] {
@@ -53,6 +59,9 @@ pub fn proof(key: &AuthKey, side: Side, t: &Transcript<'_>) -> [u8; 32] {
     }
     h.update(t.dialer_nonce);
     h.update(t.acceptor_nonce);
+    h.update(&t.offered_versions.0.to_be_bytes());
+    h.update(&t.offered_versions.1.to_be_bytes());
+    h.update(&t.version.to_be_bytes());
     *h.finalize().as_bytes()
 }
 
@@ -99,6 +108,8 @@ mod tests {
             volume: "disk0",
             dialer_nonce: a,
             acceptor_nonce: b,
+            offered_versions: (1, 2),
+            version: 2,
         }
     }
 
@@ -120,6 +131,15 @@ mod tests {
         assert!(
             !verify(&key, Side::Dialer, &transcript(&a, &fresh), &p),
             "replay must fail"
+        );
+        let downgraded = Transcript {
+            offered_versions: (1, 1),
+            version: 1,
+            ..transcript(&a, &b)
+        };
+        assert!(
+            !verify(&key, Side::Dialer, &downgraded, &p),
+            "a rewritten version offer must fail"
         );
     }
 }

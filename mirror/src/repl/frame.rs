@@ -22,8 +22,27 @@ use crate::metadata::Generations;
 
 /// "NBMR".
 pub const MAGIC: u32 = 0x4e42_4d52;
-/// Protocol version; a peer speaking another version is refused with a clear message.
+/// The newest protocol version this build speaks.
+///
+/// The dialer offers the range it speaks (`MIN_VERSION..=VERSION`) in `Hello`; the acceptor
+/// picks the newest version both speak and names it in `HelloReply`, so two nodes one release
+/// apart keep replicating during a rolling upgrade. For that to work across versions, `Hello`
+/// and `HelloReply` keep their fields in every version and may only grow at their end (the
+/// decoder ignores what follows the fields it knows). A pair with no common version is
+/// refused with both ranges named.
 pub const VERSION: u16 = 1;
+/// The oldest protocol version this build still speaks.
+pub const MIN_VERSION: u16 = 1;
+
+/// The protocol version two nodes use: the newest both speak, or `None` when their ranges do
+/// not meet (or a range is empty).
+pub fn negotiate_version(offered: (u16, u16), ours: (u16, u16)) -> Option<u16> {
+    let (offered_min, offered_max) = offered;
+    let (our_min, our_max) = ours;
+    let newest = offered_max.min(our_max);
+    (offered_min <= offered_max && our_min <= our_max && newest >= offered_min.max(our_min))
+        .then_some(newest)
+}
 pub const HEADER_LEN: usize = 24;
 /// Largest mirrored write (NBD's 32 MiB request maximum) plus room for the fixed fields.
 pub const MAX_BODY: u32 = (32 << 20) + 4096;
@@ -87,14 +106,17 @@ pub struct VolumeState {
 /// The messages of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Dialer → acceptor: who I am, which volume, a fresh challenge.
+    /// Dialer → acceptor: who I am, which volume, the protocol versions I speak, a fresh
+    /// challenge.
     Hello {
-        version: u16,
+        min_version: u16,
+        max_version: u16,
         node: String,
         volume: String,
         nonce: [u8; 32],
     },
-    /// Acceptor → dialer: who I am, my challenge, proof that I know the secret.
+    /// Acceptor → dialer: the version chosen, who I am, my challenge, proof that I know the
+    /// secret.
     HelloReply {
         version: u16,
         node: String,
@@ -390,12 +412,14 @@ fn put_generations(out: &mut Vec<u8>, g: &Generations) {
 fn encode_body(msg: &Message, out: &mut Vec<u8>) {
     match msg {
         Message::Hello {
-            version,
+            min_version,
+            max_version,
             node,
             volume,
             nonce,
         } => {
-            out.extend_from_slice(&version.to_be_bytes());
+            out.extend_from_slice(&max_version.to_be_bytes());
+            out.extend_from_slice(&min_version.to_be_bytes());
             put_text(out, node);
             put_text(out, volume);
             out.extend_from_slice(nonce);
@@ -675,18 +699,26 @@ pub fn decode_body(h: &FrameHeader, body: Vec<u8>) -> Result<Message, FrameError
     };
     use kind::*;
     let msg = match h.kind {
-        HELLO => Message::Hello {
-            version: r.u16()?,
-            node: r.text()?,
-            volume: r.text()?,
-            nonce: r.bytes32()?,
-        },
-        HELLO_REPLY => Message::HelloReply {
-            version: r.u16()?,
-            node: r.text()?,
-            nonce: r.bytes32()?,
-            proof: r.bytes32()?,
-        },
+        // A later version may append fields to these two (see `VERSION`): ignored here.
+        HELLO => {
+            let max_version = r.u16()?;
+            let hello = Message::Hello {
+                min_version: r.u16()?,
+                max_version,
+                node: r.text()?,
+                volume: r.text()?,
+                nonce: r.bytes32()?,
+            };
+            return Ok(hello);
+        }
+        HELLO_REPLY => {
+            return Ok(Message::HelloReply {
+                version: r.u16()?,
+                node: r.text()?,
+                nonce: r.bytes32()?,
+                proof: r.bytes32()?,
+            })
+        }
         HELLO_PROOF => Message::HelloProof {
             proof: r.bytes32()?,
         },

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, Notify};
 
 use super::auth::{self, AuthKey, Transcript};
-use super::frame::{self, FrameError, FrameHeader, Message, HEADER_LEN, VERSION};
+use super::frame::{self, FrameError, FrameHeader, Message, HEADER_LEN, MIN_VERSION, VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -34,8 +34,15 @@ pub enum HandshakeError {
     TooLarge(u32),
     #[error("unexpected frame during the handshake")]
     Unexpected,
-    #[error("protocol version {0} is not supported (this node speaks {VERSION})")]
-    Version(u16),
+    #[error(
+        "no replication protocol version in common: {peer} speaks versions {}-{}, this node \
+         {MIN_VERSION}-{VERSION}; upgrade the older node",
+        peer_versions.0, peer_versions.1
+    )]
+    NoCommonVersion {
+        peer: String,
+        peer_versions: (u16, u16),
+    },
     #[error("authentication failed: the peer does not know the shared secret")]
     BadProof,
     #[error("the peer refused: {0}")]
@@ -128,16 +135,24 @@ async fn expect<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, HandshakeErr
     }
 }
 
-/// The dialer's side: returns the peer's node name once both sides proved the secret.
+/// An authenticated peer: its node name and the protocol version the two nodes speak.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub peer_node: String,
+    pub version: u16,
+}
+
+/// The dialer's side: returns the peer once both sides proved the secret.
 pub async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     key: &AuthKey,
     node: &str,
     volume: &str,
-) -> Result<String, HandshakeError> {
+) -> Result<Authenticated, HandshakeError> {
     let my_nonce = auth::nonce();
     let hello = Message::Hello {
-        version: VERSION,
+        min_version: MIN_VERSION,
+        max_version: VERSION,
         node: node.to_string(),
         volume: volume.to_string(),
         nonce: my_nonce,
@@ -152,8 +167,11 @@ pub async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     else {
         return Err(HandshakeError::Unexpected);
     };
-    if version != VERSION {
-        return Err(HandshakeError::Version(version));
+    if !(MIN_VERSION..=VERSION).contains(&version) {
+        return Err(HandshakeError::NoCommonVersion {
+            peer,
+            peer_versions: (version, version),
+        });
     }
     let t = Transcript {
         dialer_node: node,
@@ -161,19 +179,24 @@ pub async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         volume,
         dialer_nonce: &my_nonce,
         acceptor_nonce: &nonce,
+        offered_versions: (MIN_VERSION, VERSION),
+        version,
     };
     if !auth::verify(key, auth::Side::Acceptor, &t, &proof) {
         return Err(HandshakeError::BadProof);
     }
     let mine = auth::proof(key, auth::Side::Dialer, &t);
     write_message(s, 0, &Message::HelloProof { proof: mine }).await?;
-    Ok(peer)
+    Ok(Authenticated {
+        peer_node: peer,
+        version,
+    })
 }
 
 /// What an accepted connection turned out to be.
 pub struct Accepted {
     pub volume: String,
-    pub peer_node: String,
+    pub peer: Authenticated,
 }
 
 /// The acceptor's side. `has_volume` says whether a volume name exists here. On any failure
@@ -209,7 +232,8 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
     has_volume: impl Fn(&str) -> bool,
 ) -> Result<Accepted, HandshakeError> {
     let Message::Hello {
-        version,
+        min_version,
+        max_version,
         node: peer,
         volume,
         nonce: their_nonce,
@@ -217,9 +241,13 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
     else {
         return Err(HandshakeError::Unexpected);
     };
-    if version != VERSION {
-        return Err(HandshakeError::Version(version));
-    }
+    let offered_versions = (min_version, max_version);
+    let Some(version) = frame::negotiate_version(offered_versions, (MIN_VERSION, VERSION)) else {
+        return Err(HandshakeError::NoCommonVersion {
+            peer,
+            peer_versions: offered_versions,
+        });
+    };
     if peer == node {
         return Err(HandshakeError::SameName(peer));
     }
@@ -233,9 +261,11 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
         volume: &volume,
         dialer_nonce: &their_nonce,
         acceptor_nonce: &my_nonce,
+        offered_versions,
+        version,
     };
     let reply = Message::HelloReply {
-        version: VERSION,
+        version,
         node: node.to_string(),
         nonce: my_nonce,
         proof: auth::proof(key, auth::Side::Acceptor, &t),
@@ -249,7 +279,10 @@ async fn accept_inner<S: AsyncRead + AsyncWrite + Unpin>(
     }
     Ok(Accepted {
         volume,
-        peer_node: peer,
+        peer: Authenticated {
+            peer_node: peer,
+            version,
+        },
     })
 }
 
@@ -876,17 +909,14 @@ mod tests {
     #[test]
     fn an_oversized_frame_is_refused_before_authentication() {
         use tokio::io::AsyncWriteExt;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        handshake_runtime().block_on(async {
             let (mut ours, mut theirs) = tokio::io::duplex(1 << 16);
             let mut hello = Vec::new();
             frame::encode(
                 1,
                 &Message::Hello {
-                    version: frame::VERSION,
+                    min_version: frame::MIN_VERSION,
+                    max_version: frame::VERSION,
                     node: "intruder".into(),
                     volume: "disk0".into(),
                     nonce: [7; 32],
@@ -910,6 +940,115 @@ mod tests {
                 "{:?}",
                 r.err()
             );
+        });
+    }
+
+    fn handshake_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// Sends `hello` (with `trailer` appended to its body, as a later version may) to an
+    /// acceptor and returns what the acceptor decided and the first frame it answered.
+    async fn offer_versions(
+        min_version: u16,
+        max_version: u16,
+        trailer: &[u8],
+    ) -> (
+        Result<Accepted, HandshakeError>,
+        Result<Message, HandshakeError>,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let (mut ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let mut hello = Vec::new();
+        frame::encode(
+            0,
+            &Message::Hello {
+                min_version,
+                max_version,
+                node: "node-a".into(),
+                volume: "disk0".into(),
+                nonce: [7; 32],
+            },
+            &mut hello,
+        );
+        let mut body = hello.split_off(HEADER_LEN);
+        body.extend_from_slice(trailer);
+        hello[16..20].copy_from_slice(&(body.len() as u32).to_be_bytes());
+        hello[20..24].copy_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        hello.extend_from_slice(&body);
+        theirs.write_all(&hello).await.expect("hello");
+        let key = crate::repl::auth::AuthKey::from_secret("a secret of the pair, long enough");
+        // The dialer's end reads the first answer and hangs up: an acceptor that answered
+        // with a reply then ends waiting for a proof.
+        let dialer = async move {
+            let answer = expect(&mut theirs).await;
+            drop(theirs);
+            answer
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(
+                accept_handshake(&mut ours, &key, "node-b", |_| true),
+                dialer
+            )
+        })
+        .await
+        .expect("the acceptor answers at once")
+    }
+
+    #[test]
+    fn both_sides_agree_on_the_newest_version_they_share() {
+        handshake_runtime().block_on(async {
+            let (mut a, mut b) = tokio::io::duplex(1 << 16);
+            let key = crate::repl::auth::AuthKey::from_secret("a secret of the pair, long enough");
+            let (dialed, accepted) = tokio::join!(
+                dial_handshake(&mut a, &key, "node-a", "disk0"),
+                accept_handshake(&mut b, &key, "node-b", |v| v == "disk0"),
+            );
+            let dialed = dialed.expect("dialer authenticated");
+            let accepted = accepted.expect("acceptor authenticated");
+            assert_eq!(dialed.peer_node, "node-b");
+            assert_eq!(accepted.peer.peer_node, "node-a");
+            assert_eq!(accepted.volume, "disk0");
+            assert_eq!((dialed.version, accepted.peer.version), (VERSION, VERSION));
+        });
+    }
+
+    /// A node of a later release (versions up to 9, and more fields in its Hello) is answered
+    /// in the newest version this one speaks: a rolling upgrade keeps the pair replicating.
+    #[test]
+    fn a_newer_peer_is_answered_in_our_newest_version() {
+        handshake_runtime().block_on(async {
+            let (_, answer) = offer_versions(MIN_VERSION, 9, b"a later field").await;
+            let answer = answer.expect("a reply");
+            let Message::HelloReply { version, node, .. } = answer else {
+                panic!("expected a HelloReply, got {answer:?}");
+            };
+            assert_eq!((version, node.as_str()), (VERSION, "node-b"));
+        });
+    }
+
+    #[test]
+    fn a_peer_without_a_common_version_is_told_both_ranges() {
+        handshake_runtime().block_on(async {
+            let (r, answer) = offer_versions(VERSION + 1, VERSION + 3, b"").await;
+            assert!(
+                matches!(&r, Err(HandshakeError::NoCommonVersion { peer, peer_versions })
+                    if peer == "node-a" && *peer_versions == (VERSION + 1, VERSION + 3)),
+                "{:?}",
+                r.err()
+            );
+            let Err(HandshakeError::Refused(message)) = answer else {
+                panic!("expected a refusal, got {answer:?}");
+            };
+            let expected = format!(
+                "node-a speaks versions {}-{}, this node {MIN_VERSION}-{VERSION}; upgrade the older node",
+                VERSION + 1,
+                VERSION + 3
+            );
+            assert!(message.contains(&expected), "{message}");
         });
     }
 
