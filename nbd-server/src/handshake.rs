@@ -228,7 +228,9 @@ impl<'a> Negotiation<'a> {
     }
 
     fn export_name(&mut self, data: &[u8]) -> OptionOutcome {
-        if data.len() > MAX_NAME_LEN {
+        // The spec forbids EXPORT_NAME once extended headers were negotiated, and this option
+        // has no error reply: hang up, as qemu-nbd does.
+        if data.len() > MAX_NAME_LEN || self.extended_headers {
             return close();
         }
         // This option cannot report errors: an unknown name means hanging up.

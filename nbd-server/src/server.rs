@@ -748,15 +748,32 @@ async fn transmission<B: BlockBackend>(
         // which outlives it.
         let client = async {
             loop {
-                send_finished(
-                    wr,
-                    mode,
-                    &mut scratch,
-                    &mut inflight,
-                    &mut finished,
-                    &mut cost_in_flight,
-                )
-                .await?;
+                // Every finished reply leaves the buffer before this waits: one left behind
+                // (a request that finished while the last flush waited for a slow reader)
+                // would wait for the client's next request, and a client waiting for that
+                // reply (a FLUSH, the end of a batch) would hang. Only a burst of requests
+                // already read keeps the buffer filling, for fewer socket writes.
+                loop {
+                    send_finished(
+                        wr,
+                        mode,
+                        &mut scratch,
+                        &mut inflight,
+                        &mut finished,
+                        &mut cost_in_flight,
+                    )
+                    .await?;
+                    let burst = reading
+                        && rd.buffer().len() >= header_len
+                        && cost_in_flight < CONNECTION_BUDGET;
+                    if wr.buffer().is_empty() || burst {
+                        break;
+                    }
+                    while_driving(wr.flush(), &mut inflight, &mut finished).await?;
+                    if finished.is_empty() {
+                        break;
+                    }
+                }
                 let can_read = reading && cost_in_flight < CONNECTION_BUDGET;
                 if !can_read && inflight.is_empty() {
                     if reading {
@@ -810,16 +827,6 @@ async fn transmission<B: BlockBackend>(
                 while let Some(Some(done)) = inflight.next().now_or_never() {
                     finished.push_back(done);
                 }
-                send_finished(
-                    wr,
-                    mode,
-                    &mut scratch,
-                    &mut inflight,
-                    &mut finished,
-                    &mut cost_in_flight,
-                )
-                .await?;
-                while_driving(wr.flush(), &mut inflight, &mut finished).await?;
             }
             wr.flush().await?;
             Ok::<(), ConnError>(())
@@ -1185,6 +1192,8 @@ mod tests {
         started: std::sync::atomic::AtomicUsize,
         finished: std::sync::atomic::AtomicUsize,
         dropped_unfinished: std::sync::atomic::AtomicUsize,
+        /// FLUSH waits for a permit instead of the writes.
+        gate_flush: bool,
     }
 
     impl Gated {
@@ -1194,6 +1203,24 @@ mod tests {
                 started: Default::default(),
                 finished: Default::default(),
                 dropped_unfinished: Default::default(),
+                gate_flush: false,
+            }
+        }
+
+        fn gating_flush() -> Self {
+            Gated {
+                gate_flush: true,
+                ..Gated::new()
+            }
+        }
+
+        async fn gate(&self) -> crate::BackendResult<()> {
+            match self.release.acquire().await {
+                Ok(permit) => {
+                    permit.forget();
+                    Ok(())
+                }
+                Err(_) => Err(crate::BackendError::ShuttingDown),
             }
         }
 
@@ -1227,15 +1254,17 @@ mod tests {
             use std::sync::atomic::Ordering::SeqCst;
             self.started.fetch_add(1, SeqCst);
             let mut unfinished = Unfinished(Some(&self.dropped_unfinished));
-            match self.release.acquire().await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return Err(crate::BackendError::ShuttingDown),
+            if !self.gate_flush {
+                self.gate().await?;
             }
             unfinished.0 = None;
             self.finished.fetch_add(1, SeqCst);
             Ok(())
         }
         async fn flush(&self) -> crate::BackendResult<()> {
+            if self.gate_flush {
+                self.gate().await?;
+            }
             Ok(())
         }
         async fn trim(&self, _: u64, _: u64, _: bool) -> crate::BackendResult<()> {
@@ -1255,6 +1284,90 @@ mod tests {
         ) -> crate::BackendResult<Vec<Extent>> {
             Ok(vec![Extent { length, flags: 0 }])
         }
+    }
+
+    fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b
+    }
+
+    /// A request that finishes while the server's last flush of replies waits for a slow
+    /// reader is answered without the client sending anything more. Here: a FLUSH and a READ
+    /// back to back over a 64-byte pipe; the READ's reply fills the pipe, the FLUSH finishes
+    /// meanwhile. Its reply used to stay in the buffer until the client's next request: a
+    /// client waiting for it (a guest's sync) hung (found by a review, reproduced over TCP
+    /// and unix sockets with a real client).
+    #[tokio::test]
+    async fn a_reply_finished_during_a_blocked_flush_is_sent_without_another_request() {
+        let backend = Arc::new(Gated::gating_flush());
+        let shared = Arc::new(Shared {
+            infos: vec![ExportInfo {
+                name: "disk0".into(),
+                description: String::new(),
+                size: 1 << 20,
+                base_flags: transmission_flags(false),
+            }],
+            backends: vec![backend.clone()],
+        });
+        let (server_end, mut c) = tokio::io::duplex(64);
+        let (r, w) = tokio::io::split(server_end);
+        let (_stop, stop_rx) = watch::channel(false);
+        let (_give_up, give_up_rx) = oneshot::channel();
+        tokio::spawn(handle_connection(
+            Box::new(r),
+            Box::new(w),
+            shared,
+            stop_rx,
+            GiveUp::new(give_up_rx),
+        ));
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.expect("greeting");
+        c.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .expect("client flags");
+        let mut go = IHAVEOPT.to_be_bytes().to_vec();
+        go.extend_from_slice(&OPT_GO.to_be_bytes());
+        go.extend_from_slice(&11u32.to_be_bytes());
+        go.extend_from_slice(&5u32.to_be_bytes());
+        go.extend_from_slice(b"disk0");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        c.write_all(&go).await.expect("GO");
+        loop {
+            let mut h = [0u8; 20];
+            c.read_exact(&mut h).await.expect("GO answered");
+            let word = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+            let mut body = vec![0u8; word(16) as usize];
+            c.read_exact(&mut body).await.expect("GO reply data");
+            if word(12) == REP_ACK {
+                break;
+            }
+        }
+        let mut burst = request(CMD_FLUSH, 2, 0, 0);
+        burst.extend(request(CMD_READ, 1, 0, 4096));
+        c.write_all(&burst).await.expect("requests");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        backend.release.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut read_reply = vec![0u8; 16 + 4096];
+        c.read_exact(&mut read_reply).await.expect("READ reply");
+        assert_eq!(
+            u64::from_be_bytes(read_reply[8..16].try_into().expect("8")),
+            1
+        );
+        let mut flush_reply = [0u8; 16];
+        tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut flush_reply))
+            .await
+            .expect("the FLUSH's reply waits for another request")
+            .expect("FLUSH reply");
+        assert_eq!(
+            u64::from_be_bytes(flush_reply[8..16].try_into().expect("8")),
+            2
+        );
     }
 
     /// Connects and negotiates export "disk0" with OPT_GO (simple replies).

@@ -176,6 +176,14 @@ fn export_name_pads_with_zeroes_unless_no_zeroes() {
 }
 
 #[test]
+fn export_name_after_extended_headers_closes() {
+    let exports = sample_exports();
+    let mut n = Negotiation::new(&exports, 3).unwrap();
+    n.handle_option(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(n.handle_option(OPT_EXPORT_NAME, b"disk0").next, Next::Close);
+}
+
+#[test]
 fn df_is_advertised_only_with_structured_replies() {
     let exports = sample_exports();
     let mut n = Negotiation::new(&exports, 3).unwrap();
