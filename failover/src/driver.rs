@@ -1697,21 +1697,42 @@ impl Failover {
         }
     }
 
-    /// Whether a volume's role may be changed by hand.
+    /// Whether a volume's role may be changed by hand. The refusal names the group's own
+    /// commands and when each applies: `swap` while both nodes run, `takeover` when the peer
+    /// is down in a group that never fails over by itself (it is refused in the others).
     pub fn manual_role_change_allowed(
         &self,
         volume: &str,
         force: bool,
     ) -> Result<(), FailoverError> {
-        match self.group_of(volume) {
-            Some(group) if !force => Err(FailoverError::Refused {
-                group: group.to_string(),
-                what: format!(
-                    "volume {volume} belongs to group {group}: its role changes only through the group (`nbdmirror swap {group}`), or use --force"
-                ),
-            }),
-            _ => Ok(()),
+        let Some(group) = self.group_of(volume) else {
+            return Ok(());
+        };
+        if force {
+            return Ok(());
         }
+        let g = self.group(group)?;
+        let peer_down = if self.witness.is_some() || g.spec.fence.is_some() {
+            format!(
+                "if the peer is down, this group fails over by itself (it has a witness or a \
+                 fence hook), so `nbdmirror takeover {group}` does not apply to it"
+            )
+        } else {
+            format!(
+                "if the peer is down (its daemon or host dead), `nbdmirror takeover {group}` \
+                 starts the group on this node (this group has no witness or fence hook, so it \
+                 never fails over by itself)"
+            )
+        };
+        Err(FailoverError::Refused {
+            group: group.to_string(),
+            what: format!(
+                "volume {volume} belongs to group {group}, whose volumes, virtual IP and hooks \
+                 change role together: while both nodes run, `nbdmirror swap {group}` moves the \
+                 group to the other node; {peer_down}. --force changes this volume alone, \
+                 without the group's virtual IP and hooks"
+            ),
+        })
     }
 }
 

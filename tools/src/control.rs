@@ -102,7 +102,7 @@ pub struct ConfigArg {
 
 #[derive(Args, Debug)]
 #[command(
-    about = "Show each volume's role, peer, sync state, generation and dirty bytes",
+    about = "Show each volume's role, peer, sync state, generation and dirty bytes, and each failover group's state",
     after_help = "JSON keys (top level): node, peer_address, volumes, groups.\n\
         Per element of `volumes`: name, role, peer, peer_node (null while disconnected), sync, \
         size, dirty_bytes, hot_extents, resync_bytes_sent and resync_bytes_received (totals \
@@ -122,9 +122,10 @@ pub struct StatusArgs {
     about = "Make this node primary for a volume and start its NBD export",
     long_about = "Make this node primary for VOLUME and start its NBD export.\n\n\
         Refused without --force when this copy is stale (the peer holds newer data), \
-        inconsistent (an unfinished resync target), when the peer is primary, or when the \
-        pair is in split brain. Promoting while the peer is unreachable is allowed when this \
-        copy was in sync: make sure the other node is really down first."
+        inconsistent (an unfinished resync target), empty and never mirrored while the peer is \
+        away, or when the pair is in split brain. Refused even with --force while the peer is \
+        connected and primary: demote it first. Promoting while the peer is unreachable is \
+        allowed when this copy was in sync: make sure the other node is really down first."
 )]
 pub struct PromoteArgs {
     /// The volume (`[[volume]] name` in the config).
@@ -138,7 +139,14 @@ pub struct PromoteArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(about = "Stop a volume's NBD export and make this node secondary for it")]
+#[command(
+    about = "Stop a volume's NBD export (disconnecting its clients) and make this node secondary",
+    long_about = "Stop VOLUME's NBD export and make this node secondary for it.\n\n\
+        Every NBD client connected to the export is cut off, without warning: requests already \
+        in flight are answered, then the connection closes and the client's next request fails (a connected qemu-io gets EIO; a guest whose QEMU has no reconnect-delay sees \
+        I/O errors). Stop or detach the clients first. A volume of a failover group is demoted \
+        with its group (`nbdmirror swap GROUP`), or alone with --force."
+)]
 pub struct DemoteArgs {
     /// The volume (`[[volume]] name` in the config).
     pub volume: String,
@@ -281,6 +289,46 @@ fn status_text(v: &serde_json::Value) -> String {
         );
         let _ = writeln!(o, "    {}", s(vol, "reason"));
     }
+    let groups: Vec<&serde_json::Value> = v
+        .get("groups")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+        .collect();
+    if !groups.is_empty() {
+        let _ = writeln!(
+            o,
+            "{:<16} {:<10} {:<16} {:<6} WITNESS",
+            "GROUP", "STATE", "PRIMARY", "PEER"
+        );
+    }
+    for g in groups {
+        let name = s(g, "name");
+        let primary = match g.get("primary_node").and_then(|p| p.as_str()) {
+            Some(p) if p == s(v, "node") => format!("{p} (here)"),
+            Some(p) => p.to_string(),
+            None => "none".into(),
+        };
+        let _ = writeln!(
+            o,
+            "{:<16} {:<10} {:<16} {:<6} {}",
+            name,
+            s(g, "state"),
+            primary,
+            if g.get("peer_alive").and_then(|x| x.as_bool()) == Some(true) {
+                "alive"
+            } else {
+                "dead"
+            },
+            s(g, "witness")
+        );
+        // The daemon's reason, as `--json` carries it: when the group never fails over by
+        // itself it says so and names `nbdmirror takeover GROUP`, here with the group's name.
+        let reason = s(g, "reason").replace("takeover GROUP`", &format!("takeover {name}`"));
+        if !reason.is_empty() {
+            let _ = writeln!(o, "    {reason}");
+        }
+    }
     o
 }
 
@@ -350,7 +398,10 @@ fn demote_text(volume: &str, role_before: Option<&str>) -> String {
     if role_before == Some("secondary") {
         format!("{volume}: already secondary on this node (nothing to do)")
     } else {
-        format!("{volume}: secondary on this node (export stopped)")
+        format!(
+            "{volume}: secondary on this node (export stopped: any NBD clients connected to \
+             it were disconnected)"
+        )
     }
 }
 
@@ -387,7 +438,7 @@ pub fn resolve(a: ResolveArgs) -> anyhow::Result<()> {
 
 #[derive(Args, Debug)]
 #[command(
-    about = "Move a failover group to the other node, with no data loss",
+    about = "Move a failover group to the other node, with no data loss (cuts off its NBD clients)",
     long_about = "Move GROUP to the other node: wait until the peer is in sync, then stop the VM \
         (stop hook), remove the virtual IP, flush and demote here, promote there, add the \
         virtual IP there and start the VM (start hook). Works from either node. Waits until the \
@@ -395,7 +446,11 @@ pub fn resolve(a: ResolveArgs) -> anyhow::Result<()> {
         in sync in time, the request is withdrawn and the command fails, so the group never \
         moves long after you gave up; a handover already under way is waited for instead. \
         `--cancel` withdraws a request still pending on this node (one made with `--no-wait`); \
-        its JSON says `withdrawn` and `too_late`."
+        its JSON says `withdrawn` and `too_late`.\n\n\
+        The group's NBD exports stop on the node that held it: clients connected to them there \
+        are cut off without warning (a connected qemu-io gets EIO). Clients that reach the \
+        exports through the group's virtual IP and reconnect (QEMU's reconnect-delay) carry on \
+        with the other node; stop or detach the others first."
 )]
 pub struct SwapArgs {
     /// The failover group (`[[group]] name` in the config).
@@ -766,17 +821,110 @@ mod tests {
         let st = real_status();
         assert_eq!(role_of(&st, "disk0").as_deref(), Some("primary"));
         assert_eq!(role_of(&st, "disk9"), None);
-        assert_eq!(
-            demote_text("disk0", Some("primary")),
-            "disk0: secondary on this node (export stopped)"
-        );
+        let stopped = "disk0: secondary on this node (export stopped: any NBD clients \
+                       connected to it were disconnected)";
+        assert_eq!(demote_text("disk0", Some("primary")), stopped);
         assert_eq!(
             demote_text("disk0", Some("secondary")),
             "disk0: already secondary on this node (nothing to do)"
         );
+        assert_eq!(demote_text("disk0", None), stopped);
+    }
+
+    /// What a sysadmin reads in `demote --help` and `swap --help`: that connected clients
+    /// are cut off.
+    #[test]
+    fn demote_and_swap_help_say_clients_are_cut_off() {
+        let mut cli = crate::Cli::command();
+        for name in ["demote", "swap"] {
+            let sub = cli.find_subcommand_mut(name).unwrap();
+            let long = sub.get_long_about().unwrap().to_string();
+            assert!(
+                long.contains("cut off") && long.contains("EIO"),
+                "{name} --help: {long}"
+            );
+            let short = sub.get_about().unwrap().to_string();
+            assert!(
+                short.contains("disconnecting its clients") || short.contains("cuts off"),
+                "{name} -h: {short}"
+            );
+        }
+    }
+
+    /// The reason a group without witness or fence hook gives while its peer is dead, from
+    /// the group's own rule (the text `status --json` carries).
+    fn no_quorum_reason() -> String {
+        use failover::group::{decide, DataState, Decision, Facts, GroupState, Witness};
+        let d = decide(&Facts {
+            state: GroupState::Secondary,
+            round: 1,
+            is_preferred: false,
+            auto_failback: false,
+            data: DataState::InSyncWhenLost,
+            peer: None,
+            witness: Witness::None,
+            fence_configured: false,
+            peer_silent_long: true,
+            peer_fenced: false,
+            vm_failed: false,
+            swap_requested: false,
+            handing_over: false,
+            operator_takeover: false,
+        });
+        match d {
+            Decision::Stay { reason, .. } => reason,
+            other => panic!("a group without quorum must wait: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn status_text_shows_each_group() {
+        let st = real_status();
+        let t = status_text(&st);
+        let lines: Vec<&str> = t.lines().collect();
+        // The volume lines come first, unchanged.
+        assert!(lines[1].starts_with("VOLUME "), "{t}");
+        assert!(lines[2].starts_with("disk0 "), "{t}");
+        let head = lines
+            .iter()
+            .position(|l| l.starts_with("GROUP "))
+            .unwrap_or_else(|| panic!("no group section: {t}"));
+        for col in ["STATE", "PRIMARY", "PEER", "WITNESS"] {
+            assert!(lines[head].contains(col), "{t}");
+        }
+        let row: Vec<&str> = lines[head + 1].split_whitespace().collect();
         assert_eq!(
-            demote_text("disk0", None),
-            "disk0: secondary on this node (export stopped)"
+            row,
+            ["vm1", "primary", "node-a", "(here)", "alive", "none"],
+            "{t}"
         );
+
+        // node-b, its peer dead, in a group that never fails over by itself: the daemon's
+        // reason, takeover hint included, with the group's name in the command.
+        let mut st = real_status();
+        st["node"] = "node-b".into();
+        let g = &mut st["groups"][0];
+        g["state"] = "waiting".into();
+        g["primary_node"] = serde_json::Value::Null;
+        g["peer_alive"] = false.into();
+        let reason = no_quorum_reason();
+        assert!(reason.contains("`nbdmirror takeover GROUP`"), "{reason}");
+        g["reason"] = reason.clone().into();
+        let t = status_text(&st);
+        let lines: Vec<&str> = t.lines().collect();
+        let head = lines.iter().position(|l| l.starts_with("GROUP ")).unwrap();
+        let row: Vec<&str> = lines[head + 1].split_whitespace().collect();
+        assert_eq!(row, ["vm1", "waiting", "none", "dead", "none"], "{t}");
+        assert_eq!(
+            lines[head + 2].trim(),
+            reason.replace("takeover GROUP`", "takeover vm1`"),
+            "{t}"
+        );
+        assert!(t.contains("`nbdmirror takeover vm1`"), "{t}");
+
+        // No [[group]]: no group section.
+        let mut st = real_status();
+        st["groups"] = serde_json::json!([]);
+        assert!(!status_text(&st).contains("GROUP"));
     }
 }
