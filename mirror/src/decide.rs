@@ -26,6 +26,8 @@ pub struct Side {
     pub dirty: bool,
     /// Its current generation holds only unacknowledged writes made alone.
     pub unconfirmed: bool,
+    /// Writes it had not flushed were lost in a power loss (`Flags::LOST_CACHE`).
+    pub lost_cache: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +95,25 @@ const STEP_DOWN: Plan = Plan::Wait {
           waiting for it to step down, then it is resynced",
 };
 
+/// A node whose image holds data but which has no mirror history (its metadata is new),
+/// meeting one that was in sync with a peer before: its metadata was lost or recreated (or
+/// its image restored from elsewhere), and its image may hold acknowledged writes the other
+/// lacks. Copying over it silently would lose them, so the operator decides. A new pair's
+/// nodes never look like this: the first promoted one has never been in sync (its `sync`
+/// generation is 0) when its peer joins, whatever that peer's image holds.
+fn stray_data(no_history: &Side, mirrored: &Side) -> bool {
+    no_history.generations.current == 0
+        && no_history.has_data
+        && no_history.consistent
+        && mirrored.generations.sync != 0
+}
+
+const STRAY_DATA: Plan = Plan::SplitBrain {
+    why: "one node's image holds data but it has no mirror history (its metadata was lost or \
+          recreated?) while the other was in sync with a peer before: either may hold writes \
+          the other lacks. `nbdmirror resolve --discard-on NODE` picks the copy to overwrite",
+};
+
 /// The plan for two nodes that just exchanged their states. Symmetric: the peer computes the
 /// mirror image, so both agree without another round trip.
 pub fn decide(local: &Side, peer: &Side) -> Plan {
@@ -152,6 +173,9 @@ fn decide_unguarded(local: &Side, peer: &Side) -> Plan {
                 why: "a primary that never joined the mirror meets one that holds data",
             };
         }
+        if stray_data(dst_side, src_side) {
+            return STRAY_DATA;
+        }
         return Plan::Resync {
             source: src,
             full: true,
@@ -168,6 +192,10 @@ fn decide_unguarded(local: &Side, peer: &Side) -> Plan {
             (true, true) => match (local.role, peer.role) {
                 (Primary, _) => source_is(Who::Local),
                 (_, Primary) => source_is(Who::Peer),
+                // A copy that lost its unflushed writes in a power loss lacks what its peer
+                // acknowledged to it: the peer's copy of its hot extents is the right one.
+                _ if local.lost_cache && !peer.lost_cache => source_is(Who::Peer),
+                _ if peer.lost_cache && !local.lost_cache => source_is(Who::Local),
                 _ => Plan::Wait {
                     why: "the copies may differ in the dirty regions: promote one node to resync",
                 },
@@ -216,7 +244,7 @@ pub enum PromoteRefusal {
     Inconsistent,
     #[error("the peer holds newer data (this copy is stale); promote the peer instead, or use --force to discard its newer writes")]
     Stale,
-    #[error("the peer is primary; demote it first (two primaries would be a split brain)")]
+    #[error("the peer is primary and connected; demote it first (two primaries would be a split brain, which --force does not override)")]
     PeerPrimary,
     #[error("the pair is in split brain; resolve it first (nbdmirror resolve), or use --force")]
     SplitBrain,
@@ -224,6 +252,10 @@ pub enum PromoteRefusal {
     WouldOverwriteData,
     #[error("a resync from the peer is running; wait for it to finish")]
     ResyncTarget,
+    #[error("this node lost writes it had not flushed (a power loss or kernel crash) that its peer holds; the resync from the peer restores them and starts by itself: promote after it, or promote the peer")]
+    LostCache,
+    #[error("this node's image is empty and has never been mirrored, and the peer is not connected: if the peer holds the data, start it first (promoting here would serve an empty disk); use --force to start a new pair on an empty disk")]
+    BlankAlone,
 }
 
 /// What a promotion does to this node's metadata.
@@ -252,6 +284,9 @@ pub fn check_promote(
         if !local.consistent {
             refuse(PromoteRefusal::Inconsistent)?;
         }
+        if first && !local.has_data {
+            refuse(PromoteRefusal::BlankAlone)?;
+        }
         return Ok(PromoteEffect {
             new_generation: true,
             all_dirty: first,
@@ -259,14 +294,12 @@ pub fn check_promote(
             warn_alone: true,
         });
     };
-    // Forced past a primary peer: both write from here on, so this node's history must
-    // diverge from the peer's at once; at the generation they share, a later demotion of
-    // either would make the other look current and overwrite its writes silently.
-    let mut diverges = false;
+    // A connected primary peer is alive and serving: a second primary is a split brain made
+    // on purpose, which `--force` (meant for stale or inconsistent data) does not make.
     if peer.role == Role::Primary {
-        refuse(PromoteRefusal::PeerPrimary)?;
-        diverges = true;
+        return Err(PromoteRefusal::PeerPrimary);
     }
+    let mut diverges = false;
     if first && peer.generations.current == 0 {
         if !local.has_data && peer.has_data {
             refuse(PromoteRefusal::WouldOverwriteData)?;
@@ -292,6 +325,8 @@ pub fn check_promote(
             diverges = true;
             if !local.consistent {
                 refuse(PromoteRefusal::ResyncTarget)?;
+            } else if local.lost_cache && local.generations.current == peer.generations.current {
+                refuse(PromoteRefusal::LostCache)?;
             } else {
                 refuse(PromoteRefusal::Stale)?;
             }
@@ -310,8 +345,10 @@ pub fn check_promote(
     Ok(PromoteEffect {
         // Forcing over the peer's objection makes this node's history diverge on purpose:
         // the peer will see a split brain instead of being overwritten silently.
-        new_generation: diverges,
-        all_dirty: false,
+        new_generation: diverges || first,
+        // A copy without history (the peer has one: both new is handled above) has no dirty
+        // map relative to the peer: a resync from it must copy everything.
+        all_dirty: first,
         peer_adopts: false,
         warn_alone: false,
     })
@@ -360,6 +397,7 @@ mod tests {
             has_data: true,
             dirty: false,
             unconfirmed: false,
+            lost_cache: false,
         }
     }
 
@@ -380,6 +418,30 @@ mod tests {
         assert!(matches!(decide(&a, &b), Plan::Wait { .. }));
         let b = side(Primary, g(7, &[]));
         assert_eq!(decide(&a, &b), source_is(Who::Peer));
+    }
+
+    /// A primary lost power with writes it had not flushed (both nodes had acknowledged
+    /// them): back, at the generation it shares with its peer, it is the target, not the
+    /// source, of the dirty regions, whichever node the operator or the group prefers.
+    #[test]
+    fn a_copy_that_lost_its_cache_is_resynced_from_its_peer() {
+        let mut crashed = side(Secondary, g(7, &[]));
+        crashed.dirty = true;
+        crashed.lost_cache = true;
+        let peer = side(Secondary, g(7, &[]));
+        assert_eq!(decide(&crashed, &peer), source_is(Who::Peer));
+        assert_eq!(decide(&peer, &crashed), source_is(Who::Local));
+        assert_eq!(
+            check_promote(&crashed, Some(&peer), false),
+            Err(PromoteRefusal::LostCache)
+        );
+        assert!(check_promote(&peer, Some(&crashed), false).is_ok());
+        // Both lost theirs (a site-wide outage): the operator picks, as before.
+        let mut both = peer;
+        both.lost_cache = true;
+        assert!(matches!(decide(&crashed, &both), Plan::Wait { .. }));
+        // Alone, it is the best copy there is: promotion allowed.
+        assert!(check_promote(&crashed, None, false).is_ok());
     }
 
     #[test]
@@ -451,6 +513,49 @@ mod tests {
         );
     }
 
+    /// A node whose metadata was lost (new, generation 0) but whose image holds data meets
+    /// its peer, which was in sync before: neither is overwritten until the operator picks.
+    #[test]
+    fn an_image_with_data_but_no_history_is_not_overwritten_silently() {
+        let mut mirrored = side(Secondary, g(9, &[7]));
+        mirrored.generations.sync = 7;
+        let lost_metadata = side(Secondary, g(0, &[]));
+        for (a, b) in [(&mirrored, &lost_metadata), (&lost_metadata, &mirrored)] {
+            assert_eq!(decide(a, b), STRAY_DATA);
+        }
+        let mut primary = mirrored;
+        primary.role = Primary;
+        assert_eq!(decide(&primary, &lost_metadata), STRAY_DATA);
+        // Its image empty (a replaced disk): a full copy, as for any new node.
+        let blank = Side {
+            has_data: false,
+            ..lost_metadata
+        };
+        let full_from_peer = Plan::Resync {
+            source: Who::Peer,
+            full: true,
+        };
+        assert_eq!(decide(&blank, &mirrored), full_from_peer);
+        // A new pair: the first promoted node was never in sync, so its peer's image is
+        // copied over as the operator chose at that promotion.
+        let first = side(Primary, g(9, &[]));
+        assert_eq!(decide(&lost_metadata, &first), full_from_peer);
+        // `resolve --discard-on` the copy without history: it is the target.
+        let discarded = Side {
+            consistent: false,
+            ..lost_metadata
+        };
+        assert_eq!(decide(&discarded, &mirrored), full_from_peer);
+        // Keeping it instead: promoted by force, it starts a generation and copies
+        // everything once the other is discarded.
+        assert_eq!(
+            check_promote(&lost_metadata, Some(&mirrored), false),
+            Err(PromoteRefusal::SplitBrain)
+        );
+        let forced = check_promote(&lost_metadata, Some(&mirrored), true).expect("forced");
+        assert!(forced.new_generation && forced.all_dirty, "{forced:?}");
+    }
+
     #[test]
     fn promotion_rules() {
         let fresh = |has_data| Side {
@@ -481,6 +586,15 @@ mod tests {
         // Alone: allowed with a warning and a new generation, unless inconsistent.
         let e = check_promote(&old, None, false).unwrap();
         assert!(e.warn_alone && e.new_generation);
+        // A new image with data (a VM image imported for a new pair) too; an empty one
+        // never mirrored only by force (the peer may hold the data).
+        let e = check_promote(&fresh(true), None, false).unwrap();
+        assert!(e.warn_alone && e.new_generation && e.all_dirty);
+        assert_eq!(
+            check_promote(&fresh(false), None, false),
+            Err(PromoteRefusal::BlankAlone)
+        );
+        assert!(check_promote(&fresh(false), None, true).is_ok());
         let broken = Side {
             consistent: false,
             ..old
@@ -499,11 +613,12 @@ mod tests {
             check_promote(&old, Some(&p), false),
             Err(PromoteRefusal::PeerPrimary)
         );
-        // Forced past it, even at the same generation: a new one, so the two primaries'
-        // writes are a split brain, whichever is demoted first.
+        // Not even by force: the peer is alive and serving.
         let same = side(Secondary, g(7, &[]));
-        let forced = check_promote(&same, Some(&p), true).expect("forced");
-        assert!(forced.new_generation, "{forced:?}");
+        assert_eq!(
+            check_promote(&same, Some(&p), true),
+            Err(PromoteRefusal::PeerPrimary)
+        );
     }
 
     fn arb_side() -> impl Strategy<Value = Side> {
@@ -515,15 +630,22 @@ mod tests {
             any::<bool>(),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
+            0u64..3,
         )
             .prop_map(
-                |(p, cur, hist, consistent, has_data, dirty, unconfirmed)| Side {
-                    role: if p { Primary } else { Secondary },
-                    generations: g(cur, &hist),
-                    consistent,
-                    has_data,
-                    dirty,
-                    unconfirmed,
+                |(p, cur, hist, consistent, has_data, dirty, unconfirmed, lost_cache, sync)| {
+                    let mut generations = g(cur, &hist);
+                    generations.sync = sync;
+                    Side {
+                        role: if p { Primary } else { Secondary },
+                        generations,
+                        consistent,
+                        has_data,
+                        dirty,
+                        unconfirmed,
+                        lost_cache,
+                    }
                 },
             )
     }

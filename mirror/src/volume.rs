@@ -202,6 +202,9 @@ pub struct Volume {
     /// (and could be promoted, or chosen as a resync source, over them). In memory: a
     /// restart comes back secondary, and a promotion alone always starts a new generation.
     handover_unanswered: AtomicBool,
+    /// A local failure could not be recorded as this copy being inconsistent (the header
+    /// write failed too): such failures are not answered, the link is closed instead.
+    inconsistency_unrecorded: AtomicBool,
     app_inflight: AtomicUsize,
     resync_sent: AtomicU64,
     resync_received: AtomicU64,
@@ -317,17 +320,44 @@ impl Volume {
             .map_err(meta_err)?
         };
         if meta.volume_size() != spec.size {
-            return Err(VolumeError::SizeMismatch {
+            // The image already has the config's size (checked above): both were changed, a
+            // resize, which the metadata (its maps are sized for the volume) cannot follow.
+            let (recorded, configured) = (meta.volume_size(), spec.size);
+            let lost_end = if configured < recorded {
+                format!(
+                    "; what the image held past {configured} bytes is gone on this node: if \
+                     the peer's copy still has it, `nbdmirror verify {}` with the peer primary \
+                     copies it back",
+                    spec.name
+                )
+            } else {
+                String::new()
+            };
+            return Err(VolumeError::Refused {
                 volume: spec.name,
-                path: spec.metadata,
-                actual: meta.volume_size(),
-                expected: spec.size,
+                what: format!(
+                    "the metadata file {} records a volume of {recorded} bytes but the config \
+                     says size = {configured}: growing or shrinking a volume is not supported \
+                     yet. To start again with the old size, on each node you changed: set \
+                     `size = {recorded}` in the config again and give the image that size again \
+                     (`truncate -s {recorded} {}`, or a block device's old size){lost_end}",
+                    spec.metadata.display(),
+                    spec.image.display(),
+                ),
             });
         }
         let report = meta.open_report();
         if !report.previous_shutdown_clean && report.folded_extents > 0 {
             warn!(volume = %spec.name, hot_extents = report.folded_extents,
                   "the previous run did not shut down cleanly: its hot extents are marked for resync");
+        }
+        if report.standby_slot_damaged {
+            warn!(volume = %spec.name, metadata = %spec.metadata.display(),
+                  "one of the metadata file's two header copies is damaged (a crash during a header write, or a failing disk): the other one is in use, and the next header update rewrites it");
+        }
+        if report.lost_cache {
+            warn!(volume = %spec.name, hot_extents = report.folded_extents,
+                  "the previous run ended with the machine (a power loss or kernel crash): writes it had not flushed may be missing from this image; at the same generation the peer's copy of those extents is taken");
         }
         // Restarting never keeps the primary role.
         meta.update_header(|h| h.flags.set(Flags::PRIMARY, false))
@@ -339,6 +369,13 @@ impl Volume {
                     .any(|x| x.flags & nbd_server::proto::STATE_HOLE == 0)
             })
             .unwrap_or(true);
+        if image_exists && !meta_exists && has_data {
+            warn!(volume = %spec.name, image = %spec.image.display(), metadata = %spec.metadata.display(),
+                  "the image holds data but has no metadata file (new metadata created): if this node \
+                   was mirrored before, its metadata was lost and the pair waits for an operator's \
+                   `nbdmirror resolve` rather than overwrite either copy; an image imported for a new \
+                   pair needs nothing");
+        }
         let g = meta.granularity();
         let metadata_path = std::fs::canonicalize(&spec.metadata).unwrap_or(spec.metadata.clone());
         info!(volume = %spec.name, engine = image.engine_name(), generation = %format_gen(meta.generations().current),
@@ -372,6 +409,7 @@ impl Volume {
             last_cold_flush: Mutex::new(Instant::now()),
             solo_lock: Mutex::new(()),
             handover_unanswered: AtomicBool::new(false),
+            inconsistency_unrecorded: AtomicBool::new(false),
             app_inflight: AtomicUsize::new(0),
             resync_sent: AtomicU64::new(0),
             resync_received: AtomicU64::new(0),
@@ -445,6 +483,7 @@ impl Volume {
             has_data: self.has_data_cache.load(Ordering::Relaxed),
             dirty: self.meta.dirty_count() > 0,
             unconfirmed: self.meta.flags().contains(Flags::UNCONFIRMED),
+            lost_cache: self.meta.flags().contains(Flags::LOST_CACHE),
         }
     }
 
@@ -463,6 +502,7 @@ impl Volume {
             consistent: side.consistent,
             has_data: side.has_data,
             unconfirmed: side.unconfirmed,
+            lost_cache: side.lost_cache,
             generations: side.generations,
             granularity: self.meta.granularity(),
             dirty_map,
@@ -667,6 +707,7 @@ impl Volume {
                 has_data: state.has_data,
                 dirty: dirty_count > 0,
                 unconfirmed: state.unconfirmed,
+                lost_cache: state.lost_cache,
             },
             dirty_map: Arc::new(bits),
             dirty_bytes: (dirty_count * granularity).min(state.size),
@@ -788,8 +829,21 @@ impl Volume {
                 let mut sh = lock(&vol.shared);
                 sh.resync_source_running = false;
                 sh.source_progress = None;
+                // The peer came back on a new link while this pass still ran on the old one
+                // (it restarted mid-resync): the new link's plan could not start its own pass
+                // while this one ran. Its failure is the old link's: start over at once
+                // rather than 10 s later.
+                let replaced = sh
+                    .link
+                    .as_ref()
+                    .is_some_and(|current| !Arc::ptr_eq(current, &link));
                 match r {
                     Ok(()) => sh.last_resync_failure = None,
+                    Err(e) if replaced => {
+                        drop(sh);
+                        info!(volume = %vol.name, error = %e, "the resync pass on the previous link stopped; starting over on the new one");
+                        vol.redecide();
+                    }
                     Err(e) => {
                         sh.last_resync_failure = Some(Instant::now());
                         warn!(volume = %vol.name, error = %e, "resync to the peer stopped; retried in 10 s, or when the peer reconnects");
@@ -1328,6 +1382,18 @@ impl Volume {
                 return;
             }
         };
+        // The primary reads a failure answer as "the peer marked its copy inconsistent" and
+        // keeps no record of its own. When this copy could not mark itself, an answer would
+        // leave it claiming to be consistent without the data: no answer (a closed link)
+        // makes the primary record the range and start a generation of its own instead.
+        if matches!(reply, Message::Ack { errno } if errno != 0)
+            && self.inconsistency_unrecorded.load(Ordering::Acquire)
+        {
+            error!(volume = %self.name, peer = %link.peer_node,
+                   "a local failure could not be recorded in the metadata: closing the link instead of answering, so the primary keeps the record");
+            link.close();
+            return;
+        }
         link.send(seq, &reply);
     }
 
@@ -1383,6 +1449,7 @@ impl Volume {
                 .update_header(|h| h.flags.set(Flags::CONSISTENT, false))
             {
                 error!(volume = %self.name, error = %e, "cannot mark the copy inconsistent");
+                self.inconsistency_unrecorded.store(true, Ordering::Release);
             }
             warn!(volume = %self.name, why, "copy marked inconsistent until a resync completes");
             self.announce();
@@ -1487,6 +1554,7 @@ impl Volume {
                 h.generations.sync = generations.current;
                 h.flags.set(Flags::CONSISTENT, true);
                 h.flags.set(Flags::UNCONFIRMED, false);
+                h.flags.set(Flags::LOST_CACHE, false);
             })
         });
         if let Err(e) = r {
@@ -1918,8 +1986,13 @@ impl Volume {
                 }
             }
         }
+        // Promoted, this copy is the reference whatever it lost (alone, or by the
+        // operator's choice when both lost theirs).
         self.meta
-            .update_header(|h| h.flags.set(Flags::PRIMARY, true))
+            .update_header(|h| {
+                h.flags.set(Flags::PRIMARY, true);
+                h.flags.set(Flags::LOST_CACHE, false);
+            })
             .map_err(merr)?;
         lock(&self.shared).role = Role::Primary;
         self.was_primary.store(true, Ordering::Release);
@@ -2104,11 +2177,21 @@ impl Volume {
                 )
             )));
         }
+        // A copy without mirror history (its metadata was lost) that is kept needs a
+        // generation of its own to be a resync source; only its own node can start one.
+        let no_history = |gens: &Generations| gens.current == 0;
         if discard_on == self.node {
             if self.role() == Role::Primary {
                 return Err(refused(format!(
                     "{} is primary; demote it first",
                     self.node
+                )));
+            }
+            if no_history(&peer.side.generations) {
+                return Err(refused(format!(
+                    "{} keeps its copy but has no mirror history yet: run `nbdmirror resolve {} \
+                     --discard-on {}` on {} instead",
+                    link.peer_node, self.name, self.node, link.peer_node
                 )));
             }
             let bytes = self.meta.dirty_bytes();
@@ -2125,6 +2208,17 @@ impl Volume {
                     "{} is primary; demote it first",
                     link.peer_node
                 )));
+            }
+            if !dry_run && no_history(&self.meta.generations()) {
+                let merr = |source| VolumeError::Metadata {
+                    volume: self.name.clone(),
+                    source,
+                };
+                let g = self.meta.start_new_generation().map_err(merr)?;
+                self.meta.mark_all_dirty().map_err(merr)?;
+                info!(volume = %self.name, generation = %format_gen(g),
+                      "this copy, kept without mirror history, starts a generation: the peer receives all of it");
+                self.announce();
             }
             if !dry_run {
                 match link.request(&Message::Discard).await {
@@ -2159,6 +2253,36 @@ impl Volume {
                 volume: self.name.clone(),
                 what: "the peer is not connected; verify compares both copies".into(),
             })?;
+        // Copies a resync or a split brain keeps apart differ by design: counting them would
+        // alarm a monitoring job for nothing, and marking them would promise a repair that
+        // the plan (or `resolve`) decides.
+        let plan = lock(&self.shared).plan.clone();
+        let not_now = |why: String| VolumeError::Refused {
+            volume: self.name.clone(),
+            what: why,
+        };
+        match plan {
+            Some(Plan::InSync) => {}
+            Some(Plan::SplitBrain { .. }) => {
+                return Err(not_now(
+                    "the pair is in split brain: its copies differ until `nbdmirror resolve` \
+                     picks one; verify after that"
+                        .into(),
+                ))
+            }
+            Some(p) => {
+                return Err(not_now(format!(
+                    "the pair is not in sync ({}); verify compares copies that should be \
+                     equal: run it once `status` says in-sync",
+                    p.describe()
+                )))
+            }
+            None => {
+                return Err(not_now(
+                    "the nodes have not compared their states yet; try again in a moment".into(),
+                ))
+            }
+        }
         let verr = |source| VolumeError::Link {
             volume: self.name.clone(),
             source,
@@ -2580,6 +2704,7 @@ mod tests {
             consistent: true,
             has_data: true,
             unconfirmed: false,
+            lost_cache: false,
             generations: Generations::default(),
             granularity,
             dirty_map,

@@ -67,6 +67,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         consistent,
                         has_data,
                         unconfirmed: granularity % 2 == 1,
+                        lost_cache: granularity % 3 == 1,
                         generations,
                         granularity,
                         dirty_map,

@@ -213,6 +213,39 @@ fn crash_folds_hot_extents_into_the_dirty_map() {
     assert_eq!(m.header().counters.unclean_opens, 1);
 }
 
+/// A crash in an earlier boot (a power loss) flags the copy as having lost its unflushed
+/// writes, until it starts a generation; a crash of the daemon alone, or a clean shutdown
+/// before a reboot, does not.
+#[test]
+fn a_crash_in_an_earlier_boot_flags_the_lost_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.meta");
+    let m = MetadataFile::create(&path, 64 * MIB, "a", opts(4)).unwrap();
+    let w = m.begin_write(0, 4096).unwrap();
+    m.end_write(w);
+    drop(m); // a crash
+    let rebooted = [7u8; 16];
+    let m = MetadataFile::open_at_boot(&path, rebooted).unwrap();
+    assert!(m.open_report().lost_cache);
+    assert!(m.flags().contains(Flags::LOST_CACHE));
+    assert_eq!(m.header().boot_id, rebooted);
+    assert_eq!(m.dirty_ranges(), vec![(0, 4 * MIB)], "its hot extent");
+    drop(m); // the daemon crashes again, same boot: still flagged, nothing new lost
+    let m = MetadataFile::open_at_boot(&path, rebooted).unwrap();
+    assert!(!m.open_report().lost_cache);
+    assert!(m.flags().contains(Flags::LOST_CACHE), "cleared too early");
+    m.start_new_generation().unwrap();
+    assert!(!m.flags().contains(Flags::LOST_CACHE));
+    m.clean_shutdown().unwrap();
+    drop(m);
+    let m = MetadataFile::open_at_boot(&path, [9u8; 16]).unwrap();
+    assert!(
+        !m.open_report().lost_cache,
+        "a clean shutdown loses nothing"
+    );
+    assert!(!m.flags().contains(Flags::LOST_CACHE));
+}
+
 #[test]
 fn cold_extents_clear_only_after_the_next_flush() {
     let dir = tempfile::tempdir().unwrap();
@@ -286,6 +319,10 @@ fn header_updates_alternate_slots_and_survive_a_torn_slot() {
     assert!(!snap.header.flags.contains(Flags::CLEAN_SHUTDOWN));
     let m = MetadataFile::open(&path).unwrap();
     assert!(!m.open_report().previous_shutdown_clean);
+    assert!(
+        m.open_report().standby_slot_damaged,
+        "the damage is reported"
+    );
     assert_eq!(m.generations().current, g2);
 }
 

@@ -126,8 +126,9 @@ proptest! {
     #[test]
     fn header_round_trips(
         seq in any::<u64>(), size in 1u64..(1 << 44), g_shift in 12u32..21, e_extra in 0u32..6,
-        cap in 1u32..5000, flags in 0u32..8, gens in any::<[u64; 6]>(),
+        cap in 1u32..5000, flags in 0u32..32, gens in any::<[u64; 6]>(),
         counters in any::<[u64; 3]>(), node in "[a-z0-9-]{1,63}", peer in "[a-z0-9-]{0,63}",
+        boot_id in any::<[u8; 16]>(),
     ) {
         let h = Header {
             sequence: seq,
@@ -144,6 +145,7 @@ proptest! {
             counters: Counters { created_unix: counters[0], opens: counters[1], unclean_opens: counters[2] },
             node_name: node,
             peer_name: peer,
+            boot_id,
         };
         let bytes = h.encode().unwrap();
         prop_assert_eq!(Header::decode(&bytes).unwrap(), h);
@@ -207,6 +209,7 @@ fn sample_file() -> Vec<u8> {
         counters: Counters::default(),
         node_name: "a".into(),
         peer_name: String::new(),
+        boot_id: [0; 16],
     };
     let layout = h.layout().unwrap();
     let mut file = vec![0u8; layout.file_len as usize];

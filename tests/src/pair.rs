@@ -335,6 +335,11 @@ impl Pair {
 
     /// Starts the node's daemon without waiting.
     pub fn start_no_wait(&mut self, node: Node) {
+        self.start_with_env(node, &[]);
+    }
+
+    /// Starts the node's daemon, with `env` added to its environment, without waiting.
+    pub fn start_with_env(&mut self, node: Node, env: &[(&str, &str)]) {
         assert!(
             self.daemons[node.idx()].is_none(),
             "{} is already running",
@@ -344,7 +349,7 @@ impl Pair {
         let log_path = self
             .env
             .path(&format!("{}-{}.log", node.name(), self.starts[node.idx()]));
-        let child = self.spawn_serve(&self.config(node), &log_path);
+        let child = self.spawn_serve_with_env(&self.config(node), &log_path, env);
         self.logs.push((node, log_path));
         self.daemons[node.idx()] = Some(child);
     }
@@ -352,6 +357,10 @@ impl Pair {
     /// Spawns `nbdmirror serve --config CONFIG` in the namespace, stderr and stdout into
     /// `log_path`. For extra daemons (impostors) the caller owns the child.
     pub fn spawn_serve(&self, config: &Path, log_path: &Path) -> Child {
+        self.spawn_serve_with_env(config, log_path, &[])
+    }
+
+    fn spawn_serve_with_env(&self, config: &Path, log_path: &Path, env: &[(&str, &str)]) -> Child {
         let log = fs::File::create(log_path).expect("cannot create a daemon log");
         Command::new("nsenter")
             .arg(format!("--net={}", self.env.ns.ns_path().display()))
@@ -363,6 +372,7 @@ impl Pair {
             .arg("--log-level")
             .arg(&self.opts.log_level)
             .args(&self.opts.serve_args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

@@ -3,16 +3,17 @@
 //!     promoted by hand, and every logged block is on its export.
 //! (b) The crashed primary restarts while its peer stays secondary: it comes back
 //!     secondary, is promoted again, and the resync covers only its hot extents.
+//! (c) After a power loss (its unflushed writes gone) it is resynced from its peer instead.
 
 use std::fs;
 use std::time::Duration;
 
-use nbdmirror_tests::data::{assert_files_equal, read_file_range};
+use nbdmirror_tests::data::{assert_files_equal, read_file_range, write_file_range};
 use nbdmirror_tests::pair::{
     ack_block, fio_args, missing_acked_blocks, num, read_ack_log, spawn_ack_writer, Pair, A, B,
     MIB, STATE_TIMEOUT, VOLUME,
 };
-use nbdmirror_tests::poll;
+use nbdmirror_tests::{assert_qemu_io_ok, poll, qemu_io};
 
 #[test]
 fn primary_killed_under_load_loses_no_acknowledged_write() {
@@ -255,4 +256,42 @@ fn both_nodes_killed_under_load_come_back_secondary() {
         "{} acknowledged writes missing",
         missing.len()
     );
+}
+
+/// The primary loses power (simulated: `kill -9`, the data it had written but not flushed
+/// taken out of its image, as the page cache would be, and another boot id at its restart).
+/// Its peer holds those acknowledged writes. Back, at the generation they share, the crashed
+/// node is resynced from its peer by itself: it used to wait for an operator (or the group)
+/// to pick a source, and picking it copied its stale hot extents over the peer's good ones.
+#[test]
+fn a_primary_back_from_a_power_loss_is_resynced_from_its_peer() {
+    let mut pair = Pair::with_size("32M");
+    pair.start_with_a_primary();
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x5a 8M 1M"]));
+    pair.kill9(A);
+    pair.wait_disconnected(B);
+    write_file_range(&pair.image(A), 8 * MIB, &vec![0u8; MIB as usize]);
+
+    pair.start_with_env(A, &[("NBDMIRROR_BOOT_ID", "after the power came back")]);
+    pair.wait_ready(A);
+    assert!(
+        pair.log(A).contains("power loss"),
+        "node-a should say it lost its unflushed writes:\n{}",
+        pair.log(A)
+    );
+    let a = pair.wait_in_sync(A);
+    assert_eq!(a["role"], "secondary", "{a}");
+    pair.wait_in_sync(B);
+    for node in [A, B] {
+        assert!(
+            read_file_range(&pair.image(node), 8 * MIB, MIB as usize)
+                .iter()
+                .all(|&x| x == 0x5a),
+            "the acknowledged write is missing on {}",
+            node.name()
+        );
+    }
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    let promoted = pair.promote(A, false);
+    assert_eq!(promoted.code, Some(0), "{promoted}");
 }

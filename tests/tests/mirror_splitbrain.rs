@@ -72,6 +72,10 @@ fn both_primary_alone_is_split_brain_until_resolved() {
         digest_b,
         "node-b's image changed"
     );
+    // verify does not count (or promise to repair) what the split brain keeps apart.
+    let v = pair.verify(A);
+    assert_eq!(v.code, Some(2), "{v}");
+    assert!(v.all().contains("split brain"), "{v}");
     for node in [A, B] {
         assert!(
             pair.log(node).to_lowercase().contains("split"),
@@ -273,16 +277,25 @@ fn link_cut_with_both_running_then_both_primary_is_split_brain() {
         .all(|&x| x == 0xa1));
 }
 
-/// A forced second primary while the link is up: split brain at once; writes on either
-/// primary never reach the other's image.
+/// Two primaries with the link up (node-b promoted while the link was cut, then the link
+/// returns): split brain at once; writes on either primary never reach the other's image.
+/// A second primary cannot be made while connected: `--force` does not override a
+/// connected primary peer.
 #[test]
-fn forced_second_primary_while_connected_overwrites_nothing() {
-    let mut pair = Pair::new();
+fn two_connected_primaries_overwrite_nothing() {
+    let mut pair = Pair::with_options(PairOptions {
+        proxy: true,
+        extra: "peer_timeout = \"2s\"".into(),
+        ..PairOptions::default()
+    });
     pair.start_with_a_primary();
     assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x11 0 1M"]));
-    let refused = pair.promote(B, false);
-    assert_eq!(refused.code, Some(1), "the peer is primary: {refused}");
-    pair.promote(B, true).ok();
+    for force in [false, true] {
+        let refused = pair.promote(B, force);
+        assert_eq!(refused.code, Some(1), "the peer is primary: {refused}");
+        assert!(refused.all().contains("demote it first"), "{refused}");
+    }
+    two_primaries(&mut pair);
     for node in [A, B] {
         pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
             v["sync"] == "split-brain"
@@ -330,15 +343,13 @@ fn forced_second_primary_while_connected_overwrites_nothing() {
 /// resynced over by the primary that remains.
 #[test]
 fn demoting_one_of_two_primaries_keeps_its_writes() {
-    let mut pair = Pair::new();
+    let mut pair = Pair::with_options(PairOptions {
+        proxy: true,
+        extra: "peer_timeout = \"2s\"".into(),
+        ..PairOptions::default()
+    });
     pair.start_with_a_primary();
-    let forced = pair.promote(B, true);
-    assert_eq!(forced.code, Some(0), "{forced}");
-    for node in [A, B] {
-        pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
-            v["sync"] == "split-brain"
-        });
-    }
+    two_primaries(&mut pair);
     assert_qemu_io_ok(&qemu_io(
         &pair.env,
         &pair.uri(A),
@@ -357,4 +368,85 @@ fn demoting_one_of_two_primaries_keeps_its_writes() {
             .all(|&x| x == 0xa3),
         "node-a's acknowledged write was overwritten without a resolve"
     );
+}
+
+/// The primary's metadata file is lost (deleted by mistake, a bad restore) after it wrote
+/// alone: its image holds the only copy of those acknowledged writes. On restart the pair
+/// overwrites neither image (it used to resync the stale peer's copy over it); the operator
+/// keeps that copy with one `resolve`, run on its node, and the peer receives all of it.
+#[test]
+fn a_copy_whose_metadata_was_lost_is_not_overwritten() {
+    let mut pair = Pair::with_size("32M");
+    pair.start_with_a_primary();
+    assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x11 0 4M"]));
+    pair.wait_in_sync(A);
+    pair.stop(B);
+    pair.wait_disconnected(A);
+    assert_qemu_io_ok(&qemu_io(
+        &pair.env,
+        &pair.uri(A),
+        &["write -P 0x5a 8M 4M", "flush"],
+    ));
+    pair.stop(A);
+    std::fs::remove_file(pair.metadata(A)).expect("remove node-a's metadata");
+    let digest_a = file_digest(&pair.image(A));
+    let digest_b = file_digest(&pair.image(B));
+
+    pair.start(A);
+    pair.start(B);
+    for node in [A, B] {
+        let v = pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+            v["sync"] == "split-brain"
+        });
+        assert_eq!(v["role"], "secondary", "{}: {v}", node.name());
+    }
+    assert!(
+        pair.log(A).contains("has no metadata file"),
+        "node-a should warn about its missing metadata:\n{}",
+        pair.log(A)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        file_digest(&pair.image(A)),
+        digest_a,
+        "node-a's image changed"
+    );
+    assert_eq!(
+        file_digest(&pair.image(B)),
+        digest_b,
+        "node-b's image changed"
+    );
+
+    // Discarding node-a's copy is one command on either node; keeping it needs its node.
+    let elsewhere = pair.resolve(B, B, true);
+    assert_ne!(elsewhere.code, Some(0), "{elsewhere}");
+    assert!(elsewhere.all().contains("on node-a instead"), "{elsewhere}");
+    let kept = pair.resolve(A, B, false);
+    assert_eq!(kept.code, Some(0), "{kept}");
+    pair.wait_in_sync(A);
+    pair.wait_in_sync(B);
+    assert_files_equal(&pair.image(A), &pair.image(B));
+    assert!(
+        read_file_range(&pair.image(B), 8 * MIB, 4 * MIB as usize)
+            .iter()
+            .all(|&x| x == 0x5a),
+        "node-a's acknowledged writes did not reach node-b"
+    );
+}
+
+/// node-b promoted while the link is cut (allowed: it was in sync), then the link restored:
+/// two primaries, connected, both reporting the split brain.
+fn two_primaries(pair: &mut Pair) {
+    let proxy = pair.proxy.as_ref().expect("a pair with the link proxy");
+    proxy.cut();
+    pair.wait_disconnected(A);
+    pair.wait_disconnected(B);
+    pair.promote(B, false).ok();
+    pair.proxy.as_ref().expect("proxy").restore();
+    for node in [A, B] {
+        let v = pair.wait_for(node, VOLUME, "split-brain", STATE_TIMEOUT, |v| {
+            v["sync"] == "split-brain" && v["peer"] == "connected"
+        });
+        assert_eq!(v["role"], "primary", "{}: {v}", node.name());
+    }
 }

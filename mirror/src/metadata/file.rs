@@ -56,6 +56,11 @@ pub struct OpenReport {
     pub folded_extents: u64,
     /// Dirty bits newly set by that folding.
     pub folded_dirty_bits: u64,
+    /// The previous run ended uncleanly in an earlier boot: see `Flags::LOST_CACHE`.
+    pub lost_cache: bool,
+    /// The header slot not in use failed its checks (a crash during a header write, or a
+    /// damaged disk); the next header update rewrites it.
+    pub standby_slot_damaged: bool,
 }
 
 /// A write registered in the activity map; hand it back to [`MetadataFile::end_write`].
@@ -118,6 +123,22 @@ pub struct MetadataFile {
     pending_lock: Mutex<()>,
 }
 
+/// The machine's boot id (16 bytes; zero when it cannot be read). `NBDMIRROR_BOOT_ID`
+/// replaces the kernel's, so tests can simulate a reboot without one.
+pub fn boot_id() -> [u8; 16] {
+    let text = std::env::var("NBDMIRROR_BOOT_ID")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok());
+    let Some(text) = text else { return [0; 16] };
+    let text = text.trim();
+    if text.is_empty() {
+        return [0; 16];
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&blake3::hash(text.as_bytes()).as_bytes()[..16]);
+    id
+}
+
 /// A peer flush's share of [`MetadataFile`]'s pending resync granules.
 pub struct ResyncSettle(FlushBatch);
 
@@ -161,6 +182,7 @@ impl MetadataFile {
             },
             node_name: node_name.to_owned(),
             peer_name: String::new(),
+            boot_id: [0; 16],
         };
         let slot0 = header.encode().map_err(|e| fmt_err(e.into()))?;
         header.sequence = 1;
@@ -214,13 +236,19 @@ impl MetadataFile {
         let _ = std::fs::remove_file(&staging);
         result?;
         sync_parent(path).map_err(io("fsync the parent folder"))?;
-        Self::from_locked(path, file, header)
+        Self::from_locked(path, file, header, boot_id())
     }
 
     /// Opens and validates an existing metadata file for writing, locking it exclusively.
     /// If the previous run did not shut down cleanly, its hot activity extents are folded
     /// into the dirty map first (see [`MetadataFile::open_report`]).
     pub fn open(path: &Path) -> Result<MetadataFile, MetadataError> {
+        Self::open_at_boot(path, boot_id())
+    }
+
+    /// [`MetadataFile::open`] as if the machine's boot id were `boot` (tests simulate a
+    /// reboot with it).
+    pub fn open_at_boot(path: &Path, boot: [u8; 16]) -> Result<MetadataFile, MetadataError> {
         let io = |op| {
             let path = path.to_owned();
             move |source| MetadataError::Io { path, op, source }
@@ -246,7 +274,7 @@ impl MetadataFile {
             path: path.to_owned(),
             source,
         };
-        let (header, _, _) = choose_header(&head).map_err(fmt_err)?;
+        let (header, _, standby_error) = choose_header(&head).map_err(fmt_err)?;
         let layout = header.layout().map_err(|e| fmt_err(e.into()))?;
         let actual = file.metadata().map_err(io("stat"))?.len();
         if actual < layout.file_len {
@@ -261,14 +289,17 @@ impl MetadataFile {
                 actual,
             }));
         }
-        Self::from_locked(path, file, header)
+        let mut meta = Self::from_locked(path, file, header, boot)?;
+        meta.report.standby_slot_damaged = standby_error.is_some();
+        Ok(meta)
     }
 
-    /// Maps a locked, validated file and records this open in its header.
+    /// Maps a locked, validated file and records this open (and the boot id) in its header.
     fn from_locked(
         path: &Path,
         file: Flock<File>,
         header: Header,
+        boot: [u8; 16],
     ) -> Result<MetadataFile, MetadataError> {
         let layout = header.layout().map_err(|e| MetadataError::Format {
             path: path.to_owned(),
@@ -305,6 +336,8 @@ impl MetadataFile {
                 previous_shutdown_clean: header.flags.contains(Flags::CLEAN_SHUTDOWN),
                 folded_extents: 0,
                 folded_dirty_bits: 0,
+                lost_cache: false,
+                standby_slot_damaged: false,
             },
             resync_pending: Unflushed::new(header.volume_size, u64::from(header.dirty_granularity)),
             resync_started: AtomicBool::new(false),
@@ -314,8 +347,20 @@ impl MetadataFile {
             meta.fold_activity()?;
         }
         let clean = meta.report.previous_shutdown_clean;
+        // A crash in an earlier boot took the page cache with it: writes that run had not
+        // flushed (in its hot extents, folded above) may be missing here. A crash of the
+        // daemon alone (same boot) loses nothing: the kernel still writes its pages back.
+        meta.report.lost_cache =
+            !clean && header.boot_id != [0; 16] && boot != [0; 16] && header.boot_id != boot;
+        let lost_cache = meta.report.lost_cache;
         meta.update_header(|h| {
             h.flags.set(Flags::CLEAN_SHUTDOWN, false);
+            if lost_cache {
+                h.flags.set(Flags::LOST_CACHE, true);
+            }
+            if boot != [0; 16] {
+                h.boot_id = boot;
+            }
             // Counters read from the file: a corrupt one must not overflow.
             h.counters.opens = h.counters.opens.saturating_add(1);
             if !clean {
@@ -466,6 +511,8 @@ impl MetadataFile {
                 v != 0 && v != g.current && v != g.sync && !g.history.contains(&v)
             });
             h.generations.advance(new);
+            // Whatever this copy lacked is history: its new writes start from it.
+            h.flags.set(Flags::LOST_CACHE, false);
             also(h);
         })?;
         Ok(new)

@@ -27,7 +27,8 @@
 //! | 152 | 8 | opens that found the previous shutdown unclean |
 //! | 160 | 1+63 | node name (length byte, UTF-8, zero padded) |
 //! | 224 | 1+63 | peer node name (length byte, UTF-8, zero padded; may be empty) |
-//! | 288 | 3804 | reserved, must be zero |
+//! | 288 | 16 | boot id of the machine when a daemon last opened the file (0: unknown) |
+//! | 304 | 3788 | reserved, must be zero |
 //! | 4092 | 4 | CRC32 (IEEE) of bytes 0..4092 |
 //!
 //! Rules that hold for every future version, so an old reader fails cleanly: magic at 0,
@@ -63,7 +64,8 @@ pub const MAX_MAP_BYTES: u64 = 1 << 30;
 pub const MAX_ACTIVITY_CAPACITY: u32 = 1 << 20;
 
 const CRC_OFFSET: usize = SLOT_SIZE - 4;
-const RESERVED_START: usize = 288;
+const BOOT_ID_OFFSET: usize = 288;
+const RESERVED_START: usize = BOOT_ID_OFFSET + 16;
 
 /// Header flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -82,7 +84,12 @@ impl Flags {
     /// it, so none of its writes was acknowledged: its changes may be discarded without
     /// losing anything a client was told is written.
     pub const UNCONFIRMED: Flags = Flags(1 << 3);
-    const KNOWN: u32 = 0b1111;
+    /// The previous run ended without a clean shutdown in an earlier boot of the machine (a
+    /// power loss, a kernel crash): writes it had not flushed may be missing from this image,
+    /// in its hot extents, while the peer has them. Cleared when this copy starts a
+    /// generation, is promoted, or is resynced from the peer.
+    pub const LOST_CACHE: Flags = Flags(1 << 4);
+    const KNOWN: u32 = 0b1_1111;
 
     /// No flag set.
     pub const fn empty() -> Flags {
@@ -246,6 +253,8 @@ pub struct Header {
     pub node_name: String,
     /// The peer's name, once known (empty before).
     pub peer_name: String,
+    /// The machine's boot id when a daemon last opened the file (zero: unknown).
+    pub boot_id: [u8; 16],
 }
 
 impl Header {
@@ -287,6 +296,7 @@ impl Header {
         put64(&mut b, 152, self.counters.unclean_opens);
         put_name(&mut b, 160, &self.node_name);
         put_name(&mut b, 224, &self.peer_name);
+        b[BOOT_ID_OFFSET..RESERVED_START].copy_from_slice(&self.boot_id);
         let crc = crc32fast::hash(&b[..CRC_OFFSET]);
         put32(&mut b, CRC_OFFSET, crc);
         Ok(b)
@@ -346,6 +356,9 @@ impl Header {
             },
             node_name: get_name(slot, 160, "node name")?,
             peer_name: get_name(slot, 224, "peer name")?,
+            boot_id: slot[BOOT_ID_OFFSET..RESERVED_START]
+                .try_into()
+                .unwrap_or([0; 16]),
         };
         header.validate()?;
         let layout = header.layout()?;
@@ -535,6 +548,7 @@ mod tests {
             },
             node_name: "node-a".into(),
             peer_name: "node-b".into(),
+            boot_id: [3; 16],
         }
     }
 

@@ -363,6 +363,7 @@ fn template_file() -> Vec<u8> {
         counters: Counters::default(),
         node_name: "fuzz".into(),
         peer_name: String::new(),
+        boot_id: [0; 16],
     };
     let Ok(layout) = h.layout() else {
         return Vec::new();

@@ -97,6 +97,9 @@ pub struct VolumeState {
     /// The current generation holds only unacknowledged writes made alone (see
     /// `Flags::UNCONFIRMED`): in a split brain this side may be discarded automatically.
     pub unconfirmed: bool,
+    /// Writes this side had not flushed were lost in a power loss (see
+    /// `Flags::LOST_CACHE`): at the same generation, the peer is the source.
+    pub lost_cache: bool,
     pub generations: Generations,
     pub granularity: u32,
     /// The dirty map, zstd-compressed little-endian words (regions the peer may lack).
@@ -445,7 +448,8 @@ fn encode_body(msg: &Message, out: &mut Vec<u8>) {
             out.push(
                 u8::from(s.consistent)
                     | (u8::from(s.has_data) << 1)
-                    | (u8::from(s.unconfirmed) << 2),
+                    | (u8::from(s.unconfirmed) << 2)
+                    | (u8::from(s.lost_cache) << 3),
             );
             put_generations(out, &s.generations);
             out.extend_from_slice(&s.granularity.to_be_bytes());
@@ -730,7 +734,7 @@ pub fn decode_body(h: &FrameHeader, body: Vec<u8>) -> Result<Message, FrameError
                 _ => return Err(r.err("bad role")),
             };
             let bits = r.u8()?;
-            if bits & !7 != 0 {
+            if bits & !0xf != 0 {
                 return Err(r.err("unknown state flags"));
             }
             let generations = r.generations()?;
@@ -746,6 +750,7 @@ pub fn decode_body(h: &FrameHeader, body: Vec<u8>) -> Result<Message, FrameError
                 consistent: bits & 1 != 0,
                 has_data: bits & 2 != 0,
                 unconfirmed: bits & 4 != 0,
+                lost_cache: bits & 8 != 0,
                 generations,
                 granularity,
                 dirty_map,
