@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nbd_server::{BackendError, BackendResult, BlockBackend, Extent, ZeroMode};
@@ -95,6 +96,12 @@ pub struct ImageFile {
     size: u64,
     read_only: bool,
     path: PathBuf,
+    /// A flush (or a FUA write's sync) of this image failed. The kernel reports a writeback
+    /// error once: the next fdatasync succeeds although the pages it could not write may be
+    /// gone ("fsyncgate"), so from then on every flush and FUA write fails, as QEMU and
+    /// PostgreSQL do, until the failure is handled (see [`ImageFile::forgive_failed_flush`])
+    /// or the daemon restarts.
+    flush_failed: AtomicBool,
     /// Test-only: writes held back as if the disk stalled (see [`ImageFile::stall_next_write_at`]).
     #[cfg(test)]
     stalls: std::sync::Mutex<Vec<Stall>>,
@@ -184,6 +191,7 @@ impl ImageFile {
             size,
             read_only,
             path: path.to_owned(),
+            flush_failed: AtomicBool::new(false),
             #[cfg(test)]
             stalls: std::sync::Mutex::new(Vec::new()),
             #[cfg(test)]
@@ -317,6 +325,42 @@ impl ImageFile {
         self.write_all(owned, offset, fua).await
     }
 
+    /// A secondary that marked its copy inconsistent after a failed flush has the failure
+    /// handled (the primary records what it may lack; a resync rewrites it): its later
+    /// flushes count again.
+    pub fn forgive_failed_flush(&self) {
+        self.flush_failed.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether a flush failed and was not forgiven.
+    pub fn has_failed_flush(&self) -> bool {
+        self.flush_failed.load(Ordering::SeqCst)
+    }
+
+    /// EIO while an earlier flush failure stands.
+    fn refuse_after_failed_flush(&self, op: &'static str) -> BackendResult<()> {
+        if self.has_failed_flush() {
+            return Err(BackendError::io(
+                op,
+                0,
+                0,
+                io::Error::other(
+                    "an earlier flush of this image failed: writes may have been lost since; \
+                     every flush fails until the daemon restarts (check the disk)",
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records a failed flush (see `flush_failed`).
+    fn flush_result(&self, r: io::Result<()>) -> BackendResult<()> {
+        r.map_err(|e| {
+            self.flush_failed.store(true, Ordering::SeqCst);
+            BackendError::io("flush", 0, 0, e)
+        })
+    }
+
     fn write_inline(&self, data: &[u8], offset: u64) -> BackendResult<()> {
         use std::os::unix::fs::FileExt;
         self.file
@@ -328,6 +372,9 @@ impl ImageFile {
         let len = data.len();
         if !dsync && len <= INLINE_WRITE_MAX {
             return self.write_inline(&data, offset);
+        }
+        if dsync {
+            self.refuse_after_failed_flush("write")?;
         }
         let mut done = 0;
         while done < len {
@@ -342,7 +389,13 @@ impl ImageFile {
                     return Err(BackendError::io("write", offset, len as u64, e));
                 }
                 Ok(n) => done += n,
-                Err(e) => return Err(BackendError::io("write", offset, len as u64, e)),
+                Err(e) => {
+                    // A synced write's EIO may be an earlier write's writeback error.
+                    if dsync && e.raw_os_error() == Some(libc::EIO) {
+                        self.flush_failed.store(true, Ordering::SeqCst);
+                    }
+                    return Err(BackendError::io("write", offset, len as u64, e));
+                }
             }
         }
         if dsync {
@@ -486,10 +539,9 @@ impl ImageFile {
     /// fdatasync on an io-wq worker, never on the calling thread (a background task on a
     /// thread that serves other work).
     pub async fn flush_off_thread(&self) -> BackendResult<()> {
-        self.engine
-            .datasync()
-            .await
-            .map_err(|e| BackendError::io("flush", 0, 0, e))
+        self.refuse_after_failed_flush("flush")?;
+        let r = self.engine.datasync().await;
+        self.flush_result(r)
     }
 }
 
@@ -526,14 +578,10 @@ impl BlockBackend for ImageFile {
     }
 
     async fn flush(&self) -> BackendResult<()> {
+        self.refuse_after_failed_flush("flush")?;
         #[cfg(test)]
         if self.flush_fails_if_asked() {
-            return Err(BackendError::io(
-                "flush",
-                0,
-                0,
-                io::Error::from_raw_os_error(libc::EIO),
-            ));
+            return self.flush_result(Err(io::Error::from_raw_os_error(libc::EIO)));
         }
         if nbd_server::spin::requests_here() <= 1 {
             // Alone on this thread: fdatasync right here, as a page-cache server's worker
@@ -543,11 +591,11 @@ impl BlockBackend for ImageFile {
             // stays on io_uring, so they are not held up for the device's flush.
             let r = self.file.sync_data();
             nbd_server::spin::device_flushed();
-            return r.map_err(|e| BackendError::io("flush", 0, 0, e));
+            return self.flush_result(r);
         }
         let r = self.engine.datasync().await;
         nbd_server::spin::device_flushed();
-        r.map_err(|e| BackendError::io("flush", 0, 0, e))
+        self.flush_result(r)
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {
@@ -627,5 +675,79 @@ impl BlockBackend for ImageFile {
         // lseek(SEEK_DATA/SEEK_HOLE) only reads extent metadata: cheap enough inline.
         self.extents_sync(offset, length, max_extents.max(1))
             .map_err(|e| BackendError::io("block-status", offset, length, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a failed flush the kernel may report success for the next one although pages
+    /// were lost: every later flush and FUA write fails until the failure is forgiven (a
+    /// secondary that marked its copy for resync). A plain write still goes to the cache.
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_later_one_until_forgiven() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("i.img");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        for kind in [EngineKind::Auto, EngineKind::Sync] {
+            let image = ImageFile::open(&path, false, kind).expect("open");
+            image.flush().await.expect("a first flush");
+            let failed = image.fail_flush_after(0);
+            assert!(image.flush().await.is_err());
+            failed.await.expect("flush hook");
+            assert!(image.flush().await.is_err(), "{kind:?}: the next flush");
+            assert!(image.flush_off_thread().await.is_err(), "{kind:?}");
+            assert!(
+                image.write(0, vec![1; 64 << 10], true).await.is_err(),
+                "{kind:?}: a FUA write"
+            );
+            image
+                .write(0, vec![1; 64 << 10], false)
+                .await
+                .expect("a plain write");
+            image.forgive_failed_flush();
+            image.flush().await.expect("forgiven");
+        }
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::*;
+
+    /// A data-plane thread that cannot set up its own io_uring ring (the check at open ran on
+    /// another thread) serves its requests through the sync engine instead of failing each.
+    #[tokio::test]
+    async fn a_thread_without_a_ring_falls_back_to_the_sync_engine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.img");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        let image = Arc::new(ImageFile::open(&path, false, EngineKind::Uring).expect("open"));
+        assert_eq!(image.engine_name(), "uring");
+        let other = image.clone();
+        std::thread::spawn(move || {
+            crate::engine::fail_ring_setup_on_this_thread();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                // Past the inline size, so the write goes through the engine.
+                other
+                    .write(0, vec![0x5a; 1 << 19], true)
+                    .await
+                    .expect("a FUA write without a ring");
+                other.flush().await.expect("a flush without a ring");
+                let back = other.read(0, 1 << 19).await.expect("a read without a ring");
+                assert!(back.iter().all(|&b| b == 0x5a));
+            });
+        })
+        .join()
+        .expect("the thread's requests succeed");
     }
 }

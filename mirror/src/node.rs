@@ -1257,9 +1257,9 @@ mod tests {
     }
 
     /// Two primaries at once, as it can still happen while connected: both promoted at the
-    /// same moment (each still seeing the other as secondary; a promotion past a primary peer
-    /// is refused, even forced). A write of one that the other refuses (EROFS, before the first heard of the second's
-    /// promotion) counts as written alone: a generation of its own and a dirty bit. So once
+    /// same moment (each still seeing the other as secondary; a promotion past a primary
+    /// peer is refused, even forced). A write of one that the other refuses (EROFS, before
+    /// the first heard of the second's promotion) counts as written alone: a generation of its own and a dirty bit. So once
     /// that node is demoted, the pair still shows a split brain and the other primary does
     /// not resync over its acknowledged write. (Recorded only as dirty at the generation
     /// they shared, the demoted node would look as current as the other, or older, and be
@@ -1270,65 +1270,63 @@ mod tests {
         use crate::volume::PlanSummary;
         use nbd_server::BlockBackend;
         const AT: u64 = 4 << 20;
-        {
-            let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-            let a = crate::volume::Volume::open_for_tests(dir_a.path(), "a");
-            let b = crate::volume::Volume::open_for_tests(dir_b.path(), "b");
-            // Two secondaries in sync: a's generation copied to b.
-            a.promote(true).await.expect("promote a alone");
-            a.demote().await.expect("demote a");
-            let _sessions = link_pair(&a, &b).await;
-            wait_until("a and b in sync", None, || {
-                a.status().sync == "in-sync" && b.status().sync == "in-sync"
-            })
-            .await;
-            let shared = a.failover_view().generation;
-            assert_eq!(b.failover_view().generation, shared);
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = crate::volume::Volume::open_for_tests(dir_a.path(), "a");
+        let b = crate::volume::Volume::open_for_tests(dir_b.path(), "b");
+        // Two secondaries in sync: a's generation copied to b.
+        a.promote(true).await.expect("promote a alone");
+        a.demote().await.expect("demote a");
+        let _sessions = link_pair(&a, &b).await;
+        wait_until("a and b in sync", None, || {
+            a.status().sync == "in-sync" && b.status().sync == "in-sync"
+        })
+        .await;
+        let shared = a.failover_view().generation;
+        assert_eq!(b.failover_view().generation, shared);
 
-            // This runtime runs one task at a time, and neither promotion waits on anything:
-            // each completes before the other's new state is read.
-            let (pa, pb) = tokio::join!(a.promote(false), b.promote(false));
-            pa.expect("promote a");
-            pb.expect("promote b");
-            assert_eq!((a.role(), b.role()), (Role::Primary, Role::Primary));
+        // This runtime runs one task at a time, and neither promotion waits on anything:
+        // each completes before the other's new state is read.
+        let (pa, pb) = tokio::join!(a.promote(false), b.promote(false));
+        pa.expect("promote a");
+        pb.expect("promote b");
+        assert_eq!((a.role(), b.role()), (Role::Primary, Role::Primary));
 
-            // a has not read b's new state yet: this write is sent to b, which refuses it.
-            a.write(AT, vec![0xa1; 64 << 10], false)
-                .await
-                .expect("a's write, acknowledged alone");
-            assert_ne!(
-                a.failover_view().generation,
-                shared,
-                "the write b refused started a generation of a's own"
-            );
-            assert!(a.status().dirty_bytes >= 64 << 10, "and is marked dirty");
-            wait_until("both see the split brain", None, || {
-                a.status().sync == "split-brain" && b.status().sync == "split-brain"
-            })
-            .await;
+        // a has not read b's new state yet: this write is sent to b, which refuses it.
+        a.write(AT, vec![0xa1; 64 << 10], false)
+            .await
+            .expect("a's write, acknowledged alone");
+        assert_ne!(
+            a.failover_view().generation,
+            shared,
+            "the write b refused started a generation of a's own"
+        );
+        assert!(a.status().dirty_bytes >= 64 << 10, "and is marked dirty");
+        wait_until("both see the split brain", None, || {
+            a.status().sync == "split-brain" && b.status().sync == "split-brain"
+        })
+        .await;
 
-            // a steps down; b stays primary and hears of it.
-            a.begin_demote();
-            a.demote().await.expect("demote a");
-            wait_until("b re-decides on a's new state", None, || {
-                !b.status().reason.contains("both nodes are primary")
-            })
-            .await;
-            for (node, vol) in [("a", &a), ("b", &b)] {
-                assert_eq!(
-                    vol.failover_view().plan,
-                    Some(PlanSummary::SplitBrain),
-                    "{node}: {}",
-                    vol.status().reason
-                );
-            }
-            let image = std::fs::read(a.image_path()).expect("read a's image");
-            let at = AT as usize;
-            assert!(
-                image[at..at + (64 << 10)].iter().all(|&x| x == 0xa1),
-                "a's acknowledged write was overwritten"
+        // a steps down; b stays primary and hears of it.
+        a.begin_demote();
+        a.demote().await.expect("demote a");
+        wait_until("b re-decides on a's new state", None, || {
+            !b.status().reason.contains("both nodes are primary")
+        })
+        .await;
+        for (node, vol) in [("a", &a), ("b", &b)] {
+            assert_eq!(
+                vol.failover_view().plan,
+                Some(PlanSummary::SplitBrain),
+                "{node}: {}",
+                vol.status().reason
             );
         }
+        let image = std::fs::read(a.image_path()).expect("read a's image");
+        let at = AT as usize;
+        assert!(
+            image[at..at + (64 << 10)].iter().all(|&x| x == 0xa1),
+            "a's acknowledged write was overwritten"
+        );
     }
 
     /// A resync pass that fails at its very end (the target's flush when it is told the
@@ -1341,6 +1339,302 @@ mod tests {
     async fn a_failed_resync_pass_is_retried_with_nothing_dirty_on_the_source() {
         // Together: each waits about 10 s for its retry.
         tokio::join!(failed_pass_case(true), failed_pass_case(false));
+    }
+
+    /// The test's end of a link to `vol` (playing its peer, `peer`), after `vol` sent its
+    /// state and got `state` back.
+    async fn fake_peer(
+        vol: &std::sync::Arc<crate::volume::Volume>,
+        peer: &str,
+        state: crate::repl::frame::VolumeState,
+    ) -> (
+        tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let (ours, theirs) = loopback().await;
+        let (vol, node, peer) = (vol.clone(), session_node(), peer.to_string());
+        tokio::spawn(async move { node.link_session(vol, ours, peer).await });
+        let (rd, mut wr) = theirs.into_split();
+        let mut rd = tokio::io::BufReader::new(rd);
+        let first = next_frame(&mut rd, soon()).await;
+        assert!(matches!(first, Some((_, Message::State(_)))), "{first:?}");
+        crate::repl::link::write_message(&mut wr, 0, &Message::State(state))
+            .await
+            .expect("send the state");
+        (rd, wr)
+    }
+
+    fn soon() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(5)
+    }
+
+    fn peer_state(
+        role: crate::repl::frame::Role,
+        current: u64,
+        has_data: bool,
+    ) -> crate::repl::frame::VolumeState {
+        crate::repl::frame::VolumeState {
+            size: 16 << 20,
+            role,
+            consistent: true,
+            has_data,
+            unconfirmed: false,
+            lost_cache: false,
+            generations: crate::metadata::Generations {
+                current,
+                ..Default::default()
+            },
+            granularity: 64 << 10,
+            dirty_map: zstd::bulk::compress(&[0u8; 32], 1).expect("compress"),
+        }
+    }
+
+    async fn answer(w: &mut tokio::net::tcp::OwnedWriteHalf, seq: u64, errno: i32) {
+        crate::repl::link::write_message(
+            w,
+            seq,
+            &Message::Ack {
+                errno: errno as u32,
+            },
+        )
+        .await
+        .expect("answer");
+    }
+
+    /// A resync pass fails at one chunk while another chunk of it is still unanswered: that
+    /// chunk's range stays locked until its answer. A client write to the range used to take
+    /// the lock at once (the pass's tasks were aborted) and travel the link beside the chunk,
+    /// which the peer could apply last, over the acknowledged write.
+    #[tokio::test]
+    async fn a_failed_pass_keeps_its_unanswered_chunks_ranges_locked() {
+        use crate::repl::frame::Role;
+        use nbd_server::BlockBackend;
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let vol = crate::volume::Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote");
+        vol.write(0, vec![0x11; 4 << 20], false)
+            .await
+            .expect("write alone");
+        let (mut rd, mut wr) = fake_peer(&vol, "b", peer_state(Role::Secondary, 0, false)).await;
+        let (mut first, mut held) = (None, None);
+        while first.is_none() || held.is_none() {
+            let (seq, m) = next_frame(&mut rd, soon())
+                .await
+                .expect("the pass's frames");
+            match m {
+                Message::ResyncData { offset: 0, .. } | Message::ResyncZero { offset: 0, .. } => {
+                    first = Some(seq)
+                }
+                Message::ResyncData { offset: MIB, .. }
+                | Message::ResyncZero { offset: MIB, .. } => held = Some(seq),
+                _ => answer(&mut wr, seq, 0).await,
+            }
+        }
+        answer(&mut wr, first.expect("chunk 0"), libc::EIO).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let v = vol.clone();
+        let writer =
+            tokio::spawn(async move { v.write(MIB + 4096, vec![0x22; 4096], false).await });
+        let quiet = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Some((seq, m)) = next_frame(&mut rd, quiet).await {
+            assert!(
+                !matches!(m, Message::Write { .. }),
+                "a client write overtook the unanswered chunk of its range"
+            );
+            answer(&mut wr, seq, 0).await;
+        }
+        answer(&mut wr, held.expect("chunk 1"), 0).await;
+        loop {
+            let (seq, m) = next_frame(&mut rd, soon())
+                .await
+                .expect("the client's write");
+            let is_write = matches!(m, Message::Write { offset, .. } if offset == MIB + 4096);
+            answer(&mut wr, seq, 0).await;
+            if is_write {
+                break;
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the write ends")
+            .expect("task")
+            .expect("the write succeeds");
+    }
+
+    /// A resync target whose flush failed during the resync stays inconsistent when the
+    /// source then says the resync is done (its final flush may succeed: the kernel reports
+    /// a writeback error once). It used to call itself consistent without the data.
+    #[tokio::test]
+    async fn a_target_whose_flush_failed_stays_inconsistent_at_the_resync_end() {
+        use crate::repl::frame::Role;
+        use crate::repl::link::write_message;
+        let dir = tempfile::tempdir().unwrap();
+        let vol = crate::volume::Volume::open_for_tests(dir.path(), "b");
+        let source = peer_state(Role::Primary, 0x1234, true);
+        let gens = source.generations;
+        let (mut rd, mut wr) = fake_peer(&vol, "a", source).await;
+        // One at a time, each answered before the next (the flush fails after the write).
+        let requests = [
+            Message::ResyncStart { bytes: 16 << 20 },
+            Message::Write {
+                offset: 0,
+                fua: false,
+                data: vec![7; 65536],
+            },
+            Message::Flush,
+            Message::ResyncDone { generations: gens },
+        ];
+        let mut answers = Vec::new();
+        for (seq, m) in (1u64..).zip(requests) {
+            if matches!(m, Message::Flush) {
+                let _failed = vol.image_for_tests().fail_flush_after(0);
+            }
+            write_message(&mut wr, seq, &m).await.expect("request");
+            loop {
+                // Its state, announced when it changes, comes in between.
+                let (answered, reply) = next_frame(&mut rd, soon()).await.expect("an answer");
+                if !matches!(reply, Message::State(_)) {
+                    assert_eq!(answered, seq);
+                    answers.push(reply);
+                    break;
+                }
+            }
+        }
+        assert!(
+            matches!(answers[2], Message::Ack { errno } if errno != 0),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[3], Message::Ack { errno } if errno != 0),
+            "{answers:?}"
+        );
+        assert!(
+            !vol.status().consistent,
+            "consistent without the failed flush's data"
+        );
+    }
+
+    /// A client FLUSH queued behind a resync pass's final peer flush fails on the peer: what
+    /// it covered goes dirty here. The pass must not then tell the peer it is done (it did:
+    /// the peer called itself consistent without those writes); another pass first.
+    #[tokio::test]
+    async fn a_resync_is_not_declared_done_with_regions_gone_dirty_meanwhile() {
+        use crate::repl::frame::Role;
+        use nbd_server::BlockBackend;
+        let dir = tempfile::tempdir().unwrap();
+        let vol = crate::volume::Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote");
+        vol.write(0, vec![0x11; 1 << 20], false)
+            .await
+            .expect("write alone");
+        let (mut rd, mut wr) = fake_peer(&vol, "b", peer_state(Role::Secondary, 0, false)).await;
+        let mut flushes = 0;
+        let mut client_flush = None;
+        loop {
+            let (seq, m) = next_frame(&mut rd, soon())
+                .await
+                .expect("the resync's frames");
+            match m {
+                Message::Flush => {
+                    flushes += 1;
+                    if flushes == 1 {
+                        // The pass's final flush: held until a client FLUSH (after a mirrored
+                        // write) queued behind it.
+                        let v = vol.clone();
+                        client_flush = Some(tokio::spawn(async move {
+                            v.write(8 << 20, vec![0x33; 65536], false).await?;
+                            v.flush().await
+                        }));
+                        let (s, m) = next_frame(&mut rd, soon()).await.expect("the write");
+                        assert!(matches!(m, Message::Write { .. }), "{m:?}");
+                        answer(&mut wr, s, 0).await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        answer(&mut wr, seq, 0).await;
+                    } else if flushes == 2 {
+                        // The client's FLUSH: the peer's fdatasync fails.
+                        answer(&mut wr, seq, libc::EIO).await;
+                    } else {
+                        answer(&mut wr, seq, 0).await;
+                    }
+                }
+                Message::ResyncDone { .. } => {
+                    assert_eq!(
+                        vol.status().dirty_bytes,
+                        0,
+                        "the resync declared done with regions dirty"
+                    );
+                    answer(&mut wr, seq, 0).await;
+                    break;
+                }
+                _ => answer(&mut wr, seq, 0).await,
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(5), client_flush.expect("client FLUSH"))
+            .await
+            .expect("the client's FLUSH ends")
+            .expect("task")
+            .expect("acknowledged: the peer's failure is recorded");
+    }
+
+    /// The primary's disk fails a flush ("fsyncgate": the kernel may drop the pages it could
+    /// not write, and report success for the next flush). Every later flush fails; the peer
+    /// holds the acknowledged writes, so the demotion goes through, and what this copy may
+    /// lack is resynced from the peer. It used to be forgotten: the next flush succeeded and
+    /// cleared the extents, and both copies said in sync with different data.
+    #[tokio::test]
+    async fn a_primary_whose_flush_failed_is_resynced_from_its_peer() {
+        use nbd_server::BlockBackend;
+        use std::os::unix::fs::FileExt;
+        const AT: u64 = 2 << 20;
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = crate::volume::Volume::open_for_tests(dir_a.path(), "a");
+        let b = crate::volume::Volume::open_for_tests(dir_b.path(), "b");
+        a.promote(true).await.expect("promote a alone");
+        let _sessions = link_pair(&a, &b).await;
+        wait_until("a and b in sync", None, || {
+            a.status().sync == "in-sync" && b.status().sync == "in-sync"
+        })
+        .await;
+        a.write(AT, vec![0xa3; 64 << 10], false)
+            .await
+            .expect("a mirrored write");
+        let failed = a.image_for_tests().fail_flush_after(0);
+        assert!(a.flush().await.is_err(), "the client's FLUSH fails");
+        failed.await.expect("flush hook");
+        // The pages the failed flush could not write are gone from a's image.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.image_path())
+            .expect("a's image")
+            .write_at(&[0u8; 64 << 10], AT)
+            .expect("drop the write");
+        assert!(
+            a.flush().await.is_err(),
+            "the next flush fails too (the kernel would report success)"
+        );
+        a.begin_demote();
+        a.demote().await.expect("demote a");
+        // Once b heard of the demotion.
+        let mut promoted = b.promote(false).await;
+        for _ in 0..500 {
+            if promoted.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            promoted = b.promote(false).await;
+        }
+        promoted.expect("promote b");
+        wait_until("a resynced from b", None, || {
+            a.status().sync == "in-sync" && b.status().sync == "in-sync"
+        })
+        .await;
+        let image = std::fs::read(a.image_path()).expect("read a's image");
+        let at = AT as usize;
+        assert!(
+            image[at..at + (64 << 10)].iter().all(|&x| x == 0xa3),
+            "the acknowledged write is back on a"
+        );
     }
 
     async fn failed_pass_case(source_primary: bool) {

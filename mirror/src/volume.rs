@@ -309,6 +309,26 @@ impl Volume {
             });
         }
         let meta = if meta_exists {
+            // Checked before the open writes to it: a file of another node (copied from the
+            // peer, a mixed-up restore) would give this image the peer's history and dirty
+            // map, and the pair would call two different copies in sync.
+            if let Ok(snap) = crate::metadata::Snapshot::read(&spec.metadata) {
+                if snap.header.node_name != spec.node {
+                    return Err(VolumeError::Refused {
+                        volume: spec.name,
+                        what: format!(
+                            "the metadata file {} belongs to node {:?} (its header says so), not \
+                             to this node {:?}: a copy of the peer's file would give this image \
+                             the peer's history. Put this node's own file back. If this node was \
+                             renamed, move the file away: the node then starts with new metadata \
+                             and, its image holding data, the pair waits for `nbdmirror resolve`",
+                            spec.metadata.display(),
+                            snap.header.node_name,
+                            spec.node
+                        ),
+                    });
+                }
+            }
             MetadataFile::open(&spec.metadata).map_err(meta_err)?
         } else {
             MetadataFile::create(
@@ -561,6 +581,13 @@ impl Volume {
             self.record_unflushed_as_dirty();
         }
         info!(volume = %self.name, peer = %link.peer_node, "peer connected");
+        // For `bitmap inspect`: whose changes the dirty map tracks.
+        if self.meta.header().peer_name != link.peer_node {
+            let peer = link.peer_node.clone();
+            if let Err(e) = self.meta.update_header(|h| h.peer_name = peer) {
+                warn!(volume = %self.name, error = %e, "cannot record the peer's name in the metadata");
+            }
+        }
         if !self.wait_for_older_links(&link).await {
             return;
         }
@@ -1177,7 +1204,25 @@ impl Volume {
         request: &Message,
         what: &str,
     ) -> Result<Result<Message, LinkError>, MetadataError> {
+        let sent = self
+            .request_peer_flush_if(link, request, what, || true)
+            .await?;
+        Ok(sent.unwrap_or(Err(LinkError::Down)))
+    }
+
+    /// [`Volume::request_peer_flush`], sent only if `still_wanted` holds once this flush's
+    /// turn came (`None` otherwise): what an earlier flush in the queue changed is seen.
+    async fn request_peer_flush_if(
+        &self,
+        link: &Arc<Link>,
+        request: &Message,
+        what: &str,
+        still_wanted: impl FnOnce() -> bool,
+    ) -> Result<Option<Result<Message, LinkError>>, MetadataError> {
         let _serial = self.peer_flush_lock.lock().await;
+        if !still_wanted() {
+            return Ok(None);
+        }
         let batch = self.unflushed.begin_flush();
         let settle = self.meta.begin_resync_settle();
         let reply = link.request(request).await;
@@ -1185,7 +1230,7 @@ impl Volume {
             self.unflushed.end_flush(batch);
             self.meta.settle_resync(settle);
             *lock(&self.last_peer_flush) = Instant::now();
-            return Ok(reply);
+            return Ok(Some(reply));
         }
         self.meta.abandon_resync_settle(settle);
         let ranges = self.unflushed.fail_flush(batch);
@@ -1194,7 +1239,7 @@ impl Volume {
         for (off, len) in ranges {
             self.meta.mark_dirty(off, len)?;
         }
-        Ok(reply)
+        Ok(Some(reply))
     }
 
     /// Every two seconds: starts a resync when regions went dirty while connected (a write the
@@ -1328,6 +1373,10 @@ impl Volume {
             Message::Flush => match self.image.flush().await {
                 Ok(()) => Message::Ack { errno: 0 },
                 Err(e) => {
+                    // During a resync too: its end must not make this copy consistent (the
+                    // primary marks what the flush covered, for a pass to come).
+                    self.failed_since_resync_start
+                        .store(true, Ordering::Release);
                     self.become_inconsistent("a flush failed");
                     Message::Ack {
                         errno: errno_of(&e),
@@ -1443,6 +1492,9 @@ impl Volume {
 
     /// This copy lacks a write the primary has: it must not be promoted until resynced.
     fn become_inconsistent(&self, why: &str) {
+        // What a failed flush may have dropped here is the resync's now (the primary records
+        // what this copy lacks): later flushes count again.
+        self.image.forgive_failed_flush();
         if self.meta.flags().contains(Flags::CONSISTENT) {
             if let Err(e) = self
                 .meta
@@ -1694,44 +1746,15 @@ impl Volume {
             // waits for the rate limiter or for a slot (futures in a set that is not being
             // polled stall, and did: a rate-limited resync sent nothing until its end).
             let mut inflight = tokio::task::JoinSet::new();
-            let mut window = ResyncWindow::default();
-            let mut acked_since_flush = 0u64;
-            for (off, len) in self.meta.dirty_ranges() {
-                let mut c = off;
-                while c < off + len {
-                    if acked_since_flush >= RESYNC_FLUSH_EVERY {
-                        // Bounds what a target that loses power copies again (what it
-                        // acknowledged since its last flush; see chunk_done).
-                        if self.flush_peer(link).await.map_err(merr)? != PeerFlush::Done
-                            && link.is_closed()
-                        {
-                            return Err(verr(LinkError::Down));
-                        }
-                        acked_since_flush = 0;
-                    }
-                    let n = (CHUNK - c % CHUNK).min(off + len - c);
-                    // Bounded: each round takes one chunk out of the window, and the window
-                    // admits any chunk once it is empty.
-                    while !window.admits(n, self.app_inflight.load(Ordering::Relaxed) > 0) {
-                        match inflight.join_next().await {
-                            Some(r) => {
-                                let done = self.chunk_task_result(r)?;
-                                acked_since_flush += done;
-                                window.finish(done);
-                            }
-                            None => break,
-                        }
-                    }
-                    limiter.take(n).await;
-                    window.start(n);
-                    let (me, link) = (self.clone(), link.clone());
-                    inflight.spawn(async move { me.send_chunk(&link, c, n).await.map(|()| n) });
-                    c += n;
-                }
+            let sent = self.send_pass(link, &limiter, &mut inflight).await;
+            if sent.is_err() {
+                // Chunks still in flight run to their end, never aborted: an aborted chunk
+                // releases its range lock while its frame may still be on its way, and a
+                // client write to that range would then travel the same link beside it and
+                // could be applied first on the peer, then overwritten.
+                while inflight.join_next().await.is_some() {}
             }
-            while let Some(r) = inflight.join_next().await {
-                window.finish(self.chunk_task_result(r)?);
-            }
+            sent?;
             if link.is_closed() {
                 return Err(verr(LinkError::Down));
             }
@@ -1746,31 +1769,41 @@ impl Volume {
                     what: "the peer failed to flush the resync data".into(),
                 });
             }
-            if self.meta.dirty_count() == 0 {
-                break;
+            if self.meta.dirty_count() != 0 {
+                // Writes the peer failed during the pass: go again.
+                continue;
             }
-            // Writes the peer failed during the pass: go again.
-        }
-        let gens = self.meta.generations();
-        // Cleared by `mark_in_sync` on a clean answer, or by the next new generation.
-        self.handover_unanswered.store(true, Ordering::Release);
-        // The target flushes before it calls itself consistent: that flush covers the chunks
-        // (and mirrored writes) it acknowledged before, as a peer flush does.
-        let reply = self
-            .request_peer_flush(
-                link,
-                &Message::ResyncDone { generations: gens },
-                "the end of the resync",
-            )
-            .await
-            .map_err(merr)?;
-        match reply.map_err(verr)? {
-            Message::Ack { errno: 0 } => {}
-            other => {
-                return Err(VolumeError::Refused {
-                    volume: self.name.clone(),
-                    what: format!("the peer failed to finish the resync: {other:?}"),
-                })
+            let gens = self.meta.generations();
+            // The target flushes before it calls itself consistent: that flush covers the
+            // chunks (and mirrored writes) it acknowledged before, as a peer flush does. Sent
+            // only if nothing went dirty meanwhile (a client FLUSH the peer failed while this
+            // pass waited for the flush lock): otherwise another pass first.
+            let sent = self
+                .request_peer_flush_if(
+                    link,
+                    &Message::ResyncDone { generations: gens },
+                    "the end of the resync",
+                    || {
+                        let clean = self.meta.dirty_count() == 0;
+                        if clean {
+                            // Cleared by `mark_in_sync` on a clean answer, or by the next new
+                            // generation.
+                            self.handover_unanswered.store(true, Ordering::Release);
+                        }
+                        clean
+                    },
+                )
+                .await
+                .map_err(merr)?;
+            let Some(reply) = sent else { continue };
+            match reply.map_err(verr)? {
+                Message::Ack { errno: 0 } => break,
+                other => {
+                    return Err(VolumeError::Refused {
+                        volume: self.name.clone(),
+                        what: format!("the peer failed to finish the resync: {other:?}"),
+                    })
+                }
             }
         }
         let took = lock(&self.shared)
@@ -1781,6 +1814,64 @@ impl Volume {
         self.mark_in_sync();
         info!(volume = %self.name, peer = %link.peer_node, took = ?took, sent_total = self.resync_sent.load(Ordering::Relaxed), "resync to the peer complete: in sync");
         self.announce();
+        Ok(())
+    }
+
+    /// One pass's chunks, each a task in `inflight`, in the window and at the rate allowed;
+    /// returns when all were acknowledged, or at the first failure (the caller waits for the
+    /// others then).
+    async fn send_pass(
+        self: &Arc<Self>,
+        link: &Arc<Link>,
+        limiter: &RateLimiter,
+        inflight: &mut tokio::task::JoinSet<Result<u64, VolumeError>>,
+    ) -> Result<(), VolumeError> {
+        let verr = |source| VolumeError::Link {
+            volume: self.name.clone(),
+            source,
+        };
+        let merr = |source| VolumeError::Metadata {
+            volume: self.name.clone(),
+            source,
+        };
+        let mut window = ResyncWindow::default();
+        let mut acked_since_flush = 0u64;
+        for (off, len) in self.meta.dirty_ranges() {
+            let mut c = off;
+            while c < off + len {
+                if acked_since_flush >= RESYNC_FLUSH_EVERY {
+                    // Bounds what a target that loses power copies again (what it
+                    // acknowledged since its last flush; see chunk_done).
+                    if self.flush_peer(link).await.map_err(merr)? != PeerFlush::Done
+                        && link.is_closed()
+                    {
+                        return Err(verr(LinkError::Down));
+                    }
+                    acked_since_flush = 0;
+                }
+                let n = (CHUNK - c % CHUNK).min(off + len - c);
+                // Bounded: each round takes one chunk out of the window, and the window
+                // admits any chunk once it is empty.
+                while !window.admits(n, self.app_inflight.load(Ordering::Relaxed) > 0) {
+                    match inflight.join_next().await {
+                        Some(r) => {
+                            let done = self.chunk_task_result(r)?;
+                            acked_since_flush += done;
+                            window.finish(done);
+                        }
+                        None => break,
+                    }
+                }
+                limiter.take(n).await;
+                window.start(n);
+                let (me, link) = (self.clone(), link.clone());
+                inflight.spawn(async move { me.send_chunk(&link, c, n).await.map(|()| n) });
+                c += n;
+            }
+        }
+        while let Some(r) = inflight.join_next().await {
+            window.finish(self.chunk_task_result(r)?);
+        }
         Ok(())
     }
 
@@ -2049,14 +2140,41 @@ impl Volume {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.flush_all(Thread::Caller)
-            .await
-            .map_err(|source| VolumeError::Io {
-                volume: self.name.clone(),
-                source,
-            })?;
+        if let Err(source) = self.flush_all(Thread::Caller).await {
+            // A disk that fails its flushes must not keep the volume here: once the peer
+            // flushed everything (it holds every acknowledged write), demoting is what the
+            // operator needs. Otherwise the error stands.
+            let peer_has_all = self.meta.activity_held()
+                && match self.mirror_link() {
+                    Some(link) => matches!(self.flush_peer(&link).await, Ok(PeerFlush::Done)),
+                    None => false,
+                };
+            if !peer_has_all {
+                return Err(VolumeError::Io {
+                    volume: self.name.clone(),
+                    source,
+                });
+            }
+            warn!(volume = %self.name, error = %source, "this node's flush failed, the peer's succeeded: demoting");
+        }
         lock(&self.shared).role = Role::Secondary;
         self.set_mirror(None);
+        if self.meta.activity_held() {
+            // What a failed flush may have dropped here lies in the marked extents: dirty,
+            // with this copy flagged as having lost its cache, they are resynced from the
+            // peer (primary next, or the source at the generation both share).
+            match self.meta.mark_activity_dirty() {
+                Ok(bytes) => {
+                    warn!(volume = %self.name, bytes, "after a failed local flush, the extents written since are resynced from the peer");
+                    // Handled: what it may have dropped is the resync's now, so this copy's
+                    // flushes (the resync's own) count again.
+                    self.image.forgive_failed_flush();
+                }
+                Err(e) => {
+                    error!(volume = %self.name, error = %e, "cannot mark the extents written since a failed flush")
+                }
+            }
+        }
         self.meta
             .update_header(|h| h.flags.set(Flags::PRIMARY, false))
             .map_err(|source| VolumeError::Metadata {
@@ -2098,12 +2216,35 @@ impl Volume {
         // The peer's flush is sent first: the local one may block this thread (an inline
         // fdatasync when the flush is alone), and the two should overlap.
         let (p, l) = futures::join!(peer_ok, local);
-        l?;
+        if let Err(e) = l {
+            self.local_flush_failed(&e);
+            return Err(e);
+        }
         // A peer that failed the flush is fine once what it may lack is marked dirty (the
         // resync brings it over); not being able to mark it is not.
         let peer = p.map_err(meta_io)?;
         self.meta.clear_cold(cold);
         Ok(peer)
+    }
+
+    /// This node's disk failed a flush: writes it acknowledged may be gone from its page
+    /// cache without reaching the disk, while the peer holds them. Their extents stay marked
+    /// (the next flush, which may succeed, must not clear them), and the copy is flagged as
+    /// having lost its cache, so that after a restart at the generation both share the peer's
+    /// copy of them is taken.
+    fn local_flush_failed(&self, e: &BackendError) {
+        self.meta.hold_activity();
+        let first = !self.meta.flags().contains(Flags::LOST_CACHE);
+        if let Err(me) = self
+            .meta
+            .update_header(|h| h.flags.set(Flags::LOST_CACHE, true))
+        {
+            error!(volume = %self.name, error = %me, "cannot record the failed flush in the metadata");
+        }
+        if first {
+            error!(volume = %self.name, error = %e,
+                   "this node's disk failed a flush: writes acknowledged here may be missing from this image (the peer holds them); check the disk, and move the volume to the peer (swap, or demote here and promote there)");
+        }
     }
 
     /// A client's FLUSH. When the peer gave no answer (no link, or it went silent) and this
@@ -2256,7 +2397,14 @@ impl Volume {
         // Copies a resync or a split brain keeps apart differ by design: counting them would
         // alarm a monitoring job for nothing, and marking them would promise a repair that
         // the plan (or `resolve`) decides.
-        let plan = lock(&self.shared).plan.clone();
+        let (plan, peer_primary) = {
+            let sh = lock(&self.shared);
+            let peer_primary = sh
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.side.role == Role::Primary);
+            (sh.plan.clone(), peer_primary)
+        };
         let not_now = |why: String| VolumeError::Refused {
             volume: self.name.clone(),
             what: why,
@@ -2282,6 +2430,16 @@ impl Volume {
                     "the nodes have not compared their states yet; try again in a moment".into(),
                 ))
             }
+        }
+        // Only the primary's range locks order its hashes against the writes it mirrors: run
+        // here, a write in flight would hash differently on the two nodes and count as a
+        // difference.
+        if self.role() == Role::Secondary && peer_primary {
+            return Err(not_now(format!(
+                "run verify on the primary, {}: here mirrored writes cannot be held back \
+                 while the copies are compared",
+                link.peer_node
+            )));
         }
         let verr = |source| VolumeError::Link {
             volume: self.name.clone(),

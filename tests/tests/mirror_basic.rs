@@ -248,6 +248,7 @@ fn writes_through_primary_make_both_images_identical() {
         assert_eq!(m["flags"]["consistent"], true, "{}: {m}", node.name());
         assert_eq!(m["dirty_bytes"], 0, "{}: {m}", node.name());
         assert_eq!(m["hot_extent_count"], 0, "{}: {m}", node.name());
+        assert_eq!(m["peer_name"], node.other().name(), "{}: {m}", node.name());
     }
 }
 
@@ -385,6 +386,13 @@ fn verify_reports_a_difference_and_exits_1() {
     assert_qemu_io_ok(&qemu_io(&pair.env, &pair.uri(A), &["write -P 0x42 0 4M"]));
     let ok = pair.verify(A);
     assert!(ok.success(), "{ok}");
+    // On the secondary, mirrored writes in flight would count as differences.
+    let on_b = pair.verify(B);
+    assert_eq!(on_b.code, Some(2), "{on_b}");
+    assert!(
+        on_b.all().contains("run verify on the primary, node-a"),
+        "{on_b}"
+    );
     // Flip one byte in node-b's image directly (the page cache is shared, so the daemon
     // reads the changed byte).
     let img = pair.image(B);

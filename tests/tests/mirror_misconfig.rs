@@ -1,10 +1,12 @@
 //! Issue 3: a pair that cannot link for a reason the operator must fix says why in `status`
 //! on both nodes, not only in a log line: another shared secret on one node, another volume
-//! size. ("peer disconnected: connection closed" told neither.)
+//! size. ("peer disconnected: connection closed" told neither.) A node given the other's
+//! metadata file refuses to start.
 
 use std::time::Duration;
 
 use nbdmirror_tests::pair::{Pair, A, B, SECRET, VOLUME};
+use nbdmirror_tests::wait_with_deadline;
 
 fn reason(v: &serde_json::Value) -> String {
     v.get("reason")
@@ -84,5 +86,37 @@ fn a_peer_name_that_does_not_resolve_shows_in_status() {
         "a reason about the name",
         Duration::from_secs(20),
         |v| reason(v).contains("cannot resolve"),
+    );
+}
+
+/// node-b's metadata file copied over node-a's (a mixed-up restore): node-a would take
+/// node-b's history for its own image and call two different copies in sync. It refuses to
+/// start, saying whose file it is, and leaves the file untouched.
+#[test]
+fn a_metadata_file_of_the_other_node_is_refused() {
+    let mut pair = Pair::new();
+    pair.start_with_a_primary();
+    pair.stop(B);
+    pair.stop(A);
+    std::fs::copy(pair.metadata(B), pair.metadata(A)).expect("copy node-b's metadata");
+    let before = std::fs::read(pair.metadata(A)).unwrap();
+    let log = pair.env.path("foreign-meta.log");
+    let mut child = pair.spawn_serve(&pair.config(A), &log);
+    let status = wait_with_deadline(&mut child, Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "serve did not exit: {}",
+            std::fs::read_to_string(&log).unwrap()
+        )
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("belongs to node \"node-b\"") && text.contains("not to this node \"node-a\""),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(pair.metadata(A)).unwrap(),
+        before,
+        "the file was changed"
     );
 }

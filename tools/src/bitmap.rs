@@ -35,10 +35,10 @@ enum BitmapCommand {
 /// the end of the volume; a legend row at the bottom shows the colour scale from 0% to 100%.
 ///
 /// JSON keys (stable): `path`, `format_version`, `header_slot`, `header_sequence`,
-/// `standby_header_error` (string or null), `node_name`, `peer_name` (empty: the daemon
-/// does not record the peer's name), `volume_size`,
+/// `standby_header_error` (string or null), `node_name`, `peer_name` (the last peer that
+/// connected; empty before any did), `volume_size`,
 /// `dirty_granularity`, `activity_extent_size`, `activity_capacity`,
-/// `flags` {`consistent`, `clean_shutdown`, `primary`, `unconfirmed`},
+/// `flags` {`consistent`, `clean_shutdown`, `primary`, `unconfirmed`, `lost_cache`},
 /// `generations` {`current`, `sync`, `history`} (each "0x" and 16 hex digits, since JSON
 /// numbers lose precision past 2^53), `counters` {`created_unix`, `opens`, `unclean_opens`},
 /// `dirty_bits`, `total_bits`, `dirty_bytes`, `dirty_percent`, `dirty_ranges_total`,
@@ -103,6 +103,7 @@ struct FlagsJson {
     clean_shutdown: bool,
     primary: bool,
     unconfirmed: bool,
+    lost_cache: bool,
 }
 
 #[derive(Serialize)]
@@ -174,6 +175,7 @@ fn report(args: &InspectArgs, snap: &Snapshot) -> Report {
             clean_shutdown: h.flags.contains(Flags::CLEAN_SHUTDOWN),
             primary: h.flags.contains(Flags::PRIMARY),
             unconfirmed: h.flags.contains(Flags::UNCONFIRMED),
+            lost_cache: h.flags.contains(Flags::LOST_CACHE),
         },
         generations: GenerationsJson {
             current: gen(h.generations.current),
@@ -214,8 +216,7 @@ fn text(r: &Report, snap: &Snapshot) -> String {
         "format          version {}, header copy {} (sequence {}); other copy {}",
         r.format_version, r.header_slot, r.header_sequence, standby
     );
-    // The format has room for the peer's name, but the daemon does not record it (the
-    // peer's name comes with each connection): only a file that holds one shows it.
+    // Empty until a peer first connected.
     let peer = if r.peer_name.is_empty() {
         String::new()
     } else {
@@ -256,6 +257,11 @@ fn text(r: &Report, snap: &Snapshot) -> String {
     }
     if r.flags.unconfirmed {
         flags.push("unconfirmed (writes made alone, none acknowledged)");
+    }
+    if r.flags.lost_cache {
+        flags.push(
+            "lost cache (crashed with its machine: the peer's copy of the hot extents is taken)",
+        );
     }
     let _ = writeln!(o, "flags           {}", flags.join(", "));
     let _ = writeln!(

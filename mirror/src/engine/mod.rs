@@ -10,6 +10,9 @@ mod sync;
 #[allow(unsafe_code)]
 mod uring;
 
+#[cfg(test)]
+pub(crate) use uring::fail_ring_setup_on_this_thread;
+
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
@@ -52,7 +55,8 @@ pub enum Via {
 
 pub enum Engine {
     Sync(SyncEngine),
-    Uring(UringEngine),
+    /// io_uring, with the sync engine for threads that cannot get a ring.
+    Uring(UringEngine, SyncEngine),
 }
 
 impl Engine {
@@ -66,9 +70,12 @@ impl Engine {
     ) -> io::Result<Engine> {
         match kind {
             EngineKind::Sync => Ok(Engine::Sync(SyncEngine::new(file, uncached))),
-            EngineKind::Uring => Ok(Engine::Uring(UringEngine::new(file, uncached)?)),
+            EngineKind::Uring => Ok(Engine::Uring(
+                UringEngine::new(file.clone(), uncached.clone())?,
+                SyncEngine::new(file, uncached),
+            )),
             EngineKind::Auto => match UringEngine::new(file.clone(), uncached.clone()) {
-                Ok(e) => Ok(Engine::Uring(e)),
+                Ok(e) => Ok(Engine::Uring(e, SyncEngine::new(file, uncached))),
                 Err(e) => {
                     tracing::warn!(error = %e, "io_uring unavailable, falling back to the sync engine");
                     Ok(Engine::Sync(SyncEngine::new(file, uncached)))
@@ -80,7 +87,7 @@ impl Engine {
     pub fn name(&self) -> &'static str {
         match self {
             Engine::Sync(_) => "sync",
-            Engine::Uring(_) => "uring",
+            Engine::Uring(..) => "uring",
         }
     }
 
@@ -95,7 +102,8 @@ impl Engine {
     ) -> (Vec<u8>, io::Result<usize>) {
         match self {
             Engine::Sync(e) => e.read_at(via, buf, at, offset).await,
-            Engine::Uring(e) => e.read_at(via, buf, at, offset).await,
+            Engine::Uring(e, _) if e.ring_here() => e.read_at(via, buf, at, offset).await,
+            Engine::Uring(_, fallback) => fallback.read_at(via, buf, at, offset).await,
         }
     }
 
@@ -111,14 +119,16 @@ impl Engine {
     ) -> (Vec<u8>, io::Result<usize>) {
         match self {
             Engine::Sync(e) => e.write_at(via, buf, at, offset, dsync).await,
-            Engine::Uring(e) => e.write_at(via, buf, at, offset, dsync).await,
+            Engine::Uring(e, _) if e.ring_here() => e.write_at(via, buf, at, offset, dsync).await,
+            Engine::Uring(_, fallback) => fallback.write_at(via, buf, at, offset, dsync).await,
         }
     }
 
     pub async fn datasync(&self) -> io::Result<()> {
         match self {
             Engine::Sync(e) => e.datasync().await,
-            Engine::Uring(e) => e.datasync().await,
+            Engine::Uring(e, _) if e.ring_here() => e.datasync().await,
+            Engine::Uring(_, fallback) => fallback.datasync().await,
         }
     }
 
@@ -126,7 +136,8 @@ impl Engine {
     pub async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         match self {
             Engine::Sync(e) => e.fallocate(mode, offset, len).await,
-            Engine::Uring(e) => e.fallocate(mode, offset, len).await,
+            Engine::Uring(e, _) if e.ring_here() => e.fallocate(mode, offset, len).await,
+            Engine::Uring(_, fallback) => fallback.fallocate(mode, offset, len).await,
         }
     }
 }

@@ -163,6 +163,18 @@ static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 thread_local! {
     /// This thread's rings, by engine id. Weak: the engine owns them.
     static LOCAL_RINGS: RefCell<Vec<(u64, Weak<Shared>)>> = const { RefCell::new(Vec::new()) };
+    /// Engines whose ring could not be set up on this thread (see [`UringEngine::ring_here`]).
+    static NO_RING: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    /// Test-only: ring setup fails on this thread.
+    #[cfg(test)]
+    static FAIL_RING_SETUP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Test-only: every ring set up on this thread from now on fails (as with an exhausted
+/// RLIMIT_MEMLOCK or descriptor limit).
+#[cfg(test)]
+pub(crate) fn fail_ring_setup_on_this_thread() {
+    FAIL_RING_SETUP.with(|f| f.set(true));
 }
 
 impl Drop for UringEngine {
@@ -185,6 +197,26 @@ impl UringEngine {
         };
         engine.local_ring()?;
         Ok(engine)
+    }
+
+    /// Whether this thread has a ring for this engine, setting one up if needed. Rings are
+    /// made per thread, lazily: the check at open ran on one thread only, and a data-plane
+    /// thread can still fail to get one (RLIMIT_MEMLOCK on older kernels, the descriptor
+    /// limit). Such a thread is told once, then uses the sync engine for this image (the
+    /// caller's fallback) rather than failing every request.
+    pub fn ring_here(&self) -> bool {
+        if NO_RING.with(|n| n.borrow().contains(&self.id)) {
+            return false;
+        }
+        match self.local_ring() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, thread = std::thread::current().name().unwrap_or("?"),
+                    "io_uring: no ring on this thread (RLIMIT_MEMLOCK or the open-files limit?): its requests to this image use the sync engine");
+                NO_RING.with(|n| n.borrow_mut().push(self.id));
+                false
+            }
+        }
     }
 
     fn local_ring(&self) -> io::Result<Arc<Shared>> {
@@ -333,6 +365,10 @@ fn new_ring(
     file: Arc<File>,
     uncached: Option<Arc<File>>,
 ) -> io::Result<(Arc<Shared>, tokio::task::JoinHandle<()>)> {
+    #[cfg(test)]
+    if FAIL_RING_SETUP.with(|f| f.get()) {
+        return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+    }
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(io::Error::other(
             "the io_uring engine needs a tokio runtime",

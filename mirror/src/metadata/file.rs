@@ -110,6 +110,8 @@ pub struct MetadataFile {
     dirty_region: Region,
     activity_region: Region,
     poisoned: AtomicBool,
+    /// Activity bits are never cleared again in this run (see [`MetadataFile::hold_activity`]).
+    activity_held: AtomicBool,
     shut_down: AtomicBool,
     report: OpenReport,
     /// Granules a resync carried whose target has not flushed them yet: they stay dirty,
@@ -331,6 +333,7 @@ impl MetadataFile {
                 syncing: HashMap::new(),
             }),
             poisoned: AtomicBool::new(false),
+            activity_held: AtomicBool::new(false),
             shut_down: AtomicBool::new(false),
             report: OpenReport {
                 previous_shutdown_clean: header.flags.contains(Flags::CLEAN_SHUTDOWN),
@@ -790,6 +793,11 @@ impl MetadataFile {
     /// Call after the image flush that followed `take_cold` completed: clears (lazily) the
     /// bits of extents evicted before it and still cold. Returns how many were cleared.
     pub fn clear_cold(&self, batch: ColdBatch) -> usize {
+        // A poisoned file may not hold the dirty bits these extents' writes were counted on;
+        // a failed local flush may have dropped their data: either way they stay marked.
+        if self.poisoned.load(Ordering::SeqCst) || self.activity_held.load(Ordering::SeqCst) {
+            return 0;
+        }
         let mut st = self.lock_activity();
         let ready: Vec<u64> = st
             .pending
@@ -803,6 +811,34 @@ impl MetadataFile {
             bits.clear_range(*e..*e + 1);
         }
         ready.len()
+    }
+
+    /// Keeps every activity bit set from now on in this run: a local flush failed, so the
+    /// page cache may have dropped writes the kernel never wrote ("fsyncgate": the next flush
+    /// would succeed and clear their extents). After a restart they are folded into the dirty
+    /// map like a crash's.
+    pub fn hold_activity(&self) {
+        self.activity_held.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`MetadataFile::hold_activity`] was called in this run.
+    pub fn activity_held(&self) -> bool {
+        self.activity_held.load(Ordering::SeqCst)
+    }
+
+    /// Marks every extent of the activity map dirty, durably, keeping the activity bits (a
+    /// crash's fold, without the crash). Returns the bytes covered.
+    pub fn mark_activity_dirty(&self) -> Result<u64, MetadataError> {
+        let extent = u64::from(self.extent_size());
+        let size = self.volume_size();
+        let runs: Vec<Range<u64>> = self.activity_bits().runs().collect();
+        let mut covered = 0;
+        for r in runs {
+            let bytes = bits_to_bytes(r, extent, size);
+            self.mark_dirty(bytes.start, bytes.end - bytes.start)?;
+            covered += bytes.end - bytes.start;
+        }
+        Ok(covered)
     }
 
     /// Extents hot in memory now, sorted.
