@@ -377,6 +377,7 @@ impl ImageFile {
             self.refuse_after_failed_flush("write")?;
         }
         let mut done = 0;
+        let mut retries = 0;
         while done < len {
             let (buf, r) = self
                 .engine
@@ -389,6 +390,7 @@ impl ImageFile {
                     return Err(BackendError::io("write", offset, len as u64, e));
                 }
                 Ok(n) => done += n,
+                Err(e) if transient(&e) && retries < TRANSIENT_RETRIES => retries += 1,
                 Err(e) => {
                     // A synced write's EIO may be an earlier write's writeback error.
                     if dsync && e.raw_os_error() == Some(libc::EIO) {
@@ -557,6 +559,7 @@ impl BlockBackend for ImageFile {
     async fn read(&self, offset: u64, length: usize) -> BackendResult<Vec<u8>> {
         let mut buf = vec![0u8; length];
         let mut done = 0;
+        let mut retries = 0;
         while done < length {
             let (b, r) = self
                 .engine
@@ -567,6 +570,7 @@ impl BlockBackend for ImageFile {
                 // A file shorter than its advertised size reads as zeroes past its end.
                 Ok(0) => break,
                 Ok(n) => done += n,
+                Err(e) if transient(&e) && retries < TRANSIENT_RETRIES => retries += 1,
                 Err(e) => return Err(BackendError::io("read", offset, length as u64, e)),
             }
         }
@@ -676,6 +680,17 @@ impl BlockBackend for ImageFile {
         self.extents_sync(offset, length, max_extents.max(1))
             .map_err(|e| BackendError::io("block-status", offset, length, e))
     }
+}
+
+/// How often one request retries an interrupted or would-block read or write (images on
+/// NFS or FUSE can return EINTR or EAGAIN) before the error goes to the client.
+const TRANSIENT_RETRIES: u32 = 100;
+
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+    )
 }
 
 #[cfg(test)]

@@ -2140,7 +2140,10 @@ impl Volume {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if let Err(source) = self.flush_all(Thread::Caller).await {
+        // Off this thread: a demotion runs on the main runtime, where the heartbeats and the
+        // witness lease are served, and an fdatasync of gigabytes of dirty cache could
+        // outlast the peer timeout.
+        if let Err(source) = self.flush_all(Thread::Other).await {
             // A disk that fails its flushes must not keep the volume here: once the peer
             // flushed everything (it holds every acknowledged write), demoting is what the
             // operator needs. Otherwise the error stands.
