@@ -129,6 +129,15 @@ impl Drop for Ring {
             let _ = self.ring.submit_and_wait(1);
             self.reap(&mut wake);
         }
+        if self.in_flight > 0 {
+            // A hung device (a hard NFS mount): closing the ring does not wait for the
+            // kernel to let go of their buffers, so they are leaked, never freed under it.
+            tracing::error!(
+                in_flight = self.in_flight,
+                "io_uring operations still in flight when their ring closes: their buffers are leaked rather than freed"
+            );
+            std::mem::forget(std::mem::take(&mut self.slots));
+        }
     }
 }
 
