@@ -697,16 +697,22 @@ fn transient(e: &io::Error) -> bool {
 mod tests {
     use super::*;
 
-    /// After a failed flush the kernel may report success for the next one although pages
-    /// were lost: every later flush and FUA write fails until the failure is forgiven (a
-    /// secondary that marked its copy for resync). A plain write still goes to the cache.
-    #[tokio::test]
-    async fn a_failed_flush_fails_every_later_one_until_forgiven() {
+    /// A 1 MiB image in a fresh folder (kept while the returned guard lives).
+    fn temp_image() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("i.img");
         std::fs::File::create(&path)
             .and_then(|f| f.set_len(1 << 20))
             .expect("image");
+        (dir, path)
+    }
+
+    /// After a failed flush the kernel may report success for the next one although pages
+    /// were lost: every later flush and FUA write fails until the failure is forgiven (a
+    /// secondary that marked its copy for resync). A plain write still goes to the cache.
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_later_one_until_forgiven() {
+        let (_dir, path) = temp_image();
         for kind in [EngineKind::Auto, EngineKind::Sync] {
             let image = ImageFile::open(&path, false, kind).expect("open");
             image.flush().await.expect("a first flush");
@@ -727,21 +733,12 @@ mod tests {
             image.flush().await.expect("forgiven");
         }
     }
-}
-
-#[cfg(test)]
-mod ring_tests {
-    use super::*;
 
     /// A data-plane thread that cannot set up its own io_uring ring (the check at open ran on
     /// another thread) serves its requests through the sync engine instead of failing each.
     #[tokio::test]
     async fn a_thread_without_a_ring_falls_back_to_the_sync_engine() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("r.img");
-        std::fs::File::create(&path)
-            .and_then(|f| f.set_len(1 << 20))
-            .expect("image");
+        let (_dir, path) = temp_image();
         let image = Arc::new(ImageFile::open(&path, false, EngineKind::Uring).expect("open"));
         assert_eq!(image.engine_name(), "uring");
         let other = image.clone();

@@ -62,16 +62,7 @@ fn both_primary_alone_is_split_brain_until_resolved() {
         assert_eq!(num(&v, "resync_bytes_sent"), 0, "{}: {v}", node.name());
         assert_eq!(num(&v, "resync_bytes_received"), 0, "{}: {v}", node.name());
     }
-    assert_eq!(
-        file_digest(&pair.image(A)),
-        digest_a,
-        "node-a's image changed"
-    );
-    assert_eq!(
-        file_digest(&pair.image(B)),
-        digest_b,
-        "node-b's image changed"
-    );
+    assert_images_unchanged(&pair, &digest_a, &digest_b);
     // verify does not count (or promise to repair) what the split brain keeps apart.
     let v = pair.verify(A);
     assert_eq!(v.code, Some(2), "{v}");
@@ -232,16 +223,7 @@ fn link_cut_with_both_running_then_both_primary_is_split_brain() {
         assert_eq!(num(&v, "resync_bytes_sent"), 0, "{}: {v}", node.name());
         assert_eq!(num(&v, "resync_bytes_received"), 0, "{}: {v}", node.name());
     }
-    assert_eq!(
-        file_digest(&pair.image(A)),
-        digest_a,
-        "node-a's image changed"
-    );
-    assert_eq!(
-        file_digest(&pair.image(B)),
-        digest_b,
-        "node-b's image changed"
-    );
+    assert_images_unchanged(&pair, &digest_a, &digest_b);
     // Writes on either primary during the split brain must not reach the other.
     assert_qemu_io_ok(&qemu_io(
         &pair.env,
@@ -406,16 +388,7 @@ fn a_copy_whose_metadata_was_lost_is_not_overwritten() {
         pair.log(A)
     );
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        file_digest(&pair.image(A)),
-        digest_a,
-        "node-a's image changed"
-    );
-    assert_eq!(
-        file_digest(&pair.image(B)),
-        digest_b,
-        "node-b's image changed"
-    );
+    assert_images_unchanged(&pair, &digest_a, &digest_b);
 
     // Discarding node-a's copy is one command on either node; keeping it needs its node.
     let elsewhere = pair.resolve(B, B, true);
@@ -449,4 +422,18 @@ fn two_primaries(pair: &mut Pair) {
         });
         assert_eq!(v["role"], "primary", "{}: {v}", node.name());
     }
+}
+
+/// Neither node's image changed since the digests were taken.
+fn assert_images_unchanged(pair: &Pair, digest_a: &u64, digest_b: &u64) {
+    assert_eq!(
+        file_digest(&pair.image(A)),
+        *digest_a,
+        "node-a's image changed"
+    );
+    assert_eq!(
+        file_digest(&pair.image(B)),
+        *digest_b,
+        "node-b's image changed"
+    );
 }
