@@ -1965,7 +1965,7 @@ impl Volume {
                 }
             }
             drop(zstd);
-            link.request_frame(frame).await.map_err(verr)?
+            link.request_bulk_frame(frame).await.map_err(verr)?
         };
         match reply {
             Message::Ack { errno: 0 } => {
