@@ -268,6 +268,9 @@ struct Runtime {
     peer_fenced: bool,
     /// The volumes' link count when the fence hook started: a link since voids the fence.
     fenced_at_links: u64,
+    /// The same count per volume (in the group's order): each volume's gate opens only while
+    /// its own count is still this one, and its next link closes it at once.
+    fenced_links_per_volume: Vec<u64>,
 }
 
 pub struct GroupRuntime {
@@ -376,6 +379,7 @@ impl Failover {
                         ready: false,
                         peer_fenced: false,
                         fenced_at_links: 0,
+                        fenced_links_per_volume: Vec::new(),
                     }),
                 })
             })
@@ -697,12 +701,24 @@ impl Failover {
     /// writes waiting at a gate run on the volumes' own threads and pass the moment it
     /// opens, so a gate must never open, even briefly, for a generation not registered).
     fn set_gates(&self, g: &GroupRuntime, allowed: Option<u64>) {
-        let (deadline, registered) = {
+        let (deadline, registered, fenced_links) = {
             let rt = lock(&g.rt);
-            (rt.lease_until, rt.registered_volumes.clone())
+            let fenced = (self.witness.is_none() && g.spec.fence.is_some() && rt.peer_fenced)
+                .then(|| rt.fenced_links_per_volume.clone());
+            (rt.lease_until, rt.registered_volumes.clone(), fenced)
         };
         for (i, v) in g.spec.volumes.iter().enumerate() {
             if let Ok(vol) = self.node.volume(v) {
+                if let (Some(ALONE_ALWAYS), Some(links)) = (allowed, &fenced_links) {
+                    // Open only while the fence holds: the volume closes its gate itself
+                    // when a link comes up (the fenced peer returned).
+                    let seen = links.get(i).copied().unwrap_or(u64::MAX);
+                    vol.set_alone_deadline(None);
+                    if !vol.allow_alone_until_next_link(seen) {
+                        info!(group = %g.spec.name, volume = %v, "a link came up since the fence: writing alone waits for a new one");
+                    }
+                    continue;
+                }
                 let gen = match allowed {
                     None => 0,
                     Some(ALONE_ALWAYS) => ALONE_ALWAYS,
@@ -1172,19 +1188,32 @@ impl Failover {
 
     /// Links to the peer the group's volumes have had since start (only grows).
     fn links_established(&self, g: &GroupRuntime) -> u64 {
-        g.spec
-            .volumes
-            .iter()
-            .filter_map(|v| self.node.volume(v).ok())
-            .map(|v| v.failover_view().links_established)
+        self.links_per_volume(g)
+            .into_iter()
             .fold(0, u64::saturating_add)
     }
 
-    /// The fence hook confirmed the peer is off; `links`: the link count before it ran.
-    fn mark_fenced(&self, g: &GroupRuntime, links: u64) {
+    /// Each volume's link count, in the group's order (a volume that is gone counts as one
+    /// whose count always moved).
+    fn links_per_volume(&self, g: &GroupRuntime) -> Vec<u64> {
+        g.spec
+            .volumes
+            .iter()
+            .map(|v| {
+                self.node
+                    .volume(v)
+                    .map_or(u64::MAX, |v| v.failover_view().links_established)
+            })
+            .collect()
+    }
+
+    /// The fence hook confirmed the peer is off; `links`: the link count before it ran (in
+    /// all, and per volume).
+    fn mark_fenced(&self, g: &GroupRuntime, links: u64, per_volume: Vec<u64>) {
         let mut rt = lock(&g.rt);
         rt.peer_fenced = true;
         rt.fenced_at_links = links;
+        rt.fenced_links_per_volume = per_volume;
     }
 
     /// `peer`: the live peer's announcement for this group, if any.
@@ -1364,12 +1393,13 @@ impl Failover {
                 self.set_gates(g, None);
                 self.transition(g, GroupState::Suspended, &reason);
                 let links = self.links_established(g);
+                let per_volume = self.links_per_volume(g);
                 if self
                     .run_hook(g, &g.spec.fence, HookAction::Fence, peer_name)
                     .await
                 {
                     warn!(group = %g.spec.name, "the peer is fenced: serving alone");
-                    self.mark_fenced(g, links);
+                    self.mark_fenced(g, links, per_volume);
                     self.set_gates(g, Some(ALONE_ALWAYS));
                     self.transition(g, GroupState::Alone, "the peer is fenced: serving alone");
                 }
@@ -1477,6 +1507,7 @@ impl Failover {
             Quorum::Fence => {
                 info!(group = %g.spec.name, peer = ?peer, "fencing the peer before taking over");
                 let links = self.links_established(g);
+                let per_volume = self.links_per_volume(g);
                 if !self
                     .run_hook(g, &g.spec.fence, HookAction::Fence, peer)
                     .await
@@ -1489,7 +1520,7 @@ impl Failover {
                     return;
                 }
                 // As primary without the link, the rules would otherwise fence it again.
-                self.mark_fenced(g, links);
+                self.mark_fenced(g, links, per_volume);
             }
         }
         if quorum != Quorum::PeerConsent {

@@ -220,6 +220,9 @@ pub struct Volume {
     /// The link dropped while the pair was in sync (this copy had every acknowledged write).
     in_sync_at_loss: AtomicBool,
     links_established: AtomicU64,
+    /// The gate stands open because the peer was fenced (see
+    /// [`Volume::allow_alone_until_next_link`]): the next link closes it.
+    alone_until_next_link: AtomicBool,
     /// Secondary: a write of the primary failed here since the last resync started, so a
     /// `ResyncDone` must not make this copy consistent.
     failed_since_resync_start: AtomicBool,
@@ -440,6 +443,7 @@ impl Volume {
             alone_deadline: Mutex::new(None),
             in_sync_at_loss: AtomicBool::new(false),
             links_established: AtomicU64::new(0),
+            alone_until_next_link: AtomicBool::new(false),
             failed_since_resync_start: AtomicBool::new(false),
             demoting: AtomicBool::new(false),
             was_primary: AtomicBool::new(false),
@@ -564,6 +568,13 @@ impl Volume {
             sh.link_ready = false;
             sh.reason = "connected; exchanging state".into();
             self.links_established.fetch_add(1, Ordering::AcqRel);
+            if self.alone_until_next_link.swap(false, Ordering::AcqRel) {
+                // The fenced peer is back (if only briefly): its fence is void, and writes
+                // alone wait for a new one, closed here and not at the failover logic's next
+                // tick, which a hook can delay by minutes.
+                self.alone_gate.send_replace(0);
+                info!(volume = %self.name, "the fenced peer connected: writing alone needs a new fence");
+            }
             let old = sh.link.replace(link.clone());
             if let Some(old) = &old {
                 // Closed before anyone can see it retired: its reader starts no request after
@@ -957,7 +968,25 @@ impl Volume {
                 return;
             }
         }
+        self.alone_until_next_link.store(false, Ordering::Release);
         self.alone_gate.send_replace(generation);
+    }
+
+    /// Opens the gate for writes alone because the peer was fenced (powered off) while this
+    /// volume had had `links_seen` links: only until a link comes up again (the peer's fence
+    /// no longer holds then), and not at all if one came up since `links_seen` was read.
+    /// Returns whether the gate opened.
+    pub fn allow_alone_until_next_link(&self, links_seen: u64) -> bool {
+        let sh = lock(&self.shared);
+        if self.links_established.load(Ordering::Acquire) != links_seen {
+            self.alone_until_next_link.store(false, Ordering::Release);
+            self.alone_gate.send_replace(0);
+            return false;
+        }
+        self.set_alone_allowed(ALONE_ALWAYS);
+        self.alone_until_next_link.store(true, Ordering::Release);
+        drop(sh);
+        true
     }
 
     /// With a witness, permission to write alone also ends at the lease's end, whether or
@@ -2854,9 +2883,10 @@ impl BlockBackend for Volume {
 #[cfg(test)]
 mod tests {
     use super::{
-        compress, ActiveGuard, Generations, MetadataFile, MetadataOptions, Role, Volume,
+        compress, ActiveGuard, Generations, Link, MetadataFile, MetadataOptions, Role, Volume,
         VolumeState,
     };
+    use std::time::Duration;
 
     fn peer_state_with_map(size: u64, granularity: u32, dirty_map: Vec<u8>) -> VolumeState {
         VolumeState {
@@ -2928,6 +2958,50 @@ mod tests {
         assert_eq!(meta.dirty_count(), 1, "the interrupted write's granule");
         meta.clean_shutdown()
             .expect("no write left registered in the activity map");
+    }
+
+    /// A gate a fence opened closes the moment the fenced peer connects again, not at the
+    /// failover logic's next tick (which a slow hook can hold for minutes): a write alone
+    /// after that link waits for a new fence. A fence read before a link opens nothing.
+    #[tokio::test]
+    async fn a_link_closes_the_gate_a_fence_opened() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote alone");
+        vol.set_alone_allowed(0);
+        let links = vol.failover_view().links_established;
+        assert!(vol.allow_alone_until_next_link(links));
+        vol.record_alone(1 << 20, 4096).expect("write alone");
+        tokio::time::timeout(Duration::from_secs(5), vol.wait_alone_allowed())
+            .await
+            .expect("the fence lets it through")
+            .expect("allowed");
+
+        let link = Link::new("b".into(), Duration::from_secs(5), None);
+        tokio::time::timeout(Duration::from_secs(5), vol.link_up(link.clone()))
+            .await
+            .expect("link up");
+        link.close();
+        vol.record_alone(2 << 20, 4096).expect("write alone");
+        let waited =
+            tokio::time::timeout(Duration::from_millis(300), vol.wait_alone_allowed()).await;
+        assert!(
+            waited.is_err(),
+            "a write alone after the link waits: {waited:?}"
+        );
+        assert!(
+            !vol.allow_alone_until_next_link(links),
+            "a fence from before the link opens nothing"
+        );
+        let waited =
+            tokio::time::timeout(Duration::from_millis(300), vol.wait_alone_allowed()).await;
+        assert!(waited.is_err(), "still waiting: {waited:?}");
+        let now = vol.failover_view().links_established;
+        assert!(vol.allow_alone_until_next_link(now), "a new fence opens it");
+        tokio::time::timeout(Duration::from_secs(5), vol.wait_alone_allowed())
+            .await
+            .expect("passes after the new fence")
+            .expect("allowed");
     }
 
     /// A write that finds the link gone after its volume was demoted (a demotion waits for
