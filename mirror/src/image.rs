@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nbd_server::{BackendError, BackendResult, BlockBackend, Extent, ZeroMode};
@@ -86,6 +86,16 @@ pub fn create_image(path: &Path, size: u64) -> Result<(), ImageError> {
 /// for a while.
 const INLINE_WRITE_MAX: usize = 4 * 1024 * 1024;
 
+/// A FLUSH alone on its thread runs fdatasync inline only when at most this many page-cache
+/// writes came since the previous one. The thread also carries the volume's replication link
+/// (its pings, its acknowledgements): blocked for longer than the peer's timeout, it drops the
+/// link and the pair resyncs. A FLUSH after each write or few (a guest's journal, the QD1
+/// write+FLUSH load the inline path is for) costs a device flush and a few pages; one after
+/// thousands of buffered writes (the periodic flush of a secondary, a guest that syncs
+/// rarely) can take seconds on a disk with seeks (reproduced: a 0.5 s fdatasync of a
+/// secondary after 6 s of random writes dropped a link with a 200 ms timeout).
+const INLINE_FLUSH_MAX_WRITES: u64 = 64;
+
 /// Smallest write [`ImageFile::write_through`] sends around the page cache: below it the
 /// device's latency would show in a secondary's acknowledgement for little saved copying.
 const DIRECT_WRITE_MIN: usize = 256 * 1024;
@@ -102,6 +112,11 @@ pub struct ImageFile {
     /// PostgreSQL do, until the failure is handled (see [`ImageFile::forgive_failed_flush`])
     /// or the daemon restarts.
     flush_failed: AtomicBool,
+    /// Page-cache writes since the last flush started (see [`INLINE_FLUSH_MAX_WRITES`]).
+    writes_since_flush: AtomicU64,
+    /// Test-only: flushes made inline on the caller's thread.
+    #[cfg(test)]
+    inline_flushes: AtomicU64,
     /// Test-only: writes held back as if the disk stalled (see [`ImageFile::stall_next_write_at`]).
     #[cfg(test)]
     stalls: std::sync::Mutex<Vec<Stall>>,
@@ -192,6 +207,9 @@ impl ImageFile {
             read_only,
             path: path.to_owned(),
             flush_failed: AtomicBool::new(false),
+            writes_since_flush: AtomicU64::new(0),
+            #[cfg(test)]
+            inline_flushes: AtomicU64::new(0),
             #[cfg(test)]
             stalls: std::sync::Mutex::new(Vec::new()),
             #[cfg(test)]
@@ -363,6 +381,7 @@ impl ImageFile {
 
     fn write_inline(&self, data: &[u8], offset: u64) -> BackendResult<()> {
         use std::os::unix::fs::FileExt;
+        self.writes_since_flush.fetch_add(1, Ordering::Relaxed);
         self.file
             .write_all_at(data, offset)
             .map_err(|e| BackendError::io("write", offset, data.len() as u64, e))
@@ -375,6 +394,8 @@ impl ImageFile {
         }
         if dsync {
             self.refuse_after_failed_flush("write")?;
+        } else {
+            self.writes_since_flush.fetch_add(1, Ordering::Relaxed);
         }
         let mut done = 0;
         let mut retries = 0;
@@ -542,6 +563,11 @@ impl ImageFile {
     /// thread that serves other work).
     pub async fn flush_off_thread(&self) -> BackendResult<()> {
         self.refuse_after_failed_flush("flush")?;
+        #[cfg(test)]
+        if self.flush_fails_if_asked() {
+            return self.flush_result(Err(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        self.writes_since_flush.store(0, Ordering::Release);
         let r = self.engine.datasync().await;
         self.flush_result(r)
     }
@@ -587,12 +613,16 @@ impl BlockBackend for ImageFile {
         if self.flush_fails_if_asked() {
             return self.flush_result(Err(io::Error::from_raw_os_error(libc::EIO)));
         }
-        if nbd_server::spin::requests_here() <= 1 {
-            // Alone on this thread: fdatasync right here, as a page-cache server's worker
-            // thread does. Through io_uring the flush is handed to an io-wq worker and its
-            // completion wakes this thread again: two thread switches that made a QD1
-            // write+FLUSH 10-20 % slower than nbdkit's. With other requests in flight it
-            // stays on io_uring, so they are not held up for the device's flush.
+        let written = self.writes_since_flush.swap(0, Ordering::AcqRel);
+        if nbd_server::spin::requests_here() <= 1 && written <= INLINE_FLUSH_MAX_WRITES {
+            // Alone on this thread, with little to write back: fdatasync right here, as a
+            // page-cache server's worker thread does. Through io_uring the flush is handed to
+            // an io-wq worker and its completion wakes this thread again: two thread switches
+            // that made a QD1 write+FLUSH 10-20 % slower than nbdkit's. With other requests
+            // in flight, or much to write back, it stays on io_uring, so they (and the
+            // replication link) are not held up for the device.
+            #[cfg(test)]
+            self.inline_flushes.fetch_add(1, Ordering::Relaxed);
             let r = self.file.sync_data();
             nbd_server::spin::device_flushed();
             return self.flush_result(r);
@@ -731,6 +761,31 @@ mod tests {
                 .expect("a plain write");
             image.forgive_failed_flush();
             image.flush().await.expect("forgiven");
+        }
+    }
+
+    /// A FLUSH after a few writes syncs inline; one after many buffered writes (seconds of
+    /// write-back on a disk with seeks) leaves the thread free for its replication link.
+    #[tokio::test]
+    async fn a_flush_with_much_to_write_back_leaves_the_thread() {
+        let (_dir, path) = temp_image();
+        for kind in [EngineKind::Auto, EngineKind::Sync] {
+            let image = ImageFile::open(&path, false, kind).expect("open");
+            let inline = || image.inline_flushes.load(Ordering::Relaxed);
+            image.write(0, vec![1; 4096], false).await.expect("write");
+            image.flush().await.expect("flush");
+            assert_eq!(inline(), 1, "{kind:?}: one write to sync, inline");
+            for i in 0..=INLINE_FLUSH_MAX_WRITES {
+                image
+                    .write(i * 4096, vec![2; 4096], false)
+                    .await
+                    .expect("write");
+            }
+            image.flush().await.expect("flush");
+            assert_eq!(inline(), 1, "{kind:?}: many writes to sync, off the thread");
+            image.write(0, vec![3; 4096], false).await.expect("write");
+            image.flush().await.expect("flush");
+            assert_eq!(inline(), 2, "{kind:?}: counted from the last flush");
         }
     }
 

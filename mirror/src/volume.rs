@@ -687,8 +687,9 @@ impl Volume {
         self.record_unflushed_as_dirty();
         if self.role() == Role::Secondary {
             // Keep what the primary sent. If that fails, pages it acknowledged may be gone:
-            // this copy must not be promoted as if it had them.
-            if let Err(e) = self.image.flush().await {
+            // this copy must not be promoted as if it had them. Off this thread: it may
+            // carry the next link, and everything the primary sent can take long to write.
+            if let Err(e) = self.image.flush_off_thread().await {
                 error!(volume = %self.name, error = %e, "flush after losing the primary failed");
                 self.become_inconsistent("the flush after losing the primary failed");
             }
@@ -1607,7 +1608,8 @@ impl Volume {
     }
 
     async fn resync_target_done(&self, generations: Generations) -> Message {
-        if let Err(e) = self.image.flush().await {
+        // Off the link's thread: the resync's page-cache writes can take long to write back.
+        if let Err(e) = self.image.flush_off_thread().await {
             self.become_inconsistent("the flush at the end of the resync failed");
             // This resync is over (status: no longer "syncing"); the source starts another.
             lock(&self.shared).target_progress = None;
@@ -2570,7 +2572,7 @@ impl Volume {
         }
         self.record_unflushed_as_dirty();
         self.set_mirror(None);
-        if let Err(e) = self.image.flush().await {
+        if let Err(e) = self.image.flush_off_thread().await {
             error!(volume = %self.name, error = %e, "final flush failed; the next start resyncs hot extents");
             return;
         }
