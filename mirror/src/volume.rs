@@ -1198,6 +1198,13 @@ impl Volume {
         drop(active);
         if let Err(e) = &result {
             warn!(volume = %self.name, offset, len, error = %e, "local I/O error (reported to the client)");
+            // A FUA write's EIO (or the flush of a FUA trim) can be write-back failing: the
+            // same as a failed FLUSH for what this image may have lost.
+            if self.image.has_failed_flush()
+                && !(self.meta.activity_held() && self.meta.flags().contains(Flags::LOST_CACHE))
+            {
+                self.local_flush_failed(e);
+            }
         }
         result
     }
@@ -2960,6 +2967,22 @@ mod tests {
         assert_eq!(meta.dirty_count(), 1, "the interrupted write's granule");
         meta.clean_shutdown()
             .expect("no write left registered in the activity map");
+    }
+
+    /// A FUA request whose flush fails (write-back failing) marks the copy as having lost
+    /// its cache and keeps its hot extents, as a failed FLUSH does: a crash before the next
+    /// FLUSH must not leave this copy looking as good as its peer's.
+    #[tokio::test]
+    async fn a_failed_fua_request_counts_as_a_failed_flush() {
+        use nbd_server::BlockBackend;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote alone");
+        let failed = vol.image_for_tests().fail_flush_after(0);
+        assert!(vol.trim(1 << 20, 64 << 10, true).await.is_err());
+        failed.await.expect("flush hook");
+        assert!(vol.meta.flags().contains(super::Flags::LOST_CACHE));
+        assert!(vol.meta.activity_held());
     }
 
     /// A gate a fence opened closes the moment the fenced peer connects again, not at the
