@@ -195,6 +195,8 @@ pub struct Volume {
     /// gone cold (see `background_maintenance`).
     last_cold_flush: Mutex<Instant>,
     solo_lock: Mutex<()>,
+    /// Held while a decision is made and applied (see `redecide`).
+    decide_lock: Mutex<()>,
     /// A `ResyncDone` went to the peer and its answer did not come back: the peer may have
     /// adopted this node's generation as its own, in sync. A write made alone from then on
     /// must start a new generation even though this node's current one differs from its
@@ -431,6 +433,7 @@ impl Volume {
             last_peer_flush: Mutex::new(Instant::now()),
             last_cold_flush: Mutex::new(Instant::now()),
             solo_lock: Mutex::new(()),
+            decide_lock: Mutex::new(()),
             handover_unanswered: AtomicBool::new(false),
             inconsistency_unrecorded: AtomicBool::new(false),
             app_inflight: AtomicUsize::new(0),
@@ -803,12 +806,30 @@ impl Volume {
         }
     }
 
+    /// Decides the pair's plan from both sides' states and applies it (the mirror link, the
+    /// in-sync mark, a resync pass). Serialised: promote, demote, verify and resolve call it
+    /// from the main runtime while the link's thread calls it for the peer's states, and a
+    /// decision applied after a newer one (from a local state read before a promotion, say)
+    /// would unset the mirror of a connected primary while both sides report in sync.
     fn redecide(self: &Arc<Self>) {
+        let _one_at_a_time = lock(&self.decide_lock);
+        // Bounded: a retry happens only when a write alone started a generation meanwhile.
+        for _ in 0..3 {
+            if self.redecide_once() {
+                return;
+            }
+        }
+        warn!(volume = %self.name, "the pair's state kept changing while it was decided; deciding again on the next state");
+    }
+
+    /// One decision; false when it found both copies equal but this node's generation moved
+    /// since it was read (a write went alone meanwhile): decide again.
+    fn redecide_once(self: &Arc<Self>) -> bool {
         let local = self.local_side();
         let (plan, link, start_source) = {
             let mut sh = lock(&self.shared);
             let (Some(peer), Some(link)) = (sh.peer.clone(), sh.link.clone()) else {
-                return;
+                return true;
             };
             let plan = decide::decide(&local, &peer.side);
             let changed = sh.plan.as_ref() != Some(&plan);
@@ -857,8 +878,8 @@ impl Volume {
                     }
             );
         self.set_mirror(mirror.then(|| link.clone()));
-        if matches!(plan, Plan::InSync) {
-            self.mark_in_sync();
+        if matches!(plan, Plan::InSync) && !self.mark_in_sync(local.generations.current) {
+            return false;
         }
         if start_source {
             let full = matches!(plan, Plan::Resync { full: true, .. });
@@ -890,11 +911,18 @@ impl Volume {
                 }
             });
         }
+        true
     }
 
-    /// Both copies are equal: the solo period (if any) is over.
-    fn mark_in_sync(&self) {
+    /// Both copies are equal at this node's generation `compared`: the solo period (if any)
+    /// is over. False, and nothing changed, when a write alone started a newer generation
+    /// since (its writes are on this node only: not in sync, and not confirmed).
+    fn mark_in_sync(&self, compared: u64) -> bool {
+        let _no_new_generation = lock(&self.solo_lock);
         let g = self.meta.generations();
+        if g.current != compared {
+            return false;
+        }
         if self.meta.flags().contains(Flags::UNCONFIRMED) {
             // Both copies hold the same data now: nothing left to discard.
             if let Err(e) = self
@@ -917,6 +945,7 @@ impl Volume {
             // The peer answered the handover: a write alone starts a new generation anyway.
             self.handover_unanswered.store(false, Ordering::Release);
         }
+        true
     }
 
     // ----- writing alone -----
@@ -1751,7 +1780,7 @@ impl Volume {
         if full {
             self.meta.mark_all_dirty().map_err(merr)?;
         }
-        loop {
+        let handed_over = loop {
             // Once before (so the target's progress counts it), once after the acknowledgement.
             self.union_peer_dirty_map()?;
             let total = self.meta.dirty_bytes();
@@ -1835,7 +1864,7 @@ impl Volume {
                 .map_err(merr)?;
             let Some(reply) = sent else { continue };
             match reply.map_err(verr)? {
-                Message::Ack { errno: 0 } => break,
+                Message::Ack { errno: 0 } => break gens.current,
                 other => {
                     return Err(VolumeError::Refused {
                         volume: self.name.clone(),
@@ -1843,13 +1872,21 @@ impl Volume {
                     })
                 }
             }
-        }
+        };
         let took = lock(&self.shared)
             .source_progress
             .take()
             .and_then(|p| p.started)
             .map(|s| s.elapsed());
-        self.mark_in_sync();
+        if !self.mark_in_sync(handed_over) {
+            // A write alone started a newer generation after the handover (the link dropped
+            // meanwhile, or the peer refused it): what it wrote still has to go over.
+            self.announce();
+            return Err(VolumeError::Refused {
+                volume: self.name.clone(),
+                what: "this node wrote alone while the resync ended; another pass follows".into(),
+            });
+        }
         info!(volume = %self.name, peer = %link.peer_node, took = ?took, sent_total = self.resync_sent.load(Ordering::Relaxed), "resync to the peer complete: in sync");
         self.announce();
         Ok(())
@@ -2104,7 +2141,7 @@ impl Volume {
                     .await
                 {
                     Ok(Message::Ack { errno: 0 }) => {
-                        self.mark_in_sync();
+                        self.mark_in_sync(gens.current);
                         info!(volume = %self.name, "both images are new: no initial copy");
                     }
                     other => {
@@ -2969,6 +3006,24 @@ mod tests {
             .expect("no write left registered in the activity map");
     }
 
+    /// A decision that found both copies equal does not mark the pair in sync once a write
+    /// alone started a newer generation after the states were read: those writes are on this
+    /// node only (and with a witness, not yet confirmed).
+    #[tokio::test]
+    async fn in_sync_is_marked_only_at_the_generation_compared() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote alone");
+        let compared = vol.meta.generations().current;
+        assert!(vol.mark_in_sync(compared));
+        vol.record_alone(1 << 20, 4096).expect("a write alone");
+        let after = vol.meta.generations();
+        assert_ne!(after.current, compared, "a new generation");
+        assert!(!vol.mark_in_sync(compared), "decided before that write");
+        assert_eq!(vol.meta.generations(), after, "nothing changed");
+        assert!(vol.mark_in_sync(after.current));
+    }
+
     /// A FUA request whose flush fails (write-back failing) marks the copy as having lost
     /// its cache and keeps its hot extents, as a failed FLUSH does: a crash before the next
     /// FLUSH must not leave this copy looking as good as its peer's.
@@ -3084,7 +3139,7 @@ mod tests {
         vol.promote(true).await.expect("promote");
         // As after a completed initial copy: in sync, nothing dirty.
         vol.meta.clear_dirty(0, 16 << 20).expect("clear");
-        vol.mark_in_sync();
+        assert!(vol.mark_in_sync(vol.meta.generations().current));
         let before = vol.meta.generations();
         assert_eq!(before.current, before.sync);
         assert_eq!(vol.meta.dirty_count(), 0);
