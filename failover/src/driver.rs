@@ -71,6 +71,16 @@ pub struct Transition {
     pub reason: String,
 }
 
+/// The last hook of a group that failed or could not run.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HookFailure {
+    pub at_unix: u64,
+    pub action: &'static str,
+    /// What went wrong: the exit status and the end of the hook's error output, or why it
+    /// could not run, and what the daemon did about it.
+    pub detail: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct GroupStatus {
     pub name: String,
@@ -84,6 +94,7 @@ pub struct GroupStatus {
     pub peer_alive: bool,
     pub witness: &'static str,
     pub transitions: Vec<Transition>,
+    pub last_hook_failure: Option<HookFailure>,
 }
 
 /// What a node tells its peer about a group in every heartbeat.
@@ -266,6 +277,10 @@ struct Runtime {
     ready: bool,
     /// This node fenced the peer since it last lost it (fence-only quorum).
     peer_fenced: bool,
+    /// Shown in `status` until the daemon restarts.
+    last_hook_failure: Option<HookFailure>,
+    /// The VM was stopped when the group was suspended (see `Decision::Suspend`).
+    stopped_while_suspended: bool,
     /// The volumes' link count when the fence hook started: a link since voids the fence.
     fenced_at_links: u64,
     /// The same count per volume (in the group's order): each volume's gate opens only while
@@ -380,6 +395,8 @@ impl Failover {
                         peer_fenced: false,
                         fenced_at_links: 0,
                         fenced_links_per_volume: Vec::new(),
+                        last_hook_failure: None,
+                        stopped_while_suspended: false,
                     }),
                 })
             })
@@ -628,6 +645,7 @@ impl Failover {
                         (Some(_), _) => "unreachable",
                     },
                     transitions: rt.transitions.iter().cloned().collect(),
+                    last_hook_failure: rt.last_hook_failure.clone(),
                 }
             })
             .collect()
@@ -1363,13 +1381,24 @@ impl Failover {
             }
             Ok(o) => {
                 warn!(group = %g.spec.name, action = action.as_str(), exit = %o.exit, stderr = ?o.stderr_tail, "hook failed");
+                let tail = o.stderr_tail.join(" | ");
+                self.hook_failed(g, action, format!("{}; stderr: {tail}", o.exit));
                 false
             }
             Err(e) => {
                 error!(group = %g.spec.name, action = action.as_str(), error = %e, "hook could not run");
+                self.hook_failed(g, action, format!("could not run: {e}"));
                 false
             }
         }
+    }
+
+    fn hook_failed(&self, g: &GroupRuntime, action: HookAction, detail: String) {
+        lock(&g.rt).last_hook_failure = Some(HookFailure {
+            at_unix: unix_now(),
+            action: action.as_str(),
+            detail,
+        });
     }
 
     async fn execute(&self, g: &Arc<GroupRuntime>, d: Decision, peer_name: Option<String>) {
@@ -1386,6 +1415,17 @@ impl Failover {
                     self.vip_up(g).await;
                 }
                 self.transition(g, state, &reason);
+                let restart = std::mem::take(&mut lock(&g.rt).stopped_while_suspended);
+                if restart {
+                    info!(group = %g.spec.name, "serving again: starting the VM stopped while suspended");
+                    if !self
+                        .run_hook(g, &g.spec.start, HookAction::Start, None)
+                        .await
+                    {
+                        lock(&g.rt).restarts += 1;
+                    }
+                    lock(&g.rt).last_monitor = Some(Instant::now());
+                }
                 self.monitor(g).await;
             }
             Decision::FencePeer { reason } => {
@@ -1416,6 +1456,19 @@ impl Failover {
                 if lock(&g.rt).vip_up {
                     warn!(group = %g.spec.name, "suspended: removing the virtual IP");
                     self.vip_down(g).await;
+                }
+                // And the VM: a survivor that takes the group starts it there, and a copy
+                // frozen here (its disk suspended, its guest network still up) must not run
+                // beside it. Serving again (quorum back, nobody took over) starts it again.
+                let running_here = {
+                    let rt = lock(&g.rt);
+                    rt.state != GroupState::Suspended && !rt.stopped_while_suspended
+                };
+                if running_here && g.spec.stop.is_some() {
+                    warn!(group = %g.spec.name, "suspended: stopping the VM (the peer may take the group)");
+                    self.transition(g, GroupState::Suspended, &reason);
+                    lock(&g.rt).stopped_while_suspended = true;
+                    self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
                 }
                 self.transition(g, GroupState::Suspended, &reason);
             }
@@ -1629,6 +1682,7 @@ impl Failover {
             return;
         }
         info!(group = %g.spec.name, reason, "giving up the group");
+        let registered_before = lock(&g.rt).registered_generation;
         let handover = {
             let mut rt = lock(&g.rt);
             // The lease watch stops renewing: a lease after the release below would make the
@@ -1646,8 +1700,34 @@ impl Failover {
         };
         // The peer's `swap --cancel` learns it now.
         self.publish();
-        self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
-        self.vip_down(g).await;
+        if !handover {
+            // Not a handover: the peer holds the group already, or may (a newer round, the
+            // witness names another holder), with the address up there. Down here first, not
+            // after a stop hook that may take a minute.
+            self.vip_down(g).await;
+        }
+        let stopped = self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
+        if !stopped && handover {
+            // The VM may still run here: starting it on the peer would run it twice. The
+            // group stays, serving as before; the operator retries once the VM is stopped.
+            error!(group = %g.spec.name, reason, "the stop hook failed: the VM may still run here, so the group stays on this node; stop the VM (or fix the hook) and retry");
+            {
+                let mut rt = lock(&g.rt);
+                rt.leaving = false;
+                rt.swap_requested = None;
+                rt.vm_failed = false;
+                rt.registered_generation = registered_before;
+                if let Some(f) = rt.last_hook_failure.as_mut() {
+                    f.detail
+                        .push_str(" (during a handover: the group stayed on this node)");
+                }
+            }
+            self.publish();
+            return;
+        }
+        if handover {
+            self.vip_down(g).await;
+        }
         let mut all_demoted = true;
         for v in &g.spec.volumes {
             if let Err(e) = self.node.demote(v).await {
@@ -1676,6 +1756,7 @@ impl Failover {
             let mut rt = lock(&g.rt);
             rt.swap_requested = None;
             rt.vm_failed = false;
+            rt.stopped_while_suspended = false;
             rt.handing_over = handover;
             rt.leaving = false;
             rt.round = rt.round.max(rt.witness_round);

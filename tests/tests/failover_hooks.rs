@@ -224,3 +224,112 @@ fn a_swap_that_times_out_during_the_handover_waits_for_it() {
         hooks_log(&lab)
     );
 }
+
+/// A swap whose stop hook fails leaves the group where it is: the VM may still run there,
+/// and starting it on the peer would run it twice. `status` names the failed hook.
+#[test]
+fn a_swap_whose_stop_hook_fails_keeps_the_group_and_says_why() {
+    let mut lab = Lab::new();
+    std::fs::write(
+        lab.path().join("stop-fails.sh"),
+        "#!/bin/sh\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> \"$(dirname \"$0\")/hooks.log\"\n\
+         if [ \"$NBDMIRROR_ACTION\" = stop ]; then echo 'virsh: domain is busy' >&2; exit 3; fi\n",
+    )
+    .unwrap();
+    let script = lab.path().join("stop-fails.sh");
+    lab.add_to_group(
+        None,
+        &format!(
+            "hooks = {{ stop = \"sh {}\", timeout = \"10s\" }}\n",
+            script.display()
+        ),
+    );
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    let cfg_b = lab.config(Host::B);
+    let out = lab.nbdmirror(
+        Host::B,
+        &[
+            "swap",
+            GROUP,
+            "--timeout",
+            "5",
+            "--json",
+            "--config",
+            cfg_b.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !out.stdout.contains("\"moved\": true"),
+        "the group moved although its stop hook failed: {out}\n{}",
+        lab.all_logs()
+    );
+    assert!(
+        hooks_log(&lab).contains("node-a stop"),
+        "{}",
+        hooks_log(&lab)
+    );
+    assert!(
+        !hooks_log(&lab).contains("node-b start"),
+        "the VM was started on node-b:\n{}",
+        hooks_log(&lab)
+    );
+    let a = lab.status(Host::A);
+    assert_eq!(group_field(&a, "primary_node"), "node-a", "{a}");
+    let failure = a.get("groups").at(0).get("last_hook_failure");
+    assert_eq!(failure.get("action").as_str(), Some("stop"), "{a}");
+    assert!(
+        failure
+            .get("detail")
+            .as_str()
+            .is_some_and(|d| d.contains("exit code 3") && d.contains("domain is busy")),
+        "{a}"
+    );
+    // Still serving: a client writes through node-a.
+    lab.wait_handshake(Instant::now(), Duration::from_secs(10));
+}
+
+/// A primary cut off from its peer and the witness suspends, and stops its VM: the peer
+/// takes the group and starts the VM there, and a frozen copy must not run beside it.
+#[test]
+fn an_isolated_primary_stops_its_vm_before_the_peer_runs_it() {
+    let mut lab = hook_lab("");
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.wait_for("the VM started on node-a", Duration::from_secs(10), |lab| {
+        hooks_log(lab).contains("node-a start").then_some(())
+    });
+    lab.cut(Link::All, Host::A, true);
+    lab.wait_for("node-b to start the VM", Duration::from_secs(30), |lab| {
+        hooks_log(lab).contains("node-b start").then_some(())
+    });
+    lab.wait_for(
+        "node-a to stop its VM while isolated",
+        Duration::from_secs(10),
+        |lab| hooks_log(lab).contains("node-a stop").then_some(()),
+    );
+    assert!(
+        !lab.path().join("vm-node-a").exists(),
+        "the VM still runs on node-a:\n{}",
+        hooks_log(&lab)
+    );
+    let sa = lab.status(Host::A);
+    assert_eq!(group_field(&sa, "state"), "suspended", "{sa}");
+    // Healed, node-a gives the group up and does not start the VM again.
+    lab.cut(Link::All, Host::A, false);
+    lab.wait_for(
+        "node-a to give the group up",
+        Duration::from_secs(30),
+        |lab| {
+            let s = lab.try_status(Host::A).ok()?;
+            let st = group_field(&s, "state");
+            (st != "suspended" && st != "primary" && st != "alone").then_some(())
+        },
+    );
+    assert_eq!(
+        hooks_log(&lab).matches("node-a start").count(),
+        1,
+        "{}",
+        hooks_log(&lab)
+    );
+}

@@ -110,7 +110,8 @@ pub struct ConfigArg {
         metadata, consistent, reason.\n\
         Per element of `groups` (empty without [[group]] in the config): name, state, \
         primary_node, reason, round, preferred_node, volumes, vip, peer_alive, witness, \
-        transitions (each at_unix, from, to, reason)."
+        transitions (each at_unix, from, to, reason), last_hook_failure (null, or at_unix, \
+        action, detail: the last hook that failed or could not run since the daemon started)."
 )]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -327,6 +328,25 @@ fn status_text(v: &serde_json::Value) -> String {
         let reason = s(g, "reason").replace("takeover GROUP`", &format!("takeover {name}`"));
         if !reason.is_empty() {
             let _ = writeln!(o, "    {reason}");
+        }
+        if let Some(f) = g.get("last_hook_failure").filter(|f| !f.is_null()) {
+            let ago = f
+                .get("at_unix")
+                .and_then(|t| t.as_u64())
+                .and_then(|t| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()?
+                        .as_secs();
+                    Some(format!("{} s ago", now.saturating_sub(t)))
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "    last failed hook: {} ({ago}): {}",
+                s(f, "action"),
+                s(f, "detail")
+            );
         }
     }
     o
@@ -761,6 +781,11 @@ mod tests {
                 to: "primary",
                 reason: String::new(),
             }],
+            last_hook_failure: Some(failover::driver::HookFailure {
+                at_unix: 1,
+                action: "stop",
+                detail: "exit code 1; stderr: ".into(),
+            }),
         };
         let mut v = serde_json::to_value(node).unwrap();
         v["groups"] = serde_json::to_value(vec![group]).unwrap();
