@@ -95,6 +95,8 @@ pub struct GroupStatus {
     pub witness: &'static str,
     pub transitions: Vec<Transition>,
     pub last_hook_failure: Option<HookFailure>,
+    /// Why the virtual IP could not be added or removed, while that lasts.
+    pub vip_problem: Option<String>,
 }
 
 /// What a node tells its peer about a group in every heartbeat.
@@ -279,6 +281,8 @@ struct Runtime {
     peer_fenced: bool,
     /// Shown in `status` until the daemon restarts.
     last_hook_failure: Option<HookFailure>,
+    /// The virtual IP could not be added or removed (cleared when it next works).
+    vip_problem: Option<String>,
     /// The VM was stopped when the group was suspended (see `Decision::Suspend`).
     stopped_while_suspended: bool,
     /// The volumes' link count when the fence hook started: a link since voids the fence.
@@ -396,6 +400,7 @@ impl Failover {
                         fenced_at_links: 0,
                         fenced_links_per_volume: Vec::new(),
                         last_hook_failure: None,
+                        vip_problem: None,
                         stopped_while_suspended: false,
                     }),
                 })
@@ -646,6 +651,7 @@ impl Failover {
                     },
                     transitions: rt.transitions.iter().cloned().collect(),
                     last_hook_failure: rt.last_hook_failure.clone(),
+                    vip_problem: rt.vip_problem.clone(),
                 }
             })
             .collect()
@@ -1481,10 +1487,23 @@ impl Failover {
             match vip::add(*v, ifname).await {
                 Ok(_) => {
                     info!(group = %g.spec.name, vip = %v, ifname, "virtual IP added (gratuitous ARP sent)");
-                    lock(&g.rt).vip_up = true;
+                    let mut rt = lock(&g.rt);
+                    rt.vip_up = true;
+                    rt.vip_problem = None;
                 }
                 Err(e) => {
-                    error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot add the virtual IP")
+                    // Retried at every tick: said once a minute, and shown in `status`.
+                    let mut rt = lock(&g.rt);
+                    rt.vip_problem = Some(format!("cannot add {v} on {ifname}: {e}"));
+                    if rt
+                        .vip_error_at
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                    {
+                        rt.vip_error_at = Some(Instant::now());
+                        error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot add the virtual IP: clients cannot reach the group through it (retrying; said once a minute)");
+                    } else {
+                        debug!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot add the virtual IP");
+                    }
                 }
             }
         } else {
@@ -1497,6 +1516,7 @@ impl Failover {
             if let Err(e) = vip::remove(*v, ifname).await {
                 // Still up as far as we know: tried again at the next tick (or lease watch).
                 let mut rt = lock(&g.rt);
+                rt.vip_problem = Some(format!("cannot remove {v} from {ifname}: {e}"));
                 if rt
                     .vip_error_at
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
@@ -1509,7 +1529,9 @@ impl Failover {
                 return;
             }
         }
-        lock(&g.rt).vip_up = false;
+        let mut rt = lock(&g.rt);
+        rt.vip_up = false;
+        rt.vip_problem = None;
     }
 
     async fn promote(

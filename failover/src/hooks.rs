@@ -251,7 +251,15 @@ pub async fn run(
                 .is_err()
             {
                 group.signal(Signal::SIGKILL);
-                let _ = child.wait().await;
+                // Bounded: a process in uninterruptible sleep (a umount or sync on hung
+                // storage) outlives SIGKILL, and the group's logic must go on. Tokio reaps
+                // it whenever it does end.
+                if tokio::time::timeout(KILL_GRACE, child.wait())
+                    .await
+                    .is_err()
+                {
+                    warn!(group = %env.group, %action, pid = ?group.0, "the hook survives SIGKILL (stuck in the kernel, on hung storage?); going on without it");
+                }
             } else {
                 // The leader is gone; anything of its group still running is killed now.
                 group.signal(Signal::SIGKILL);

@@ -333,3 +333,38 @@ fn an_isolated_primary_stops_its_vm_before_the_peer_runs_it() {
         hooks_log(&lab)
     );
 }
+
+/// A virtual IP that cannot be added (the configured interface does not exist on this node)
+/// is shown in `status`, not only logged: the group serves, but clients cannot reach it
+/// through the address.
+#[test]
+fn a_virtual_ip_that_cannot_be_added_shows_in_status() {
+    let mut lab = Lab::new();
+    lab.patch(
+        Host::A.config_name(),
+        "vip_interface = \"pub0\"",
+        "vip_interface = \"pub9\"",
+    );
+    lab.start_all();
+    let a = lab.wait_for(
+        "node-a to report its VIP problem",
+        Duration::from_secs(30),
+        |lab| {
+            let s = lab.try_status(Host::A).ok()?;
+            let p = s
+                .get("groups")
+                .at(0)
+                .get("vip_problem")
+                .as_str()?
+                .to_string();
+            Some((s, p))
+        },
+    );
+    assert!(a.1.contains("pub9"), "{}", a.0);
+    let cfg = lab.config(Host::A);
+    let text = lab.nbdmirror(Host::A, &["status", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        text.stdout.contains("virtual IP: cannot add") && text.stdout.contains("pub9"),
+        "{text}"
+    );
+}

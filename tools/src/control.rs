@@ -111,7 +111,8 @@ pub struct ConfigArg {
         Per element of `groups` (empty without [[group]] in the config): name, state, \
         primary_node, reason, round, preferred_node, volumes, vip, peer_alive, witness, \
         transitions (each at_unix, from, to, reason), last_hook_failure (null, or at_unix, \
-        action, detail: the last hook that failed or could not run since the daemon started)."
+        action, detail: the last hook that failed or could not run since the daemon started), \
+        vip_problem (null, or why the virtual IP could not be added or removed)."
 )]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -328,6 +329,9 @@ fn status_text(v: &serde_json::Value) -> String {
         let reason = s(g, "reason").replace("takeover GROUP`", &format!("takeover {name}`"));
         if !reason.is_empty() {
             let _ = writeln!(o, "    {reason}");
+        }
+        if let Some(p) = g.get("vip_problem").and_then(|p| p.as_str()) {
+            let _ = writeln!(o, "    virtual IP: {p}");
         }
         if let Some(f) = g.get("last_hook_failure").filter(|f| !f.is_null()) {
             let ago = f
@@ -786,6 +790,7 @@ mod tests {
                 action: "stop",
                 detail: "exit code 1; stderr: ".into(),
             }),
+            vip_problem: Some("cannot add 10.0.0.1/24 on eth9: no such interface".into()),
         };
         let mut v = serde_json::to_value(node).unwrap();
         v["groups"] = serde_json::to_value(vec![group]).unwrap();
