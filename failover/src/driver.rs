@@ -50,6 +50,9 @@ pub struct GroupSpec {
     pub fence: Option<HookSpec>,
     pub monitor_interval: Duration,
     pub restart_attempts: u32,
+    /// Extra wait before fencing a peer that may still be alive and fencing this node (see
+    /// [`group::fence_grace`]).
+    pub fence_delay: Duration,
 }
 
 pub struct FailoverSpec {
@@ -1195,6 +1198,7 @@ impl Failover {
                     && peer.since.elapsed()
                         >= group::fence_grace(
                             self.peer_timeout,
+                            g.spec.fence_delay,
                             g.spec.preferred_node == self.node_name,
                             peer_was_primary,
                         ),

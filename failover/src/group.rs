@@ -189,11 +189,22 @@ fn stay(state: GroupState, reason: impl Into<String>) -> Decision {
 /// starting with the network down, or both waiting), the two would reach the same deadline
 /// at the same moment and power each other off: the preferred node goes first, the other
 /// waits one more timeout, by which time it has been fenced if its peer is alive.
-pub fn fence_grace(timeout: Duration, is_preferred: bool, peer_was_primary: bool) -> Duration {
-    if peer_was_primary || is_preferred {
+///
+/// `fence_delay` (`hooks.fence_delay`) is added for the node that goes second: a fence agent
+/// slower than one timeout (a BMC login, retries) would otherwise let both nodes fence each
+/// other, each one's hook started before the other's had acted.
+pub fn fence_grace(
+    timeout: Duration,
+    fence_delay: Duration,
+    is_preferred: bool,
+    peer_was_primary: bool,
+) -> Duration {
+    if peer_was_primary {
+        timeout.saturating_add(fence_delay)
+    } else if is_preferred {
         timeout
     } else {
-        timeout.saturating_mul(2)
+        timeout.saturating_mul(2).saturating_add(fence_delay)
     }
 }
 
@@ -623,12 +634,21 @@ mod tests {
     fn only_one_node_reaches_its_fence_deadline_first() {
         let t = Duration::from_secs(3);
         // A peer last seen primary fences at once: one timeout of grace, whoever we are.
-        assert_eq!(fence_grace(t, false, true), t);
-        assert_eq!(fence_grace(t, true, true), t);
+        let z = Duration::ZERO;
+        assert_eq!(fence_grace(t, z, false, true), t);
+        assert_eq!(fence_grace(t, z, true, true), t);
         // No primary seen: the preferred node fences a whole timeout before the other.
-        assert_eq!(fence_grace(t, true, false), t);
-        assert_eq!(fence_grace(t, false, false), 2 * t);
-        assert_eq!(fence_grace(Duration::MAX, false, false), Duration::MAX);
+        assert_eq!(fence_grace(t, z, true, false), t);
+        assert_eq!(fence_grace(t, z, false, false), 2 * t);
+        assert_eq!(fence_grace(Duration::MAX, z, false, false), Duration::MAX);
+        // The delay is for whoever fences second: never the preferred node with no
+        // primary seen (it goes first).
+        let d = Duration::from_secs(10);
+        assert_eq!(fence_grace(t, d, false, true), t + d);
+        assert_eq!(fence_grace(t, d, true, true), t + d);
+        assert_eq!(fence_grace(t, d, true, false), t);
+        assert_eq!(fence_grace(t, d, false, false), 2 * t + d);
+        assert_eq!(fence_grace(Duration::MAX, d, false, true), Duration::MAX);
     }
 
     #[test]

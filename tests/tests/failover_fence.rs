@@ -100,6 +100,37 @@ fn an_isolated_live_primary_fences_its_peer_first() {
     );
 }
 
+/// A fence agent slower than the heartbeat timeout (a BMC login): without a delay the
+/// secondary starts its own fence before the primary's has acted, and both nodes go down.
+/// `hooks.fence_delay` holds the secondary back until the primary's fence has landed.
+#[test]
+fn a_slow_fence_agent_with_a_fence_delay_fences_only_once() {
+    let lab = fence_lab();
+    lab.patch("fence.sh", "exec bash", "sleep 5\nexec bash");
+    for f in ["node-a.toml", "node-b.toml"] {
+        lab.patch(
+            f,
+            "timeout = \"20s\" }",
+            "timeout = \"20s\", fence_delay = \"12s\" }",
+        );
+    }
+    let mut lab = lab;
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.cut(Link::All, Host::A, true);
+    let a = lab.wait_group_state(Host::A, &["alone"], Duration::from_secs(40));
+    assert_eq!(group_state(&a), "alone", "{a}");
+    // Past the time node-b would have fenced without the delay (two timeouts) and well
+    // into the delay: node-a's fence has landed, node-b never started one.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        fence_log(&lab).contains("fencing node-b") && !fence_log(&lab).contains("fencing node-a"),
+        "both nodes fenced, or the wrong one: {}\n{}",
+        fence_log(&lab),
+        lab.all_logs()
+    );
+}
+
 /// Fence-only quorum and a swap: node-b takes the group with node-a's consent, and its start
 /// hook takes 15 s. The network splits during the hook. node-b has fenced nobody, so a write
 /// made alone there must wait: node-a (which saw node-b primary) fences node-b and takes the

@@ -104,6 +104,7 @@ pub struct HooksConfig {
     pub timeout: std::time::Duration,
     pub monitor_interval: std::time::Duration,
     pub restart_attempts: u32,
+    pub fence_delay: std::time::Duration,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -189,6 +190,7 @@ struct RawHooks {
     timeout: Option<RawSize>,
     monitor_interval: Option<RawSize>,
     restart_attempts: Option<u32>,
+    fence_delay: Option<RawSize>,
 }
 
 #[derive(Deserialize)]
@@ -558,7 +560,18 @@ pub fn parse(
                 "hooks.monitor_interval",
             )?,
             restart_attempts: g.hooks.restart_attempts.unwrap_or(3),
+            fence_delay: duration_or(
+                g.hooks.fence_delay,
+                std::time::Duration::ZERO,
+                "hooks.fence_delay",
+            )?,
         };
+        if hooks.fence_delay > secs(600) {
+            return Err(invalid(format!(
+                "group '{}': hooks.fence_delay must be at most 10min",
+                g.name
+            )));
+        }
         if hooks.timeout < secs(1) || hooks.timeout > secs(24 * 3600) {
             return Err(invalid(format!(
                 "group '{}': hooks.timeout must be between 1s and 24h",

@@ -194,6 +194,7 @@ fn group_specs(cfg: &NodeConfig) -> Vec<GroupSpec> {
             fence: hook(&g.hooks.fence, &g.hooks),
             monitor_interval: g.hooks.monitor_interval,
             restart_attempts: g.hooks.restart_attempts,
+            fence_delay: g.hooks.fence_delay,
         })
         .collect()
 }
