@@ -2170,8 +2170,9 @@ impl Volume {
         }))
     }
 
-    /// Before this node takes writes of its own, the requests of links already gone (the
-    /// old primary's writes, still on this disk) must have ended: one landing after a write
+    /// Before this node takes writes of its own, the requests of the old primary still on
+    /// this disk must have ended, on links already gone and on the live one alike (a swap
+    /// whose demotion stopped waiting for a slow write after 30 s): one landing after a write
     /// of the new primary would overwrite it, with no dirty bit anywhere (the same reason as
     /// `link_up` waits). Bounded: a disk that does not finish them gets the promotion
     /// refused, with the reason, rather than hung (the failover logic tries again).
@@ -2181,10 +2182,9 @@ impl Volume {
             let in_service: usize = {
                 let mut sh = lock(&self.shared);
                 sh.retired.retain(|l| !l.is_drained());
-                let current_closed = sh.link.clone().filter(|l| l.is_closed());
                 sh.retired
                     .iter()
-                    .chain(current_closed.as_ref())
+                    .chain(sh.link.as_ref())
                     .map(|l| l.requests_in_service())
                     .sum()
             };
