@@ -561,8 +561,10 @@ impl Failover {
         };
         if self.witness.is_some() || g.spec.fence.is_some() {
             return Err(refused(
-                "this group fails over by itself (witness or fence hook): a takeover by hand \
-                 would bypass what protects it",
+                "this group fails over by itself when its witness answers or its fence hook \
+                 works: a takeover by hand would bypass what protects it. If the witness (or \
+                 the fence) is gone for good and you are sure the peer is down, `nbdmirror \
+                 promote VOLUME --force` serves each volume here (without the VIP and hooks)",
             ));
         }
         if self.heartbeats.subscribe().borrow().alive {

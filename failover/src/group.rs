@@ -417,7 +417,7 @@ fn decide_as_primary(f: &Facts) -> Decision {
                 GroupState::Alone
             },
             reason: if f.data == DataState::UpToDate {
-                "serving; the peer is connected".into()
+                "serving; the peer is alive and in sync".into()
             } else if alone_waits {
                 "the replication link to the peer is down and the witness has not renewed this node's lease: writes wait until it does (or the link returns)".into()
             } else {

@@ -221,6 +221,8 @@ pub struct Volume {
     alone_deadline: Mutex<Option<Instant>>,
     /// The link dropped while the pair was in sync (this copy had every acknowledged write).
     in_sync_at_loss: AtomicBool,
+    /// See [`Volume::settle_unrecorded_unflushed`].
+    unflushed_unrecorded: AtomicBool,
     links_established: AtomicU64,
     /// The gate stands open because the peer was fenced (see
     /// [`Volume::allow_alone_until_next_link`]): the next link closes it.
@@ -445,6 +447,7 @@ impl Volume {
             alone_gate: tokio::sync::watch::channel(ALONE_ALWAYS).0,
             alone_deadline: Mutex::new(None),
             in_sync_at_loss: AtomicBool::new(false),
+            unflushed_unrecorded: AtomicBool::new(false),
             links_established: AtomicU64::new(0),
             alone_until_next_link: AtomicBool::new(false),
             failed_since_resync_start: AtomicBool::new(false),
@@ -703,20 +706,41 @@ impl Volume {
     /// chunks on a resync source of either role) may be lost if the peer lost power: once the
     /// link that carried it is gone, it goes into the dirty map.
     fn drain_unflushed_into_dirty(&self) -> Result<(), MetadataError> {
+        let mut failed = None;
         for (off, len) in self.unflushed.drain_ranges() {
-            self.meta.mark_dirty(off, len)?;
+            if let Err(e) = self.meta.mark_dirty(off, len) {
+                failed = Some(e);
+            }
         }
-        Ok(())
+        match failed {
+            Some(e) => {
+                self.unflushed_unrecorded.store(true, Ordering::Release);
+                Err(e)
+            }
+            None => Ok(()),
+        }
     }
 
     fn record_unflushed_as_dirty(&self) {
         // Resync chunks waiting for a flush are still dirty; no later link may settle them.
         self.meta.forget_resync_pending(None);
-        for (off, len) in self.unflushed.drain_ranges() {
-            if let Err(e) = self.meta.mark_dirty(off, len) {
-                error!(volume = %self.name, error = %e, "cannot record unflushed peer writes in the dirty map");
-            }
+        if let Err(e) = self.drain_unflushed_into_dirty() {
+            error!(volume = %self.name, error = %e, "cannot record unflushed peer writes in the dirty map; the next FLUSH marks the whole volume (or fails)");
         }
+    }
+
+    /// Writes the peer acknowledged but may not have flushed were drained from the unflushed
+    /// set and could not be marked dirty (a metadata write failed): no later FLUSH may count
+    /// them as on both disks. Marks the whole volume instead (a full resync to the peer), or
+    /// fails the FLUSH while that fails too.
+    fn settle_unrecorded_unflushed(&self) -> Result<(), MetadataError> {
+        if !self.unflushed_unrecorded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.meta.mark_all_dirty()?;
+        self.unflushed_unrecorded.store(false, Ordering::Release);
+        warn!(volume = %self.name, "peer writes that could not be recorded earlier: the whole volume is marked for resync");
+        Ok(())
     }
 
     /// The peer's state as this node reasons about it. A dirty map that does not decode is an
@@ -1712,8 +1736,12 @@ impl Volume {
                 std::io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
-        let data = self.image.read(offset, len as usize).await?;
-        Ok(*blake3::hash(&data).as_bytes())
+        // What the disk holds, not the page cache: after a failed write-back the cache can
+        // keep data the disk never got (clean pages, the error already reported), and a
+        // resync's checksum pass would then skip a chunk the target lacks, or verify call two
+        // differing disks equal. An O_DIRECT read writes dirty pages back first.
+        let data = self.image.read_uncached(offset, len as usize).await?;
+        Ok(*blake3::hash(data.bytes()).as_bytes())
     }
 
     async fn hash_blocks(&self, offset: u64, length: u64, block: u32) -> Message {
@@ -2269,6 +2297,7 @@ impl Volume {
     /// Flushes the local image and the peer; says how the peer's part went (unless it
     /// flushed, what it may lack is marked dirty).
     async fn flush_all(&self, thread: Thread) -> BackendResult<PeerFlush> {
+        self.settle_unrecorded_unflushed().map_err(meta_io)?;
         let cold = self.meta.take_cold();
         let link = self.mirror_link();
         let local = async {
@@ -3004,6 +3033,25 @@ mod tests {
         assert_eq!(meta.dirty_count(), 1, "the interrupted write's granule");
         meta.clean_shutdown()
             .expect("no write left registered in the activity map");
+    }
+
+    /// Peer writes drained from the unflushed set but not recorded (a metadata write failed)
+    /// make the next FLUSH mark the whole volume before it answers: it must not count them as
+    /// on both disks.
+    #[tokio::test]
+    async fn unrecorded_peer_writes_mark_the_whole_volume_at_the_next_flush() {
+        use nbd_server::BlockBackend;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = Volume::open_for_tests(dir.path(), "a");
+        vol.promote(true).await.expect("promote alone");
+        vol.meta.clear_dirty(0, 16 << 20).expect("clear");
+        vol.unflushed_unrecorded
+            .store(true, std::sync::atomic::Ordering::Release);
+        vol.flush().await.expect("flush");
+        assert_eq!(vol.meta.dirty_bytes(), 16 << 20, "the whole volume");
+        assert!(!vol
+            .unflushed_unrecorded
+            .load(std::sync::atomic::Ordering::Acquire));
     }
 
     /// A decision that found both copies equal does not mark the pair in sync once a write
