@@ -288,6 +288,9 @@ struct Runtime {
     vip_problem: Option<String>,
     /// The VM was stopped when the group was suspended (see `Decision::Suspend`).
     stopped_while_suspended: bool,
+    /// The last tick decided to serve: the monitor hook may run (see
+    /// `Failover::start_monitor_if_due`).
+    monitor_wanted: bool,
     /// The volumes' link count when the fence hook started: a link since voids the fence.
     fenced_at_links: u64,
     /// The same count per volume (in the group's order): each volume's gate opens only while
@@ -310,6 +313,11 @@ pub struct GroupRuntime {
     /// Held across each tick: the daemon's stop takes it, so it never demotes a group under
     /// a tick that is promoting it.
     ticking: tokio::sync::Mutex<()>,
+    /// The monitor hook (and the restart after a failed one) runs here, off the tick: a hook
+    /// that takes a minute must not hold the reaction to a dead peer, a newer round or a
+    /// stop of the daemon. Cancelled (its hook's process group killed) before the tick
+    /// demotes, fences, suspends or promotes, and at shutdown.
+    monitor_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 pub struct Failover {
@@ -373,6 +381,7 @@ impl Failover {
                     registering: tokio::sync::Mutex::new(()),
                     renewing: tokio::sync::Mutex::new(()),
                     ticking: tokio::sync::Mutex::new(()),
+                    monitor_task: Mutex::new(None),
                     rt: Mutex::new(Runtime {
                         state: GroupState::Stopped,
                         reason: "starting".into(),
@@ -405,6 +414,7 @@ impl Failover {
                         last_hook_failure: None,
                         vip_problem: None,
                         stopped_while_suspended: false,
+                        monitor_wanted: false,
                     }),
                 })
             })
@@ -491,6 +501,7 @@ impl Failover {
         for g in &self.groups {
             // After any tick in progress; no tick starts after this.
             let _ticking = g.ticking.lock().await;
+            self.cancel_monitor(g).await;
             let (primary, round) = {
                 let rt = lock(&g.rt);
                 (rt.state.is_primary(), rt.round)
@@ -792,6 +803,7 @@ impl Failover {
                 }
                 self.tick(&g).await;
             }
+            self.start_monitor_if_due(&g);
             let stale_vip = {
                 let rt = lock(&g.rt);
                 rt.vip_up && !rt.state.is_primary() && g.spec.vip.is_some()
@@ -1414,6 +1426,11 @@ impl Failover {
     }
 
     async fn execute(&self, g: &Arc<GroupRuntime>, d: Decision, peer_name: Option<String>) {
+        if !matches!(d, Decision::Serve { .. } | Decision::Stay { .. }) {
+            // A monitor hook, or a restart of the VM, must not run on under a change of role
+            // (or the fence): its hooks would race the ones run here.
+            self.cancel_monitor(g).await;
+        }
         match d {
             Decision::Stay { state, reason } => self.transition(g, state, &reason),
             Decision::Promote {
@@ -1438,7 +1455,7 @@ impl Failover {
                     }
                     lock(&g.rt).last_monitor = Some(Instant::now());
                 }
-                self.monitor(g).await;
+                lock(&g.rt).monitor_wanted = true;
             }
             Decision::FencePeer { reason } => {
                 // Writes alone wait (never failed, never acknowledged) until the peer is off.
@@ -1809,15 +1826,45 @@ impl Failover {
         true
     }
 
-    async fn monitor(&self, g: &Arc<GroupRuntime>) {
-        let Some(m) = &g.spec.monitor else { return };
-        let due = lock(&g.rt)
-            .last_monitor
-            .is_none_or(|t| t.elapsed() >= g.spec.monitor_interval);
-        if !due {
+    /// After a tick that decided to serve: starts the monitor hook on its own task when it
+    /// is due and none is running.
+    fn start_monitor_if_due(self: &Arc<Self>, g: &Arc<GroupRuntime>) {
+        if g.spec.monitor.is_none() {
+            return;
+        }
+        {
+            let mut rt = lock(&g.rt);
+            let wanted = std::mem::take(&mut rt.monitor_wanted);
+            let due = rt
+                .last_monitor
+                .is_none_or(|t| t.elapsed() >= g.spec.monitor_interval);
+            if !wanted || !due || !rt.state.is_primary() {
+                return;
+            }
+        }
+        let mut task = lock(&g.monitor_task);
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
         lock(&g.rt).last_monitor = Some(Instant::now());
+        let (f, group) = (self.clone(), g.clone());
+        *task = Some(tokio::spawn(async move { f.monitor(&group).await }));
+    }
+
+    /// Stops a monitor cycle in progress: its hook's process group is killed.
+    async fn cancel_monitor(&self, g: &GroupRuntime) {
+        let task = lock(&g.monitor_task).take();
+        if let Some(task) = task {
+            if !task.is_finished() {
+                info!(group = %g.spec.name, "stopping the monitor hook in progress");
+            }
+            task.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+
+    async fn monitor(&self, g: &Arc<GroupRuntime>) {
+        let Some(m) = &g.spec.monitor else { return };
         if self
             .run_hook(g, &Some(m.clone()), HookAction::Monitor, None)
             .await

@@ -100,6 +100,52 @@ fn an_isolated_live_primary_fences_its_peer_first() {
     );
 }
 
+/// The monitor hook runs off the group's tick: one that takes long (here 40 s, past its
+/// 20 s timeout) must not hold the fence, and with it every write made alone, when the
+/// peer dies meanwhile.
+#[test]
+fn a_slow_monitor_hook_does_not_hold_the_fence_of_a_dead_peer() {
+    let lab = fence_lab();
+    let monitor = lab.path().join("slow-monitor.sh");
+    std::fs::write(
+        &monitor,
+        format!(
+            "#!/bin/sh\necho \"$NBDMIRROR_NODE $NBDMIRROR_ACTION\" >> {d}/hooks.log\n\
+             if [ \"$NBDMIRROR_NODE\" = node-a ]; then sleep 40; fi\n",
+            d = lab.path().display()
+        ),
+    )
+    .unwrap();
+    for f in ["node-a.toml", "node-b.toml"] {
+        lab.patch(
+            f,
+            "hooks = { fence =",
+            &format!(
+                "hooks = {{ monitor = \"sh {}\", monitor_interval = \"1s\", fence =",
+                monitor.display()
+            ),
+        );
+    }
+    let mut lab = lab;
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.wait_for("node-a's monitor hook", Duration::from_secs(20), |lab| {
+        std::fs::read_to_string(lab.path().join("hooks.log"))
+            .unwrap_or_default()
+            .contains("node-a monitor")
+            .then_some(())
+    });
+    let out = lab.lab_sh(&["kill", "b"]);
+    assert!(out.success(), "{out}");
+    let t0 = Instant::now();
+    lab.wait_for("node-a fences node-b", Duration::from_secs(15), |lab| {
+        fence_log(lab).contains("fencing node-b").then_some(())
+    });
+    eprintln!("node-a fenced the dead node-b after {:?}", t0.elapsed());
+    let a = lab.wait_group_state(Host::A, &["alone"], Duration::from_secs(10));
+    assert_eq!(group_state(&a), "alone", "{a}");
+}
+
 /// A fence agent slower than the heartbeat timeout (a BMC login): without a delay the
 /// secondary starts its own fence before the primary's has acted, and both nodes go down.
 /// `hooks.fence_delay` holds the secondary back until the primary's fence has landed.
