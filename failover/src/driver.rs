@@ -63,6 +63,9 @@ pub struct FailoverSpec {
     pub timeout: Duration,
     pub witness: Option<SocketAddr>,
     pub witness_key: [u8; 32],
+    /// Where a group's "VM started here" marker lives (the node's data_dir), so a daemon
+    /// killed with its VM running stops that VM when it starts again. None: no marker.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// A state change, kept for `status`.
@@ -333,6 +336,7 @@ pub struct Failover {
     peer_timeout: Duration,
     /// The daemon is stopping: no tick decides anything any more.
     stopping: std::sync::atomic::AtomicBool,
+    state_dir: Option<std::path::PathBuf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -429,7 +433,18 @@ impl Failover {
             started: Instant::now(),
             peer_timeout: spec.timeout,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            state_dir: spec.state_dir,
         });
+        for g in &f.groups {
+            // A previous run killed with its VM running (kill -9, a crash) left it here: the
+            // peer has taken the group and runs the VM too. Stopped before anything else.
+            if f.vm_marker(g).is_some_and(|m| m.exists()) && g.spec.stop.is_some() {
+                warn!(group = %g.spec.name, "a VM started by a previous run of this daemon may still run here: running the stop hook");
+                if !f.run_stop(g).await {
+                    error!(group = %g.spec.name, "the stop hook failed: a VM left by a previous run may still run here; stop it by hand");
+                }
+            }
+        }
         for g in &f.groups {
             // Writes alone wait for the witness from the start (a group volume is never
             // acknowledged alone without quorum).
@@ -1417,6 +1432,50 @@ impl Failover {
         }
     }
 
+    /// The marker of a group's VM started on this node (see `FailoverSpec::state_dir`).
+    fn vm_marker(&self, g: &GroupRuntime) -> Option<std::path::PathBuf> {
+        let dir = self.state_dir.as_ref()?;
+        Some(dir.join(format!("group-{}.vm-started", g.spec.name)))
+    }
+
+    /// Before a start hook runs: a daemon killed from now on leaves the marker behind.
+    fn vm_starting(&self, g: &GroupRuntime) {
+        if let Some(m) = self.vm_marker(g).filter(|_| g.spec.start.is_some()) {
+            if let Err(e) = std::fs::write(&m, b"") {
+                warn!(group = %g.spec.name, marker = %m.display(), error = %e, "cannot record that the VM starts here (a kill -9 of this daemon would leave it unstopped)");
+            }
+        }
+    }
+
+    /// After a stop hook succeeded.
+    fn vm_stopped(&self, g: &GroupRuntime) {
+        if let Some(m) = self.vm_marker(g) {
+            match std::fs::remove_file(&m) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(group = %g.spec.name, marker = %m.display(), error = %e, "cannot remove the VM marker")
+                }
+            }
+        }
+    }
+
+    /// Runs the start hook, marked first.
+    async fn run_start(&self, g: &GroupRuntime) -> bool {
+        self.vm_starting(g);
+        self.run_hook(g, &g.spec.start, HookAction::Start, None)
+            .await
+    }
+
+    /// Runs the stop hook; the marker goes once it succeeded.
+    async fn run_stop(&self, g: &GroupRuntime) -> bool {
+        let stopped = self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
+        if stopped {
+            self.vm_stopped(g);
+        }
+        stopped
+    }
+
     fn hook_failed(&self, g: &GroupRuntime, action: HookAction, detail: String) {
         lock(&g.rt).last_hook_failure = Some(HookFailure {
             at_unix: unix_now(),
@@ -1447,10 +1506,7 @@ impl Failover {
                 let restart = std::mem::take(&mut lock(&g.rt).stopped_while_suspended);
                 if restart {
                     info!(group = %g.spec.name, "serving again: starting the VM stopped while suspended");
-                    if !self
-                        .run_hook(g, &g.spec.start, HookAction::Start, None)
-                        .await
-                    {
+                    if !self.run_start(g).await {
                         lock(&g.rt).restarts += 1;
                     }
                     lock(&g.rt).last_monitor = Some(Instant::now());
@@ -1497,7 +1553,7 @@ impl Failover {
                     warn!(group = %g.spec.name, "suspended: stopping the VM (the peer may take the group)");
                     self.transition(g, GroupState::Suspended, &reason);
                     lock(&g.rt).stopped_while_suspended = true;
-                    self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
+                    self.run_stop(g).await;
                 }
                 self.transition(g, GroupState::Suspended, &reason);
             }
@@ -1701,10 +1757,7 @@ impl Failover {
         self.transition(g, GroupState::Primary, reason);
         // The peer learns the new primary now, not after the start hook.
         self.publish();
-        if !self
-            .run_hook(g, &g.spec.start, HookAction::Start, None)
-            .await
-        {
+        if !self.run_start(g).await {
             lock(&g.rt).restarts += 1;
         }
         lock(&g.rt).last_monitor = Some(Instant::now());
@@ -1751,7 +1804,7 @@ impl Failover {
             // after a stop hook that may take a minute.
             self.vip_down(g).await;
         }
-        let stopped = self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
+        let stopped = self.run_stop(g).await;
         if !stopped && handover {
             // The VM may still run here: starting it on the peer would run it twice. The
             // group stays, serving as before; the operator retries once the VM is stopped.
@@ -1875,9 +1928,8 @@ impl Failover {
         if restarts < g.spec.restart_attempts {
             warn!(group = %g.spec.name, attempt = restarts + 1, "the VM failed its monitor: restarting it here");
             lock(&g.rt).restarts += 1;
-            self.run_hook(g, &g.spec.stop, HookAction::Stop, None).await;
-            self.run_hook(g, &g.spec.start, HookAction::Start, None)
-                .await;
+            self.run_stop(g).await;
+            self.run_start(g).await;
         } else {
             error!(group = %g.spec.name, restarts, "the VM keeps failing here: failing the group over");
             lock(&g.rt).vm_failed = true;

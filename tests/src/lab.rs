@@ -472,6 +472,19 @@ impl Lab {
         }
     }
 
+    /// SIGKILL the host's daemon alone (the host, its links and its other processes stay).
+    pub fn kill_daemon(&mut self, host: Host) {
+        let mut p = self.procs[host.index()]
+            .take()
+            .unwrap_or_else(|| panic!("host {} runs no daemon", host.letter()));
+        kill(Pid::from_raw(p.child.id() as i32), Signal::SIGKILL).expect("SIGKILL");
+        assert!(
+            wait_with_deadline(&mut p.child, Duration::from_secs(10)).is_some(),
+            "the daemon on host {} survived SIGKILL",
+            host.letter()
+        );
+    }
+
     /// Whether a host's daemon is still running.
     pub fn is_running(&mut self, host: Host) -> bool {
         match self.procs[host.index()].as_mut() {

@@ -368,3 +368,39 @@ fn a_virtual_ip_that_cannot_be_added_shows_in_status() {
         "{text}"
     );
 }
+
+/// A daemon killed while its VM runs (kill -9 of the daemon alone, the host up) cannot stop
+/// it; the peer takes the group and starts its own. When the daemon starts again it stops
+/// the VM it left, before anything else.
+#[test]
+fn a_daemon_killed_with_its_vm_running_stops_it_when_it_starts_again() {
+    let mut lab = hook_lab("");
+    lab.start_all();
+    lab.wait_handshake(Instant::now(), Duration::from_secs(20));
+    lab.wait_for("the VM started on node-a", Duration::from_secs(10), |lab| {
+        hooks_log(lab).contains("node-a start").then_some(())
+    });
+    lab.kill_daemon(Host::A);
+    lab.wait_for("node-b to start the VM", Duration::from_secs(30), |lab| {
+        hooks_log(lab).contains("node-b start").then_some(())
+    });
+    assert!(
+        lab.path().join("vm-node-a").exists(),
+        "nobody could stop node-a's VM yet:\n{}",
+        hooks_log(&lab)
+    );
+    lab.start_node(Host::A);
+    lab.wait_for(
+        "node-a to stop the VM its previous run left",
+        Duration::from_secs(20),
+        |lab| (!lab.path().join("vm-node-a").exists()).then_some(()),
+    );
+    assert!(
+        hooks_log(&lab).contains("node-a stop"),
+        "{}",
+        hooks_log(&lab)
+    );
+    // It comes back secondary and leaves the group (and the VM) on node-b.
+    let b = lab.status(Host::B);
+    assert_eq!(group_field(&b, "primary_node"), "node-b", "{b}");
+}

@@ -99,11 +99,13 @@ exec bash {h} "$@"
 
     /// Waits for the VM's boot marker and `more` ticks after it; returns (boot, the last tick
     /// it read back from the disk at boot).
-    fn wait_vm(&self, lab: &Lab, what: &str, more: u64) -> (u64, u64) {
+    /// `after_boot`: the boot count of an earlier VM of this node whose console may still be
+    /// there until the new QEMU truncates it (a marker at or below it is that VM's).
+    fn wait_vm(&self, lab: &Lab, what: &str, more: u64, after_boot: u64) -> (u64, u64) {
         let (boot, read_back) = lab.wait_for(
             &format!("the VM's boot marker on {} ({what})", self.host.node()),
             BOOT_TIMEOUT,
-            |_| vm::marker(&self.console()),
+            |_| vm::marker(&self.console()).filter(|(boot, _)| *boot > after_boot),
         );
         lab.wait_for(
             &format!("{more} ticks of the VM on {} ({what})", self.host.node()),
@@ -159,7 +161,7 @@ fn vm_fails_over_to_node_b_and_swaps_back() {
 
     // 1. The group starts on the preferred node; the VM boots there and ticks.
     lab.start_all();
-    let (boot1, _) = a.wait_vm(&lab, "first boot", 3);
+    let (boot1, _) = a.wait_vm(&lab, "first boot", 3, 0);
     assert_eq!(boot1, 1, "{}", ctx!("the first VM must count boot 1"));
     lab.wait_handshake(Instant::now(), Duration::from_secs(10));
 
@@ -170,7 +172,7 @@ fn vm_fails_over_to_node_b_and_swaps_back() {
     // Every tick in the console was printed after its fsync returned: acknowledged.
     let acked1 = a.last_tick();
     let to_handshake = lab.wait_handshake(t_kill, Duration::from_secs(30));
-    let (boot2, read_back2) = b.wait_vm(&lab, "after the failover", 2);
+    let (boot2, read_back2) = b.wait_vm(&lab, "after the failover", 2, 0);
     let to_marker = t_kill.elapsed();
     let to_start_hook = b.hook_time("start", t_kill_unix).map(|t| t - t_kill_unix);
     eprintln!(
@@ -218,7 +220,7 @@ fn vm_fails_over_to_node_b_and_swaps_back() {
         Duration::from_secs(100),
     );
     assert!(out.success(), "{}", ctx!("swap failed: {out}"));
-    let (boot3, read_back3) = a.wait_vm(&lab, "after the swap", 2);
+    let (boot3, read_back3) = a.wait_vm(&lab, "after the swap", 2, boot1);
     assert!(
         b.hook_time("stop", t_swap).is_some(),
         "{}",

@@ -336,6 +336,7 @@ async fn start_failover(
             timeout: hb.timeout,
             witness,
             witness_key: failover::witness::witness_key(&cfg.secret.0),
+            state_dir: Some(cfg.data_dir.clone()),
         },
         node.clone(),
         heartbeats,
