@@ -291,6 +291,8 @@ struct Runtime {
     vip_problem: Option<String>,
     /// The VM was stopped when the group was suspended (see `Decision::Suspend`).
     stopped_while_suspended: bool,
+    /// A handover's stop hook failed: no handover before this instant.
+    handover_held_until: Option<Instant>,
     /// The last tick decided to serve: the monitor hook may run (see
     /// `Failover::start_monitor_if_due`).
     monitor_wanted: bool,
@@ -342,6 +344,9 @@ pub struct Failover {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// After a handover's stop hook failed, how long the group stays before it tries again.
+const HANDOVER_RETRY_AFTER_FAILED_STOP: Duration = Duration::from_secs(60);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -419,6 +424,7 @@ impl Failover {
                         vip_problem: None,
                         stopped_while_suspended: false,
                         monitor_wanted: false,
+                        handover_held_until: None,
                     }),
                 })
             })
@@ -492,6 +498,8 @@ impl Failover {
             let mut rt = lock(&g.rt);
             if rt.state.is_primary() {
                 rt.swap_requested = Some(Instant::now());
+                // The operator asks again (the stop hook fixed, say): no waiting.
+                rt.handover_held_until = None;
                 "handing the group to the peer"
             } else {
                 rt.wants_group = Some(Instant::now());
@@ -817,8 +825,10 @@ impl Failover {
                     return;
                 }
                 self.tick(&g).await;
+                // Under the tick's lock: a stop of the daemon (which takes it, then cancels
+                // the monitor) never has one started behind it.
+                self.start_monitor_if_due(&g);
             }
-            self.start_monitor_if_due(&g);
             let stale_vip = {
                 let rt = lock(&g.rt);
                 rt.vip_up && !rt.state.is_primary() && g.spec.vip.is_some()
@@ -1247,6 +1257,7 @@ impl Failover {
     fn links_established(&self, g: &GroupRuntime) -> u64 {
         self.links_per_volume(g)
             .into_iter()
+            .filter(|&n| n != u64::MAX)
             .fold(0, u64::saturating_add)
     }
 
@@ -1545,15 +1556,17 @@ impl Failover {
                 // And the VM: a survivor that takes the group starts it there, and a copy
                 // frozen here (its disk suspended, its guest network still up) must not run
                 // beside it. Serving again (quorum back, nobody took over) starts it again.
-                let running_here = {
-                    let rt = lock(&g.rt);
-                    rt.state != GroupState::Suspended && !rt.stopped_while_suspended
-                };
-                if running_here && g.spec.stop.is_some() {
+                // Once, on entering the state (a stop that failed is not retried every tick;
+                // `status` shows it).
+                let entering = lock(&g.rt).state != GroupState::Suspended;
+                if entering && g.spec.stop.is_some() {
                     warn!(group = %g.spec.name, "suspended: stopping the VM (the peer may take the group)");
                     self.transition(g, GroupState::Suspended, &reason);
-                    lock(&g.rt).stopped_while_suspended = true;
-                    self.run_stop(g).await;
+                    if self.run_stop(g).await {
+                        // Started again only if it was stopped: a failed stop may have left
+                        // it running.
+                        lock(&g.rt).stopped_while_suspended = true;
+                    }
                 }
                 self.transition(g, GroupState::Suspended, &reason);
             }
@@ -1764,13 +1777,22 @@ impl Failover {
     }
 
     async fn demote(&self, g: &Arc<GroupRuntime>, reason: &str) {
-        let handing_over = {
+        let (handing_over, held_back) = {
             let rt = lock(&g.rt);
-            rt.swap_requested.is_some()
-                || rt.peer_wants_group
-                || rt.vm_failed
-                || reason.contains("failback")
+            (
+                rt.swap_requested.is_some()
+                    || rt.peer_wants_group
+                    || rt.vm_failed
+                    || reason.contains("failback"),
+                rt.handover_held_until.is_some_and(|t| Instant::now() < t),
+            )
         };
+        if handing_over && held_back {
+            // The last handover's stop hook failed: a request the peer keeps announcing (its
+            // `swap`, auto-failback) is not retried every tick, each with the hook's timeout.
+            debug!(group = %g.spec.name, reason, "not handing over yet: the last stop hook failed");
+            return;
+        }
         if handing_over && !self.peer_answers(g).await {
             // Its readiness came in a heartbeat that may be seconds old: a peer cut off just
             // now would not take the group, and this node would take it back only after its
@@ -1815,6 +1837,7 @@ impl Failover {
                 rt.swap_requested = None;
                 rt.vm_failed = false;
                 rt.registered_generation = registered_before;
+                rt.handover_held_until = Some(Instant::now() + HANDOVER_RETRY_AFTER_FAILED_STOP);
                 if let Some(f) = rt.last_hook_failure.as_mut() {
                     f.detail
                         .push_str(" (during a handover: the group stayed on this node)");
@@ -1882,7 +1905,7 @@ impl Failover {
     /// After a tick that decided to serve: starts the monitor hook on its own task when it
     /// is due and none is running.
     fn start_monitor_if_due(self: &Arc<Self>, g: &Arc<GroupRuntime>) {
-        if g.spec.monitor.is_none() {
+        if g.spec.monitor.is_none() || self.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         {

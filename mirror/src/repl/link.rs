@@ -361,6 +361,10 @@ impl From<Vec<u8>> for OutFrame {
 struct Outbox {
     queue: VecDeque<OutFrame>,
     bulk: VecDeque<OutFrame>,
+    /// Bytes the writer took from `queue` since it last took a `bulk` frame: past
+    /// [`BULK_EVERY_BYTES`] a waiting chunk goes next, so a client that always has frames
+    /// queued cannot starve a resync (its chunk would time out and drop the link).
+    urgent_since_bulk: usize,
     /// Bytes of the queue's first frame already on the wire (a direct write stopped short).
     head_sent: usize,
     /// The writer task holds frames it took from the queue and has not written yet.
@@ -401,10 +405,19 @@ impl Outbox {
 
     /// The next frame for the writer and the bytes of it already sent.
     fn pop(&mut self) -> Option<(OutFrame, usize)> {
-        match self.queue.pop_front() {
-            Some(f) => Some((f, std::mem::take(&mut self.head_sent))),
-            None => self.bulk.pop_front().map(|f| (f, 0)),
+        // A frame the socket took in part is always finished first.
+        let bulk_due = !self.bulk.is_empty()
+            && self.head_sent == 0
+            && self.urgent_since_bulk >= BULK_EVERY_BYTES;
+        if !bulk_due {
+            if let Some(f) = self.queue.pop_front() {
+                self.urgent_since_bulk = self.urgent_since_bulk.saturating_add(f.len());
+                return Some((f, std::mem::take(&mut self.head_sent)));
+            }
         }
+        let f = self.bulk.pop_front()?;
+        self.urgent_since_bulk = 0;
+        Some((f, 0))
     }
 }
 
@@ -440,6 +453,7 @@ impl Link {
             outbox: Mutex::new(Outbox {
                 queue: VecDeque::new(),
                 bulk: VecDeque::new(),
+                urgent_since_bulk: 0,
                 head_sent: 0,
                 writer_busy: false,
                 direct,
@@ -648,6 +662,11 @@ impl Drop for Answering {
         }
     }
 }
+
+/// Under a steady stream of other frames, one resync chunk leaves after this many of their
+/// bytes: a resync keeps moving (a chunk at a time while the application is busy) and a
+/// client write waits behind at most one chunk.
+const BULK_EVERY_BYTES: usize = 4 << 20;
 
 /// Frames of at most this size are gathered into one write; larger ones go out on their own.
 const BATCH_BYTES: usize = 256 * 1024;
@@ -1206,6 +1225,33 @@ mod tests {
             }
             assert!(write.await.expect("task").is_err());
         });
+    }
+
+    /// A client that always has frames queued does not starve a resync: a chunk leaves after
+    /// every `BULK_EVERY_BYTES` of other frames (else it timed out and dropped the link).
+    #[test]
+    fn a_steady_stream_of_writes_lets_a_chunk_through() {
+        let link = Link::new("peer".into(), Duration::from_secs(10), None);
+        let mut outbox = link.lock_outbox();
+        outbox
+            .push(OutFrame::from(vec![0xbb; 1 << 20]), false, true)
+            .expect("open");
+        let mut popped = Vec::new();
+        for _ in 0..16 {
+            // The client refills the queue as fast as the writer empties it.
+            while outbox.queue.len() < 4 {
+                outbox
+                    .push(OutFrame::from(vec![0xaa; 1 << 20]), false, false)
+                    .expect("open");
+            }
+            let (f, _) = outbox.pop().expect("a frame");
+            popped.push(f.head[0]);
+        }
+        let at = popped.iter().position(|&b| b == 0xbb);
+        assert!(
+            at.is_some_and(|i| i <= BULK_EVERY_BYTES / (1 << 20)),
+            "the chunk left at {at:?}: {popped:x?}"
+        );
     }
 
     /// A closed link takes no new request from the peer, and is drained once the requests
