@@ -1583,41 +1583,42 @@ impl Failover {
                     rt.vip_up = true;
                     rt.vip_problem = None;
                 }
-                Err(e) => {
-                    // Retried at every tick: said once a minute, and shown in `status`.
-                    let mut rt = lock(&g.rt);
-                    rt.vip_problem = Some(format!("cannot add {v} on {ifname}: {e}"));
-                    if rt
-                        .vip_error_at
-                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-                    {
-                        rt.vip_error_at = Some(Instant::now());
-                        error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot add the virtual IP: clients cannot reach the group through it (retrying; said once a minute)");
-                    } else {
-                        debug!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot add the virtual IP");
-                    }
-                }
+                Err(e) => self.vip_failed(
+                    g,
+                    format!("cannot add {v} on {ifname}: {e}"),
+                    "clients cannot reach the group through it",
+                ),
             }
         } else {
             lock(&g.rt).vip_up = true;
         }
     }
 
+    /// A virtual IP that could not be added or removed: retried at every tick, so shown in
+    /// `status` and logged as an error once a minute.
+    fn vip_failed(&self, g: &GroupRuntime, problem: String, consequence: &str) {
+        let mut rt = lock(&g.rt);
+        if rt
+            .vip_error_at
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            rt.vip_error_at = Some(Instant::now());
+            error!(group = %g.spec.name, problem, "virtual IP: {consequence} (retrying; said once a minute)");
+        } else {
+            debug!(group = %g.spec.name, problem, "virtual IP");
+        }
+        rt.vip_problem = Some(problem);
+    }
+
     async fn vip_down(&self, g: &GroupRuntime) {
         if let Some((v, ifname)) = &g.spec.vip {
             if let Err(e) = vip::remove(*v, ifname).await {
                 // Still up as far as we know: tried again at the next tick (or lease watch).
-                let mut rt = lock(&g.rt);
-                rt.vip_problem = Some(format!("cannot remove {v} from {ifname}: {e}"));
-                if rt
-                    .vip_error_at
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-                {
-                    rt.vip_error_at = Some(Instant::now());
-                    error!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot remove the virtual IP (retrying; said once a minute)");
-                } else {
-                    debug!(group = %g.spec.name, vip = %v, ifname, error = %e, "cannot remove the virtual IP");
-                }
+                self.vip_failed(
+                    g,
+                    format!("cannot remove {v} from {ifname}: {e}"),
+                    "it may answer here and on the peer",
+                );
                 return;
             }
         }

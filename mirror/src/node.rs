@@ -983,126 +983,82 @@ mod tests {
             .expect("link 2 ends with its connection");
     }
 
-    /// The same with the link still up (a swap whose demotion gave up waiting for a write
-    /// on this node's slow disk): the promotion waits for it too.
-    #[test]
-    fn a_promotion_waits_for_a_live_links_stalled_write() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            use crate::repl::link::write_message;
-            use tokio::time::Instant;
-            const AT: u64 = 1 << 20;
-            let dir = tempfile::tempdir().expect("temporary folder");
-            let vol = crate::volume::Volume::open_for_tests(dir.path(), "b");
-            let node = session_node();
-            let (ours, theirs) = loopback().await;
-            let _session = {
-                let (node, vol) = (node.clone(), vol.clone());
-                tokio::spawn(async move { node.link_session(vol, ours, "a".into()).await })
-            };
-            let (rd, mut wr) = theirs.into_split();
-            let mut rd = tokio::io::BufReader::new(rd);
-            let soon = Instant::now() + Duration::from_secs(5);
-            assert!(matches!(
-                next_frame(&mut rd, soon).await,
-                Some((_, Message::State(_)))
-            ));
-            let (release, started) = vol.image_for_tests().stall_next_write_at(AT);
-            let w1 = Message::Write {
-                offset: AT,
-                fua: false,
-                data: vec![1; 64 << 10],
-            };
-            write_message(&mut wr, 1, &w1).await.expect("send W1");
-            tokio::time::timeout(Duration::from_secs(5), started)
-                .await
-                .expect("W1 reaches the disk")
-                .expect("stall hook");
-            let promotion = {
-                let vol = vol.clone();
-                tokio::spawn(async move { vol.promote(true).await })
-            };
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            assert!(
-                !promotion.is_finished(),
-                "promoted while the peer's write was still in service"
-            );
-            let _ = release.send(());
-            let promoted = tokio::time::timeout(Duration::from_secs(5), promotion)
-                .await
-                .expect("the promotion ends once W1 ended")
-                .expect("promotion task");
-            drop((rd, wr));
-            promoted.expect("promotion");
-            assert_eq!(vol.role(), super::Role::Primary);
-        });
-    }
-
-    /// A promotion waits for the old primary's write still on this disk (its link already
-    /// gone): promoted at once, this node's own writes could be overwritten by it.
-    #[test]
-    fn a_promotion_waits_for_a_gone_links_stalled_write() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            use crate::repl::link::write_message;
-            use tokio::time::Instant;
-            const AT: u64 = 1 << 20;
-            let dir = tempfile::tempdir().expect("temporary folder");
-            let vol = crate::volume::Volume::open_for_tests(dir.path(), "b");
-            let node = session_node();
-            let (ours, theirs) = loopback().await;
-            let session = {
-                let (node, vol) = (node.clone(), vol.clone());
-                tokio::spawn(async move { node.link_session(vol, ours, "a".into()).await })
-            };
-            let (rd, mut wr) = theirs.into_split();
-            let mut rd = tokio::io::BufReader::new(rd);
-            let soon = Instant::now() + Duration::from_secs(5);
-            assert!(matches!(
-                next_frame(&mut rd, soon).await,
-                Some((_, Message::State(_)))
-            ));
-            let (release, started) = vol.image_for_tests().stall_next_write_at(AT);
-            let w1 = Message::Write {
-                offset: AT,
-                fua: false,
-                data: vec![1; 64 << 10],
-            };
-            write_message(&mut wr, 1, &w1).await.expect("send W1");
-            tokio::time::timeout(Duration::from_secs(5), started)
-                .await
-                .expect("W1 reaches the disk")
-                .expect("stall hook");
+    /// The old primary's write W1 stalls on this node's disk, its link then gone
+    /// (`link_gone`) or still up; a promotion started meanwhile must wait for W1 to end, or
+    /// W1 could land over this node's own writes.
+    async fn promotion_waits_for_a_stalled_write(link_gone: bool) {
+        use crate::repl::link::write_message;
+        use tokio::time::Instant;
+        const AT: u64 = 1 << 20;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let vol = crate::volume::Volume::open_for_tests(dir.path(), "b");
+        let node = session_node();
+        let (ours, theirs) = loopback().await;
+        let session = {
+            let (node, vol) = (node.clone(), vol.clone());
+            tokio::spawn(async move { node.link_session(vol, ours, "a".into()).await })
+        };
+        let (rd, mut wr) = theirs.into_split();
+        let mut rd = tokio::io::BufReader::new(rd);
+        let soon = Instant::now() + Duration::from_secs(5);
+        assert!(matches!(
+            next_frame(&mut rd, soon).await,
+            Some((_, Message::State(_)))
+        ));
+        let (release, started) = vol.image_for_tests().stall_next_write_at(AT);
+        let w1 = Message::Write {
+            offset: AT,
+            fua: false,
+            data: vec![1; 64 << 10],
+        };
+        write_message(&mut wr, 1, &w1).await.expect("send W1");
+        tokio::time::timeout(Duration::from_secs(5), started)
+            .await
+            .expect("W1 reaches the disk")
+            .expect("stall hook");
+        let mut peer = Some((rd, wr));
+        if link_gone {
             // The primary is gone: its link ends here, W1 still in service.
-            drop((rd, wr));
+            peer = None;
             tokio::time::timeout(Duration::from_secs(5), session)
                 .await
                 .expect("the link ends")
                 .expect("session task");
-            let promotion = {
-                let vol = vol.clone();
-                tokio::spawn(async move { vol.promote(true).await })
-            };
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            assert!(
-                !promotion.is_finished(),
-                "promoted while the old primary's write was still in service"
-            );
+        }
+        let promotion = {
+            let vol = vol.clone();
+            tokio::spawn(async move { vol.promote(true).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !promotion.is_finished(),
+            "promoted while the old primary's write was still in service"
+        );
+        if link_gone {
             assert_eq!(vol.role(), super::Role::Secondary);
-            let _ = release.send(());
-            tokio::time::timeout(Duration::from_secs(5), promotion)
-                .await
-                .expect("promoted once W1 ended")
-                .expect("promotion task")
-                .expect("promotion");
-            assert_eq!(vol.role(), super::Role::Primary);
-        });
+        }
+        let _ = release.send(());
+        let promoted = tokio::time::timeout(Duration::from_secs(5), promotion)
+            .await
+            .expect("promoted once W1 ended")
+            .expect("promotion task");
+        drop(peer);
+        promoted.expect("promotion");
+        assert_eq!(vol.role(), super::Role::Primary);
+    }
+
+    /// A promotion waits for the old primary's write still on this disk (its link already
+    /// gone): promoted at once, this node's own writes could be overwritten by it.
+    #[tokio::test]
+    async fn a_promotion_waits_for_a_gone_links_stalled_write() {
+        promotion_waits_for_a_stalled_write(true).await;
+    }
+
+    /// The same with the link still up (a swap whose demotion gave up waiting for a write
+    /// on this node's slow disk): the promotion waits for it too.
+    #[tokio::test]
+    async fn a_promotion_waits_for_a_live_links_stalled_write() {
+        promotion_waits_for_a_stalled_write(false).await;
     }
 
     /// A reader blocked on the request budget for longer than the request timeout closes its
