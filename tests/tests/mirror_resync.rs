@@ -186,6 +186,9 @@ fn frozen_secondary_is_declared_dead_after_peer_timeout() {
     let started = Instant::now();
     let out = qemu_io(&pair.env, &uri, &["write -P 0x71 4M 1M", "flush"]);
     let took = started.elapsed();
+    // Read while node-b is still frozen: thawed, it reconnects and a 1 MiB resync can end
+    // before a status taken after SIGCONT (dirty_bytes 0 again).
+    let a = pair.vol(A, VOLUME);
     pair.signal(B, nix::sys::signal::Signal::SIGCONT);
     assert_qemu_io_ok(&out);
     eprintln!("a write with a frozen peer took {took:?}");
@@ -193,7 +196,6 @@ fn frozen_secondary_is_declared_dead_after_peer_timeout() {
         took < Duration::from_secs(15),
         "a write waited {took:?} with peer_timeout 2s"
     );
-    let a = pair.vol(A, VOLUME);
     assert!(num(&a, "dirty_bytes") >= MIB, "{a}");
     // Thawed: the link comes back and the pair converges.
     pair.wait_in_sync(A);
